@@ -1,0 +1,20 @@
+# Two entry points (README.md): `make demo` sets up and runs the main job; `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+
+.PHONY: setup demo test test-fast gpu-test
+setup:
+	@bash tools/setup_env.sh
+
+demo: setup
+	$(PY) -m torch.distributed.run --nproc-per-node $(NPROC) examples/model_smoke.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not slow"
+
+gpu-test: setup
+	$(PY) -m pytest -q tests/gpu

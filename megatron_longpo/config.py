@@ -1,0 +1,478 @@
+"""Typed configuration for megatron_longpo.
+
+Every option lives in one dataclass section; the docstring of each field is its ``help`` metadata.
+A run is configured by a YAML file plus ``--section.key=value`` overrides, and every cross-field
+rule is checked in :func:`validate` before any process group, model or file is touched, so a bad
+config fails in seconds with a message that names the option and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and the fix."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer of the Llama / Mistral / Qwen2 family."""
+
+    arch: Literal["llama", "mistral", "qwen2"] = _f("llama", "Model family (sets defaults only).")
+    num_layers: int = _f(2, "Number of transformer layers.")
+    hidden_size: int = _f(64, "Hidden size.")
+    ffn_hidden_size: int = _f(176, "Intermediate size of the SwiGLU MLP.")
+    num_attention_heads: int = _f(4, "Number of query heads.")
+    num_query_groups: int = _f(2, "Number of key/value heads (GQA); equal to heads for MHA.")
+    kv_channels: Optional[int] = _f(None, "Head dim; default hidden_size // num_attention_heads.")
+    vocab_size: int = _f(512, "Tokenizer vocabulary size (before padding).")
+    make_vocab_size_divisible_by: int = _f(
+        128, "Pad the embedding to a multiple of this times tensor_model_parallel_size."
+    )
+    max_position_embeddings: int = _f(4096, "Longest sequence the model is built for.")
+    rope_theta: float = _f(10000.0, "RoPE base (LongPO policy: 1e7 for 128K-512K).")
+    rope_scaling: Optional[dict] = _f(
+        None, "HF-style rope_scaling dict; only {'rope_type': 'llama3', ...} is supported."
+    )
+    norm_epsilon: float = _f(1e-5, "RMSNorm epsilon.")
+    add_qkv_bias: bool = _f(False, "Bias on the QKV projection (Qwen2).")
+    tie_word_embeddings: bool = _f(False, "Share the input embedding and the output layer.")
+    params_dtype: Literal["fp32", "bf16"] = _f("fp32", "Parameter / compute dtype.")
+    init_method_std: float = _f(0.02, "Std of the normal weight init (random init only).")
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = _f(
+        "auto", "Layer spec: TE on CUDA when it imports (auto), or forced."
+    )
+    attention_dropout: float = _f(0.0, "Attention dropout (LongPO uses 0).")
+    hidden_dropout: float = _f(0.0, "Hidden dropout (LongPO uses 0).")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over processes."""
+
+    tensor_model_parallel_size: int = _f(1, "Tensor-parallel size (TP).")
+    context_parallel_size: int = _f(1, "Context-parallel size (CP): sequence split over ranks.")
+    pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size; only 1 is supported now.")
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs TP > 1).")
+    fp8: Optional[Literal["hybrid", "e4m3"]] = _f(None, "Transformer Engine FP8 recipe format.")
+    attention_backend: Literal["auto", "te", "sdpa", "flash"] = _f(
+        "auto", "Core attention: TE (CUDA), the project's CP attention with SDPA or flash-attn."
+    )
+    cp_comm_type: Literal["p2p", "a2a", "all_gather", "a2a+p2p"] = _f(
+        "p2p", "TE context-parallel communication (attention_backend=te)."
+    )
+    distributed_backend: Literal["auto", "nccl", "gloo"] = _f(
+        "auto", "torch.distributed backend: nccl on CUDA, gloo on CPU (auto)."
+    )
+    distributed_timeout_minutes: int = _f(30, "Collective timeout.")
+
+
+@dataclass
+class DataConfig:
+    """Preprocessed preference data and how pairs are laid out."""
+
+    train_data: Optional[str] = _f(None, "Prefix of the preprocessed training dataset.")
+    valid_data: Optional[str] = _f(None, "Prefix of an optional validation dataset.")
+    max_seq_length: int = _f(1024, "Longest laid-out pair (tokens) a micro-batch may hold.")
+    pair_layout: Literal["two_sequences", "shared_prefix"] = _f(
+        "two_sequences", "Chosen/rejected as two sequences, or one [prefix|chosen|rejected]."
+    )
+    shuffle: bool = _f(True, "Shuffle samples each epoch (seeded).")
+
+
+@dataclass
+class LossConfig:
+    """The LongPO objective (see docs/loss.md)."""
+
+    mode: Literal["longpo", "dpo", "sft"] = _f(
+        "longpo", "Reference on the short context (longpo), on the long one (dpo), or NLL only."
+    )
+    beta: float = _f(0.01, "DPO temperature beta.")
+    lam: float = _f(0.01, "Weight lambda of the preference term.")
+    nll_weight: float = _f(1.0, "Weight of the NLL term.")
+    nll_reduction: Literal["sequence_mean", "token_mean"] = _f(
+        "sequence_mean", "Mean of per-pair token means, or all NLL tokens pooled."
+    )
+    nll_target: Literal["sequence", "responses"] = _f(
+        "sequence", "NLL over the whole chosen sequence or only its responses."
+    )
+    logprob_chunk_size: int = _f(4096, "Positions per chunk in the vocab-parallel log-prob.")
+
+
+@dataclass
+class ReferenceConfig:
+    """Where reference log-probs come from."""
+
+    source: Literal["cache", "online"] = _f("cache", "Precomputed cache or a frozen model.")
+    cache_path: Optional[str] = _f(None, "Reference cache (tools/precompute_reference.py).")
+    load: Optional[str] = _f(None, "Reference checkpoint for source=online.")
+    rope_theta: Optional[float] = _f(None, "Reference rope_theta; default: the checkpoint's.")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: Literal["adam", "sgd"] = _f("adam", "Optimizer.")
+    lr: float = _f(5e-7, "Peak learning rate.")
+    min_lr: float = _f(0.0, "Final learning rate of the decay.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = _f("cosine", "LR decay.")
+    lr_warmup_fraction: float = _f(0.1, "Warm-up as a fraction of train_iters.")
+    weight_decay: float = _f(0.0, "Weight decay.")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.95, "Adam beta2.")
+    adam_eps: float = _f(1e-8, "Adam epsilon.")
+    clip_grad: float = _f(1.0, "Gradient-norm clipping (0 disables).")
+    use_distributed_optimizer: bool = _f(True, "Shard optimizer state over DP (CUDA only).")
+
+
+@dataclass
+class TrainingConfig:
+    """Batching, length and recomputation of the run."""
+
+    micro_batch_size: int = _f(1, "Pairs per micro-batch.")
+    global_batch_size: int = _f(8, "Pairs per optimizer step over all DP ranks.")
+    train_iters: int = _f(10, "Optimizer steps.")
+    seed: int = _f(1234, "Seed for init, data order and RNG trackers.")
+    recompute_granularity: Optional[Literal["full", "selective"]] = _f(
+        None, "Activation recomputation."
+    )
+    recompute_method: Literal["uniform", "block"] = _f("uniform", "Full recompute method.")
+    recompute_num_layers: int = _f(1, "Layers per recompute unit (full recompute).")
+    exit_duration_mins: Optional[float] = _f(None, "Save and exit after this many minutes.")
+    eval_interval: Optional[int] = _f(None, "Run validation every N steps.")
+    eval_iters: int = _f(4, "Validation micro-batches per evaluation.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and loading."""
+
+    save: Optional[str] = _f(None, "Run directory for checkpoints.")
+    load: Optional[str] = _f(None, "Checkpoint (run dir or iter dir) to start or resume from.")
+    save_interval: Optional[int] = _f(None, "Save every N steps (and at the end).")
+    keep_last: int = _f(2, "Keep the newest K checkpoints (0 keeps all).")
+    finetune: bool = _f(False, "Load weights only (no optimizer, step counter reset).")
+
+
+@dataclass
+class LoggingConfig:
+    """Progress output."""
+
+    log_interval: int = _f(1, "Print a metrics line every N steps.")
+    tensorboard_dir: Optional[str] = _f(None, "TensorBoard event directory.")
+    wandb_project: Optional[str] = _f(None, "Weights & Biases project (enables wandb).")
+    wandb_mode: Literal["online", "offline", "disabled"] = _f("offline", "wandb mode.")
+    wandb_run_name: Optional[str] = _f(None, "wandb run name.")
+
+
+@dataclass
+class LongPOConfig:
+    """Everything a run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: dict / YAML / CLI overrides
+# ----------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for c in choices:
+            if value == c or (isinstance(value, str) and str(c) == value):
+                return c
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if "e" in value.lower() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: expected a JSON object, got {value!r}") from e
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with the valid ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = _section_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown option '{path}'; valid options here: {sorted(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: LongPOConfig, overrides: Sequence[str]) -> LongPOConfig:
+    """Apply ``section.key=value`` (leading dashes optional) overrides to a config copy."""
+    data = to_dict(cfg)
+    for item in overrides:
+        text = item.lstrip("-")
+        if "=" not in text:
+            raise ConfigError(f"override '{item}' must look like --section.key=value")
+        key, value = text.split("=", 1)
+        parts = key.replace("-", "_").split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override '{item}': key must be section.key, e.g. --parallel.tensor_model_parallel_size=2")
+        section, name = parts
+        if section not in data:
+            raise ConfigError(f"override '{item}': unknown section '{section}'; valid: {sorted(data)}")
+        if name not in data[section]:
+            raise ConfigError(
+                f"override '{item}': unknown option '{section}.{name}'; valid: {sorted(data[section])}"
+            )
+        data[section][name] = yaml.safe_load(value) if value.strip() != "" else None
+    return from_dict(LongPOConfig, data)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> LongPOConfig:
+    """Load a YAML config (or defaults when ``path`` is None) and apply CLI overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    try:
+        cfg = from_dict(LongPOConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") if path else e
+    return apply_overrides(cfg, overrides)
+
+
+def save_config(cfg: LongPOConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: every cross-field rule, in one place
+# ----------------------------------------------------------------------------------------------
+
+
+def seq_length_multiple(parallel: ParallelConfig) -> int:
+    """Every laid-out sequence length must be a multiple of this (CP zigzag, SP, FP8)."""
+    cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
+    m = 2 * cp if cp > 1 else 1
+    if parallel.sequence_parallel:
+        m *= tp
+    if parallel.fp8:
+        # TE FP8 GEMMs need each rank's token count to be a multiple of 16.
+        m = _lcm(m, 16 * (2 * cp if cp > 1 else 1) * (tp if parallel.sequence_parallel else 1))
+    return m
+
+
+def _lcm(a: int, b: int) -> int:
+    import math
+
+    return a * b // math.gcd(a, b)
+
+
+def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    m = model.make_vocab_size_divisible_by * tp
+    return ((model.vocab_size + m - 1) // m) * m
+
+
+def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Model/parallel rules shared by training, precompute and conversion tools."""
+    tp = parallel.tensor_model_parallel_size
+    errs = []
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                 "num_query_groups", "vocab_size", "max_position_embeddings"):
+        if getattr(model, name) <= 0:
+            errs.append(f"model.{name} must be > 0 (got {getattr(model, name)})")
+    for name in ("tensor_model_parallel_size", "context_parallel_size",
+                 "pipeline_model_parallel_size"):
+        if getattr(parallel, name) < 1:
+            errs.append(f"parallel.{name} must be >= 1")
+    if errs:
+        raise ConfigError("; ".join(errs))
+    if model.num_attention_heads % model.num_query_groups:
+        errs.append(
+            f"model.num_attention_heads ({model.num_attention_heads}) must be divisible by "
+            f"model.num_query_groups ({model.num_query_groups})"
+        )
+    if model.num_attention_heads % tp:
+        errs.append(
+            f"model.num_attention_heads ({model.num_attention_heads}) must be divisible by "
+            f"parallel.tensor_model_parallel_size ({tp}): rule num_attention_heads % tp == 0"
+        )
+    if model.num_query_groups % tp:
+        errs.append(
+            f"model.num_query_groups ({model.num_query_groups}) must be divisible by "
+            f"parallel.tensor_model_parallel_size ({tp}): rule num_query_groups % tp == 0"
+        )
+    if model.ffn_hidden_size % tp:
+        errs.append(
+            f"model.ffn_hidden_size ({model.ffn_hidden_size}) must be divisible by "
+            f"parallel.tensor_model_parallel_size ({tp})"
+        )
+    if model.kv_channels is None and model.hidden_size % model.num_attention_heads:
+        errs.append(
+            f"model.hidden_size ({model.hidden_size}) must be divisible by "
+            f"model.num_attention_heads ({model.num_attention_heads}) or set model.kv_channels"
+        )
+    if model.head_dim % 2:
+        errs.append(f"head dim ({model.head_dim}) must be even for RoPE")
+    if parallel.pipeline_model_parallel_size != 1:
+        errs.append("parallel.pipeline_model_parallel_size must be 1 (pipeline parallelism is not supported yet)")
+    if parallel.sequence_parallel and tp == 1:
+        errs.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+    if model.rope_scaling is not None and model.rope_scaling.get("rope_type", model.rope_scaling.get("type")) != "llama3":
+        errs.append(
+            f"model.rope_scaling={model.rope_scaling} is not supported; only rope_type 'llama3' "
+            "(or none) can be expressed by Megatron-Core's GPTModel"
+        )
+    if errs:
+        raise ConfigError("; ".join(errs))
+
+
+def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
+    """Check every rule of a training config; raise ConfigError naming each violated one."""
+    validate_model(cfg.model, cfg.parallel)
+    p = cfg.parallel
+    errs = []
+    model_parallel = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
+    if world_size is not None and world_size % model_parallel:
+        errs.append(
+            f"world size {world_size} must be divisible by tp*cp*pp = "
+            f"{p.tensor_model_parallel_size}*{p.context_parallel_size}*"
+            f"{p.pipeline_model_parallel_size} = {model_parallel}: rule world_size % (tp*cp*pp) == 0"
+        )
+    mult = seq_length_multiple(p)
+    if cfg.data.max_seq_length % mult:
+        what = "2*cp" + ("*tp (sequence parallel)" if p.sequence_parallel else "")
+        if p.fp8:
+            what += ", 16 per CP rank (fp8)"
+        errs.append(
+            f"data.max_seq_length ({cfg.data.max_seq_length}) must be a multiple of {mult} "
+            f"({what}): rule max_seq_length % {mult} == 0"
+        )
+    if cfg.data.max_seq_length > cfg.model.max_position_embeddings:
+        errs.append(
+            f"data.max_seq_length ({cfg.data.max_seq_length}) exceeds "
+            f"model.max_position_embeddings ({cfg.model.max_position_embeddings}); raise the latter (RoPE extends to any length)"
+        )
+    t = cfg.training
+    if world_size is not None and not errs:
+        dp = world_size // model_parallel
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            errs.append(
+                f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+                f"micro_batch_size*dp = {t.micro_batch_size}*{dp}"
+            )
+    if t.train_iters < 0:
+        errs.append("training.train_iters must be >= 0")
+    if cfg.loss.beta <= 0:
+        errs.append(f"loss.beta must be > 0 (got {cfg.loss.beta})")
+    if cfg.loss.logprob_chunk_size <= 0:
+        errs.append("loss.logprob_chunk_size must be > 0")
+    if p.fp8 and cfg.model.params_dtype != "bf16":
+        errs.append("parallel.fp8 needs model.params_dtype=bf16")
+    if errs:
+        raise ConfigError("; ".join(errs))

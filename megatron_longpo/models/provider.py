@@ -1,0 +1,199 @@
+"""GPTModel provider for the Llama / Mistral / Qwen2 family.
+
+``build_model`` turns a :class:`ModelConfig` + :class:`ParallelConfig` into a Megatron-Core
+``GPTModel`` (our subclass :class:`LongPOGPTModel`) on the current TP/CP groups:
+RMSNorm, SwiGLU, GQA, RoPE (configurable base), optional QKV bias, tied or untied embeddings,
+vocab padded to a multiple of ``make_vocab_size_divisible_by * tp``.
+
+The subclass adds a hidden-state forward: final hidden states after the final norm and before
+the output layer, so the LongPO loss computes log-probs in chunks and never materialises
+[sequence, vocab] logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_longpo.config import ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_longpo.models.norm import RMSNorm
+
+
+def te_available() -> bool:
+    """True when Transformer Engine imports and CUDA is usable."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_transformer_impl(model: ModelConfig) -> str:
+    if model.transformer_impl == "auto":
+        return "transformer_engine" if te_available() else "local"
+    if model.transformer_impl == "transformer_engine" and not te_available():
+        raise RuntimeError(
+            "model.transformer_impl=transformer_engine but Transformer Engine is not importable "
+            "with CUDA; install the 'gpu' extra or set model.transformer_impl=local"
+        )
+    return model.transformer_impl
+
+
+def params_dtype(model: ModelConfig) -> torch.dtype:
+    return torch.bfloat16 if model.params_dtype == "bf16" else torch.float32
+
+
+def transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    recompute_granularity: Optional[str] = None,
+    recompute_method: Optional[str] = None,
+    recompute_num_layers: Optional[int] = None,
+) -> TransformerConfig:
+    """Megatron TransformerConfig for this model on this parallel layout."""
+    dtype = params_dtype(model)
+    on_cpu = not torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        attention_dropout=model.attention_dropout,
+        hidden_dropout=model.hidden_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        # Fusions need apex/TE CUDA kernels; the unfused paths compute the same math.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
+        cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
+    )
+    if recompute_granularity:
+        kwargs.update(recompute_granularity=recompute_granularity)
+        if recompute_granularity == "full":
+            kwargs.update(recompute_method=recompute_method, recompute_num_layers=recompute_num_layers)
+    if parallel.fp8:
+        kwargs.update(fp8=parallel.fp8, fp8_recipe="delayed")
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(model: ModelConfig, impl: str, core_attention: Optional[type] = None) -> ModuleSpec | TransformerBlockSubmodules:
+    """Layer spec: TE modules on CUDA, Megatron local modules + project RMSNorm elsewhere.
+
+    ``core_attention`` replaces DotProductAttention (the project's context-parallel attention).
+    """
+    if impl == "transformer_engine":
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        if core_attention is not None:
+            spec.submodules.self_attention.submodules.core_attention = core_attention
+        return spec
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    if core_attention is not None:
+        spec.submodules.self_attention.submodules.core_attention = core_attention
+    # Final norm of the block is the project RMSNorm too (SP-capable without apex/TE).
+    return TransformerBlockSubmodules(layer_specs=[spec] * model.num_layers, layer_norm=RMSNorm)
+
+
+class LongPOGPTModel(GPTModel):
+    """GPTModel with a hidden-state forward (``return_hidden=True``)."""
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, return_hidden: bool = False, **kwargs):
+        if not return_hidden:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        return self.forward_hidden(input_ids, position_ids, attention_mask, **kwargs)
+
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,  # [b, s_local]
+        position_ids: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        """Final hidden states [s_local(/tp with SP), b, h] after the final norm."""
+        decoder_input, rotary_pos_emb, *_ = self._preprocess(
+            input_ids=input_ids, position_ids=position_ids, packed_seq_params=packed_seq_params
+        )
+        return self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=attention_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            packed_seq_params=packed_seq_params,
+        )
+
+    def output_weight(self) -> torch.Tensor:
+        """The vocab-parallel output projection [V/tp, h] (tied to the embedding if shared)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+
+def build_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    core_attention: Optional[type] = None,
+    recompute_granularity: Optional[str] = None,
+    recompute_method: Optional[str] = None,
+    recompute_num_layers: Optional[int] = None,
+) -> LongPOGPTModel:
+    """Build the model on the current Megatron parallel state (call after init_model_parallel)."""
+    from megatron_longpo.runtime.distributed import device
+
+    impl = resolve_transformer_impl(model)
+    cfg = transformer_config(
+        model,
+        parallel,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
+    )
+    rope_scaling = model.rope_scaling is not None
+    gpt = LongPOGPTModel(
+        config=cfg,
+        transformer_layer_spec=layer_spec(model, impl, core_attention),
+        vocab_size=padded_vocab_size(model, parallel.tensor_model_parallel_size),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model.rope_theta,
+        rope_scaling=rope_scaling,
+        rope_scaling_factor=float(model.rope_scaling.get("factor", 8.0)) if rope_scaling else 8.0,
+    )
+    return gpt.to(device())

@@ -1,0 +1,103 @@
+"""Move full (TP=1 layout) tensors to and from one tensor-parallel rank's shard.
+
+The "full" layout of every parameter is the one a TP=1 Megatron model has. Under TP:
+- column-parallel weights (QKV, fc1, output layer, embedding rows) split along dim 0,
+  row-parallel weights (attention proj, fc2) along dim 1 (``param.partition_dim``);
+- the gated MLP's fc1 is [gate; up] on EVERY rank, so rank r holds [gate_r; up_r], not a
+  contiguous slice of the full [gate; up];
+- QKV is stored per query group ([q..., k, v] for each group), and groups are split contiguously,
+  so a plain dim-0 slice is right;
+- vocabulary rows are padded to a multiple of ``make_vocab_size_divisible_by * tp``; padding rows
+  differ between TP sizes, so only the first ``vocab_size`` rows carry meaning.
+Used by tests (TP=N vs TP=1), checkpoint conversion and layout changes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def is_glu_fc1(name: str) -> bool:
+    return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
+
+
+def partition_dim(param: torch.Tensor) -> Optional[int]:
+    """Dim along which ``param`` is TP-sharded, or None when replicated."""
+    if getattr(param, "tensor_model_parallel", False):
+        return int(getattr(param, "partition_dim"))
+    return None
+
+
+def _resize_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
+    if full.shape[0] >= rows:
+        return full[:rows]
+    pad = full.new_zeros((rows - full.shape[0],) + tuple(full.shape[1:]))
+    return torch.cat([full, pad], 0)
+
+
+def full_to_local(name: str, full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """The shard of ``full`` that ``param`` (this rank's parameter) holds."""
+    dim = partition_dim(param)
+    if name.endswith(VOCAB_PARAMS):
+        full = _resize_vocab(full, param.shape[0] * tp_size)
+    if dim is None or tp_size == 1:
+        return full.reshape(param.shape).clone()
+    if is_glu_fc1(name):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], 0).clone()
+    return full.chunk(tp_size, dim=dim)[tp_rank].clone()
+
+
+def local_to_full(
+    name: str, local: torch.Tensor, param: torch.Tensor, tp_group: dist.ProcessGroup, vocab_size: Optional[int] = None
+) -> torch.Tensor:
+    """Gather a TP-sharded tensor (a parameter or its gradient) into the full layout."""
+    dim = partition_dim(param)
+    tp_size = dist.get_world_size(tp_group)
+    if dim is not None and tp_size > 1:
+        parts = [torch.empty_like(local) for _ in range(tp_size)]
+        dist.all_gather(parts, local.contiguous(), group=tp_group)
+        if is_glu_fc1(name):
+            gates = [p.chunk(2, 0)[0] for p in parts]
+            ups = [p.chunk(2, 0)[1] for p in parts]
+            full = torch.cat(gates + ups, 0)
+        else:
+            full = torch.cat(parts, dim=dim)
+    else:
+        full = local
+    if vocab_size is not None and name.endswith(VOCAB_PARAMS):
+        full = full[:vocab_size]
+    return full
+
+
+def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> None:
+    """Copy a full-layout state dict (parameter names of ``model.named_parameters()``) into ``model``."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(full))
+    if missing:
+        raise KeyError(f"full state dict lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(full_to_local(name, full[name], p, tp_rank, tp_size))
+
+
+def gather_full_state_dict(
+    model: torch.nn.Module, tp_group: dist.ProcessGroup, vocab_size: Optional[int] = None, grads: bool = False
+) -> dict[str, torch.Tensor]:
+    """Full-layout parameters (or their ``.grad`` / Megatron ``.main_grad``) of a TP model."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p
+        if grads:
+            t = getattr(p, "main_grad", None)
+            if t is None:
+                t = p.grad
+            if t is None:
+                t = torch.zeros_like(p)
+        out[name] = local_to_full(name, t.detach(), p, tp_group, vocab_size).clone()
+    return out

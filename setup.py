@@ -1,0 +1,40 @@
+"""megatron_longpo: LongPO (short-to-long preference optimization) on Megatron-Core."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="megatron_longpo",
+    version="0.1.0",
+    description="LongPO short-to-long preference optimization for 128K-512K contexts on Megatron-Core",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_longpo", "megatron_longpo.*"]),
+    package_data={"megatron_longpo": ["py.typed"]},
+    install_requires=[
+        # torch is a floor only: CPU machines install the CPU wheel first (scripts/setup_env.sh),
+        # CUDA clusters keep their own build. Never let pip pick a CUDA torch for a CPU box.
+        "torch>=2.6",
+        "megatron-core==0.16.1",  # API churns between minor releases; pinned
+        "numpy",
+        "packaging>=24.2",
+        "sentencepiece",
+        "transformers>=4.40",
+        "safetensors",
+        "pyyaml",
+        "psutil",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "wandb": ["wandb"],
+        # transformer-engine and flash-attn compile against the cluster's CUDA/torch; apex is
+        # built from source (docs/install.md).
+        "gpu": ["transformer-engine[pytorch]>=2.9", "flash-attn>=2.6"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+)
