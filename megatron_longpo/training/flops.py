@@ -1,0 +1,46 @@
+"""Model FLOPs of a LongPO step (docs/training.md has the derivation).
+
+Counted per layer for a decoder with hidden h, query width q = heads*d, key/value width
+k = groups*d, SwiGLU width f, on n tokens that attend to A (query, key) pairs in total:
+    QKV projection   2*n*h*(q + 2k)
+    attention        4*A*q            (QK^T and AV, each 2*A*q; A = n(n+1)/2 for a causal row)
+    output proj      2*n*q*h
+    MLP (SwiGLU)     6*n*h*f          (gate, up, down)
+plus the output layer only at the positions whose log-probs are needed: 2*m*h*V.
+Training = 3x forward (backward is 2x). Activation recomputation is NOT counted (model FLOPs,
+as MFU is usually reported).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_longpo.config import ModelConfig
+
+
+def attended_pairs(branch_ids: torch.Tensor) -> int:
+    """(query, key) pairs computed for one micro-batch, from PairBatch.branch_ids [rows, S].
+
+    A row is [prefix(0) | chosen(1) | rejected(2) | padding(-1)]; rejected tokens attend to the
+    prefix and to earlier rejected tokens; everything else is causal. Padding is not counted.
+    """
+    total = 0
+    for row in branch_ids:
+        p = int((row == 0).sum())
+        c = int((row == 1).sum())
+        r = int((row == 2).sum())
+        pc = p + c
+        total += pc * (pc + 1) // 2 + r * p + r * (r + 1) // 2
+    return total
+
+
+def forward_flops(model: ModelConfig, n_tokens: int, n_attended: int, n_logit_positions: int) -> float:
+    h, f = model.hidden_size, model.ffn_hidden_size
+    q = model.num_attention_heads * model.head_dim
+    k = model.num_query_groups * model.head_dim
+    per_layer = 2 * n_tokens * h * (q + 2 * k) + 4 * n_attended * q + 2 * n_tokens * q * h + 6 * n_tokens * h * f
+    return float(model.num_layers * per_layer + 2 * n_logit_positions * h * model.vocab_size)
+
+
+def train_flops(model: ModelConfig, n_tokens: int, n_attended: int, n_logit_positions: int) -> float:
+    return 3.0 * forward_flops(model, n_tokens, n_attended, n_logit_positions)

@@ -1,0 +1,115 @@
+"""Per-GPU memory and step-time model for a LongPO config (docs/scaling.md explains each term).
+
+Pure arithmetic on a config, so users can check a 512K config before they queue it. All sizes
+in bytes. The model assumes what the reference configs use: bf16 params, fp32 main grads,
+Adam with fp32 master weights and moments, the distributed optimizer (state sharded over
+dp*cp), full activation recomputation (one stored layer input per layer), flash/TE attention (no
+[s, s] scores), chunked log-probs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_longpo.config import LongPOConfig, padded_vocab_size
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: int
+    weights: int
+    main_grads: int
+    optimizer: int
+    stored_activations: int
+    layer_working_set: int
+    kv_gather_buffers: int
+    logprob_chunk: int
+    total: int
+    tokens_per_pair: int
+
+    def lines(self) -> list[str]:
+        rows = [
+            ("weights (bf16, /tp)", self.weights),
+            ("main grads (fp32, /tp)", self.main_grads),
+            ("optimizer (fp32 master+m+v, /tp/dp/cp)", self.optimizer),
+            ("stored layer inputs (full recompute)", self.stored_activations),
+            ("one layer's recompute working set", self.layer_working_set),
+            ("K/V all-gather buffers (project CP attention)", self.kv_gather_buffers),
+            ("log-prob chunk (fp32 logits, V/tp)", self.logprob_chunk),
+            ("total", self.total),
+        ]
+        return [f"  {name:<48s} {val / GiB:8.2f} GiB" for name, val in rows]
+
+
+def parameter_count(cfg: LongPOConfig) -> int:
+    m = cfg.model
+    h, f, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
+    q, kv = m.num_attention_heads * d, m.num_query_groups * d
+    v = padded_vocab_size(m, cfg.parallel.tensor_model_parallel_size)
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h + (q + 2 * kv if m.add_qkv_bias else 0)
+    emb = v * h * (1 if m.tie_word_embeddings else 2)
+    return m.num_layers * per_layer + emb + h
+
+
+def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None = None) -> MemoryEstimate:
+    """Peak-ish memory of one GPU for a micro-batch of ``seq_tokens`` laid-out tokens per row.
+
+    ``seq_tokens`` defaults to ``data.max_seq_length``; with ``two_sequences`` a micro-batch has
+    2 rows per pair, with ``shared_prefix`` one.
+    """
+    m, p = cfg.model, cfg.parallel
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    dp = max(1, world_size // (tp * cp * p.pipeline_model_parallel_size))
+    s = seq_tokens or cfg.data.max_seq_length
+    rows = cfg.training.micro_batch_size * (2 if cfg.data.pair_layout == "two_sequences" else 1)
+    h, f = m.hidden_size, m.ffn_hidden_size
+    kv = m.num_query_groups * m.head_dim
+    n = parameter_count(cfg)
+    wbytes = 2 if m.params_dtype == "bf16" else 4
+    weights = n * wbytes // tp
+    grads = n * 4 // tp
+    shard = dp * cp if cfg.optim.use_distributed_optimizer else 1
+    optimizer = n * 12 // (tp * shard) + (0 if wbytes == 4 else 0)
+    s_local = s // cp  # tokens of one row on this CP rank
+    s_sp = s_local // tp if p.sequence_parallel else s_local
+    act_bytes = 2 if m.params_dtype == "bf16" else 4
+    # Full recompute stores each layer's input [s_local/tp, rows, h].
+    stored = m.num_layers * rows * s_sp * h * act_bytes
+    # Recomputing one layer: attention + MLP intermediates. ~ (qkv + attn out + norms) on h and
+    # the SwiGLU intermediates on f, sharded by tp (SP shards the h-sized ones too); fp8 keeps
+    # some copies in 1 byte, ignored here (conservative).
+    working = rows * act_bytes * (s_sp * h * 10 + s_local * (3 * f // tp) * 3 + s_local * (h + 2 * kv) // tp * 3)
+    # Project CP attention gathers K/V of the whole row for one layer (and its grads in backward).
+    kv_buf = 0
+    if cp > 1:
+        kv_buf = rows * s * (2 * kv // tp) * act_bytes * 2
+    vocab_local = padded_vocab_size(m, tp) // tp
+    chunk = min(cfg.loss.logprob_chunk_size, s_local * rows)
+    logprob = chunk * vocab_local * 4 * 2  # logits + their softmax grad in backward
+    total = weights + grads + optimizer + stored + working + kv_buf + logprob
+    return MemoryEstimate(n, weights, grads, optimizer, stored, working, kv_buf, logprob, total, s)
+
+
+def estimate_step_seconds(cfg: LongPOConfig, world_size: int, tflops_per_gpu: float, seq_tokens: int | None = None,
+                          shared_prefix_response_tokens: int = 4096) -> float:
+    """Seconds per optimizer step at an assumed sustained model TFLOP/s per GPU."""
+    from megatron_longpo.training.flops import train_flops
+
+    m = cfg.model
+    s = seq_tokens or cfg.data.max_seq_length
+    pairs = cfg.training.global_batch_size
+    if cfg.data.pair_layout == "two_sequences":
+        tokens = 2 * s
+        attended = 2 * s * (s + 1) // 2
+    else:
+        r = shared_prefix_response_tokens // 2
+        prefix = s - 2 * r
+        tokens = s
+        attended = (prefix + r) * (prefix + r + 1) // 2 + r * prefix + r * (r + 1) // 2
+    flops = pairs * train_flops(m, tokens, attended, n_logit_positions=tokens)
+    # Full recompute adds one forward of the layers (4/3 of model FLOPs).
+    if cfg.training.recompute_granularity == "full":
+        flops *= 4.0 / 3.0
+    return flops / (world_size * tflops_per_gpu * 1e12)

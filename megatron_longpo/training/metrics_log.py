@@ -1,0 +1,90 @@
+"""Rank-0 progress line, TensorBoard and wandb logging."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Mapping, Optional
+
+from megatron_longpo.config import LoggingConfig
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--:--"
+    s = int(max(0, seconds))
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_line(step: int, total: int, metrics: Mapping[str, float], elapsed: float, eta: float) -> str:
+    """One progress line; metric keys use the TRL names (loss, rewards/margins, ...)."""
+    parts = [f"step {step}/{total}"]
+    order = [
+        ("lr", "lr", "{:.3e}"), ("loss", "loss", "{:.5f}"), ("nll_loss", "nll", "{:.4f}"),
+        ("pref_loss", "pref", "{:.5f}"), ("rewards/accuracies", "acc", "{:.3f}"),
+        ("rewards/margins", "margin", "{:+.4f}"), ("rewards/chosen", "r_w", "{:+.4f}"),
+        ("rewards/rejected", "r_l", "{:+.4f}"), ("grad_norm", "grad_norm", "{:.3f}"),
+        ("tokens_per_sec", "tok/s", "{:.0f}"), ("tflops_per_gpu", "TFLOP/s/GPU", "{:.2f}"),
+    ]
+    for key, label, fmt in order:
+        if key in metrics and metrics[key] is not None:
+            parts.append(f"{label} {fmt.format(metrics[key])}")
+    parts.append(f"elapsed {_hms(elapsed)}")
+    parts.append(f"eta {_hms(eta)}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Console line every ``log_interval`` steps plus TensorBoard / wandb scalars (rank 0 only)."""
+
+    def __init__(self, cfg: LoggingConfig, total_steps: int, is_rank0: bool, run_config: Optional[dict] = None,
+                 start_step: int = 0) -> None:
+        self.cfg = cfg
+        self.total = total_steps
+        self.rank0 = is_rank0
+        self.t0 = time.time()
+        self.start_step = start_step
+        self.tb = None
+        self.wandb = None
+        if not is_rank0:
+            return
+        if cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=cfg.tensorboard_dir)
+        if cfg.wandb_project and cfg.wandb_mode != "disabled":
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("logging.wandb_project is set but wandb is not installed: "
+                                   "pip install 'megatron_longpo[wandb]' or unset logging.wandb_project") from e
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, mode=cfg.wandb_mode,
+                                    config=run_config or {})
+
+    def log(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> Optional[str]:
+        if not self.rank0:
+            return None
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            if self.tb is not None:
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in metrics.items() if v is not None}, step=step)
+        if prefix != "train" or step % self.cfg.log_interval == 0 or step == self.total:
+            elapsed = time.time() - self.t0
+            done = step - self.start_step
+            eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+            line = format_line(step, self.total, metrics, elapsed, eta)
+            if prefix != "train":
+                line = f"[{prefix}] " + line
+            print(line, flush=True)
+            return line
+        return None
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,63 @@
+"""Megatron optimizer + OptimizerParamScheduler from the project's OptimConfig."""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_longpo.config import ModelConfig, OptimConfig
+
+
+def use_distributed_optimizer(optim: OptimConfig) -> bool:
+    """The distributed optimizer shards state over DP; Megatron supports it on CUDA only."""
+    return optim.use_distributed_optimizer and torch.cuda.is_available()
+
+
+def megatron_optimizer_config(optim: OptimConfig, model: ModelConfig) -> OptimizerConfig:
+    bf16 = model.params_dtype == "bf16"
+    return OptimizerConfig(
+        optimizer=optim.optimizer,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=use_distributed_optimizer(optim),
+    )
+
+
+def warmup_steps(optim: OptimConfig, train_iters: int) -> int:
+    return int(math.ceil(optim.lr_warmup_fraction * train_iters))
+
+
+def build_optimizer(ddp_models: List[torch.nn.Module], optim: OptimConfig, model: ModelConfig, train_iters: int):
+    """Return (MegatronOptimizer, OptimizerParamScheduler) for DDP-wrapped model chunks.
+
+    The schedule counts optimizer steps (one increment per step): warm-up over
+    ``ceil(lr_warmup_fraction * train_iters)`` steps from 0, then ``lr_decay_style`` down to
+    ``min_lr`` at ``train_iters``. Weight decay is constant.
+    """
+    optimizer = get_megatron_optimizer(megatron_optimizer_config(optim, model), ddp_models)
+    wu = warmup_steps(optim, train_iters)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if wu > 0 else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=wu,
+        lr_decay_steps=max(train_iters, wu + 1),
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(train_iters, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler

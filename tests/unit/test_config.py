@@ -1,0 +1,109 @@
+"""Config loading, overrides and the start-up validation rules."""
+
+import pytest
+
+from megatron_longpo.config import (
+    ConfigError,
+    DataConfig,
+    LongPOConfig,
+    ModelConfig,
+    ParallelConfig,
+    apply_overrides,
+    load_config,
+    padded_vocab_size,
+    save_config,
+    seq_length_multiple,
+    validate,
+)
+
+
+def _cfg(**sections):
+    return LongPOConfig(**sections)
+
+
+def test_yaml_roundtrip_and_overrides(tmp_path):
+    cfg = _cfg(model=ModelConfig(hidden_size=128, num_attention_heads=8, num_query_groups=4))
+    p = tmp_path / "c.yaml"
+    save_config(cfg, p)
+    back = load_config(p, ["--parallel.tensor_model_parallel_size=2", "--loss.beta=0.1",
+                           "--parallel.sequence_parallel=true", "--checkpoint.save=/tmp/x",
+                           "--model.rope_scaling={\"rope_type\": \"llama3\", \"factor\": 8}"])
+    assert back.model.hidden_size == 128
+    assert back.parallel.tensor_model_parallel_size == 2
+    assert back.parallel.sequence_parallel is True
+    assert back.loss.beta == pytest.approx(0.1)
+    assert back.checkpoint.save == "/tmp/x"
+    assert back.model.rope_scaling == {"rope_type": "llama3", "factor": 8}
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("--model.hidden_sise=3", "unknown option 'model.hidden_sise'"),
+        ("--modle.hidden_size=3", "unknown section 'modle'"),
+        ("--model.hidden_size=abc", "model.hidden_size: expected an integer"),
+        ("--loss.mode=ppo", "loss.mode: 'ppo' is not one of"),
+        ("--parallel.sequence_parallel=maybe", "expected true/false"),
+        ("model.hidden_size", "must look like --section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_option(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        apply_overrides(LongPOConfig(), [override])
+
+
+def test_unknown_yaml_key_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  hidden: 12\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown option 'model.hidden'"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "model_kw, par_kw, data_kw, world, rule",
+    [
+        (dict(num_attention_heads=6, num_query_groups=2), dict(tensor_model_parallel_size=4), {}, 4,
+         "num_attention_heads % tp == 0"),
+        (dict(num_attention_heads=8, num_query_groups=2), dict(tensor_model_parallel_size=4), {}, 4,
+         "num_query_groups % tp == 0"),
+        ({}, dict(context_parallel_size=2), dict(max_seq_length=102), 2, "max_seq_length % 4 == 0"),
+        ({}, dict(tensor_model_parallel_size=2, context_parallel_size=2, sequence_parallel=True),
+         dict(max_seq_length=12), 4, "max_seq_length % 8 == 0"),
+        ({}, dict(tensor_model_parallel_size=2, context_parallel_size=2), {}, 6, "world_size % (tp*cp*pp) == 0"),
+        ({}, dict(sequence_parallel=True), {}, 1, "sequence_parallel=true needs"),
+        ({}, dict(pipeline_model_parallel_size=2), {}, 2, "pipeline_model_parallel_size must be 1"),
+        (dict(num_attention_heads=4, num_query_groups=3), {}, {}, 1, "divisible by model.num_query_groups"),
+        (dict(rope_scaling={"rope_type": "yarn"}), {}, {}, 1, "rope_scaling"),
+    ],
+)
+def test_divisibility_rules(model_kw, par_kw, data_kw, world, rule):
+    data_kw = {"max_seq_length": 256, **data_kw}
+    cfg = _cfg(model=ModelConfig(max_position_embeddings=4096, **model_kw), parallel=ParallelConfig(**par_kw),
+               data=DataConfig(**data_kw))
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world)
+    assert rule in str(e.value)
+
+
+def test_valid_config_passes_and_batch_rule():
+    cfg = _cfg(model=ModelConfig(num_attention_heads=8, num_query_groups=4),
+               parallel=ParallelConfig(tensor_model_parallel_size=2, context_parallel_size=2),
+               data=DataConfig(max_seq_length=256))
+    validate(cfg, 8)  # dp = 2, gbs 8 % (1*2) == 0
+    bad = apply_overrides(cfg, ["--training.global_batch_size=3"])
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        validate(bad, 8)
+
+
+def test_seq_multiple_and_vocab_padding():
+    assert seq_length_multiple(ParallelConfig()) == 1
+    assert seq_length_multiple(ParallelConfig(context_parallel_size=4)) == 8
+    assert seq_length_multiple(ParallelConfig(tensor_model_parallel_size=2, context_parallel_size=2,
+                                              sequence_parallel=True)) == 8
+    # FP8: each CP rank's share (and its SP shard) must be a multiple of 16 tokens.
+    m = seq_length_multiple(ParallelConfig(tensor_model_parallel_size=2, context_parallel_size=2,
+                                           sequence_parallel=True, fp8="hybrid"))
+    assert m % 8 == 0 and (m // 4 // 2) % 16 == 0
+    assert padded_vocab_size(ModelConfig(vocab_size=32000), 8) == 32768
+    assert padded_vocab_size(ModelConfig(vocab_size=32000), 1) == 32000
+    assert padded_vocab_size(ModelConfig(vocab_size=151936), 4) == 152064
