@@ -16,7 +16,10 @@ ever active on a GPU run. Each patch, and why it is needed:
    CUDA device argument of tensor factory calls to CPU.
 4. ``torch.cuda.synchronize`` / ``Stream`` / ``Event`` / ``empty_cache`` / memory statistics:
    harmless no-ops or dummies on CPU.
-5. ``rope_utils.get_pos_emb_on_this_cp_rank`` allocates its index with ``pin_memory=True``, which
+5. ``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor``
+   gradients: replaced (in ``clip_grads`` and ``optimizer``, which imported it) by the same
+   in-place scaling without the device assertion.
+6. ``rope_utils.get_pos_emb_on_this_cp_rank`` allocates its index with ``pin_memory=True``, which
    needs a CUDA runtime: the mode drops ``pin_memory`` on factory calls.
    (megatron's own pure-PyTorch ``local_multi_tensor_*`` fallbacks, used for grad-norm and
    clipping when neither apex nor TE is installed, allocate on ``"cuda"`` too.)
@@ -76,6 +79,18 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad: bool = False) -> None:
+    """Megatron's clip_grad_by_total_norm_fp32 without its CUDA-tensor assertion (same math)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for g in grads:
+            g.mul_(clip_coeff)
+
+
 def is_enabled() -> bool:
     return _ENABLED
 
@@ -111,6 +126,11 @@ def enable() -> bool:
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
         torch.set_rng_state(new_state)
     )
+
+    from megatron.core.optimizer import clip_grads, optimizer as moptimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()

@@ -11,6 +11,8 @@ Between calls Megatron's parallel state is destroyed, so each call starts clean.
 raises, every rank's traceback is put into the raised :class:`DistributedTestError`; if the call
 does not finish within ``timeout`` (a hung collective), the pool is killed and the error names the
 ranks that did not answer. A killed or broken pool is rebuilt on the next call.
+Workers are not daemonic because dist_checkpointing starts helper processes of its own; an
+atexit hook stops them.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class _Pool:
         self.tasks = [ctx.Queue() for _ in range(world)]
         port = _free_port()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world, port, self.tasks[r], self.results), daemon=True)
+            ctx.Process(target=_worker, args=(r, world, port, self.tasks[r], self.results), daemon=False)
             for r in range(world)
         ]
         for p in self.procs:

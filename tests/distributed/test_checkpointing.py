@@ -1,0 +1,112 @@
+"""Training checkpoints: exact round trip of model + optimizer + scheduler, weights into another TP."""
+
+import pytest
+import torch
+
+from megatron_longpo.testing.distributed import run_distributed
+from megatron_longpo.testing.models import parallel_config, random_tokens, tiny_model_config
+
+pytestmark = pytest.mark.distributed
+
+
+def _setup(tp, seed=0):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_longpo.config import OptimConfig
+    from megatron_longpo.models.provider import build_model
+    from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
+    from megatron_longpo.training.optimizer import build_optimizer
+
+    mcfg = tiny_model_config("qwen2")
+    g = init_model_parallel(parallel_config(tp=tp))
+    set_seed(seed)
+    model = build_model(mcfg, parallel_config(tp=tp))
+    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=False), module=model)
+    opt, sched = build_optimizer([ddp], OptimConfig(lr=1e-3, lr_warmup_fraction=0.5, clip_grad=1.0), mcfg, 4)
+    return mcfg, g, model, ddp, opt, sched
+
+
+def _step(mcfg, ddp, opt, sched, seed):
+    from megatron.core.distributed import finalize_model_grads
+
+    tokens = random_tokens(2, 16, mcfg.vocab_size, seed)
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    ddp(tokens, pos, None, labels=tokens.roll(-1, 1)).mean().backward()
+    finalize_model_grads([ddp])
+    ok, gnorm, _ = opt.step()
+    sched.step(1)
+    return gnorm
+
+
+def _save_then_continue(run_dir, tp):
+    from megatron_longpo.models.sharding import gather_full_state_dict
+    from megatron_longpo.training.checkpointing import TrainState, save_checkpoint
+
+    mcfg, g, model, ddp, opt, sched = _setup(tp)
+    _step(mcfg, ddp, opt, sched, 1)
+    save_checkpoint(run_dir, TrainState(1, 2), model, opt, sched, {"note": "test"}, g)
+    saved = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size)
+    _step(mcfg, ddp, opt, sched, 2)  # the step after the checkpoint, uninterrupted
+    return saved, gather_full_state_dict(model, g.tp_group, mcfg.vocab_size), sched.get_lr(opt.param_groups[0])
+
+
+def _resume_and_continue(run_dir, tp):
+    from megatron_longpo.models.sharding import gather_full_state_dict
+    from megatron_longpo.training.checkpointing import load_checkpoint
+
+    mcfg, g, model, ddp, opt, sched = _setup(tp, seed=99)  # different init: everything must come from disk
+    st = load_checkpoint(run_dir, model, opt, sched, g)
+    loaded = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size)
+    _step(mcfg, ddp, opt, sched, 2)
+    return st.iteration, st.consumed_samples, loaded, gather_full_state_dict(model, g.tp_group, mcfg.vocab_size), \
+        sched.get_lr(opt.param_groups[0])
+
+
+def _weights_only(run_dir, tp):
+    from megatron_longpo.models.sharding import gather_full_state_dict
+    from megatron_longpo.training.checkpointing import load_checkpoint
+
+    mcfg, g, model, ddp, opt, sched = _setup(tp, seed=7)
+    st = load_checkpoint(run_dir, model, opt, sched, g, finetune=True)
+    return st.iteration, gather_full_state_dict(model, g.tp_group, mcfg.vocab_size)
+
+
+def _resume_other_layout(run_dir, tp):
+    from megatron_longpo.training.checkpointing import load_checkpoint
+
+    mcfg, g, model, ddp, opt, sched = _setup(tp)
+    load_checkpoint(run_dir, model, opt, sched, g)
+
+
+def test_resume_is_exact_and_weights_reshard(tmp_path):
+    run = str(tmp_path / "run")
+    saved, after, lr = run_distributed(_save_then_continue, 2, args=(run, 2))[0]
+    it, consumed, loaded, resumed_after, lr2 = run_distributed(_resume_and_continue, 2, args=(run, 2))[0]
+    assert (it, consumed) == (1, 2)
+    for k in saved:
+        torch.testing.assert_close(loaded[k], saved[k], rtol=0, atol=0)
+        # Same step after resume == uninterrupted: needs the Adam moments and the LR schedule.
+        torch.testing.assert_close(resumed_after[k], after[k], rtol=0, atol=0)
+    assert lr2 == lr
+    # Weights only into TP=1.
+    it1, w1 = run_distributed(_weights_only, 1, args=(run, 1))[0]
+    assert it1 == 0
+    for k in saved:
+        torch.testing.assert_close(w1[k], saved[k], rtol=0, atol=0)
+    # Full resume into another layout is refused with the fix in the message.
+    with pytest.raises(AssertionError, match="finetune=true"):
+        run_distributed(_resume_other_layout, 1, args=(run, 1))
+
+
+def test_incomplete_checkpoint_is_not_resumed(tmp_path):
+    from megatron_longpo.training.checkpointing import CheckpointError, resolve_checkpoint
+
+    run = tmp_path / "run"
+    (run / "iter_0000005.tmp").mkdir(parents=True)
+    assert resolve_checkpoint(run) is None  # only an interrupted save: start fresh
+    (run / "latest_checkpointed_iteration.txt").write_text("5")
+    with pytest.raises(CheckpointError, match="iter_0000005, which is missing or incomplete"):
+        resolve_checkpoint(run)
