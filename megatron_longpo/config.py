@@ -129,7 +129,10 @@ class ReferenceConfig:
 
     source: Literal["cache", "online"] = _f("cache", "Precomputed cache or a frozen model.")
     cache_path: Optional[str] = _f(None, "Reference cache (tools/precompute_reference.py).")
-    load: Optional[str] = _f(None, "Reference checkpoint for source=online.")
+    valid_cache_path: Optional[str] = _f(None, "Reference cache of data.valid_data (source=cache).")
+    load: Optional[str] = _f(
+        None, "Reference checkpoint: needed by source=online; with source=cache, if set, the cache must come from it."
+    )
     rope_theta: Optional[float] = _f(None, "Reference rope_theta; default: the checkpoint's.")
 
 
@@ -472,7 +475,16 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
         errs.append(f"loss.beta must be > 0 (got {cfg.loss.beta})")
     if cfg.loss.logprob_chunk_size <= 0:
         errs.append("loss.logprob_chunk_size must be > 0")
+    if cfg.loss.lam < 0 or cfg.loss.nll_weight < 0:
+        errs.append(f"loss.lam ({cfg.loss.lam}) and loss.nll_weight ({cfg.loss.nll_weight}) must be >= 0")
+    if cfg.loss.mode == "sft" and cfg.loss.nll_weight == 0:
+        errs.append("loss.mode=sft with loss.nll_weight=0 trains nothing; set loss.nll_weight > 0")
     if p.fp8 and cfg.model.params_dtype != "bf16":
         errs.append("parallel.fp8 needs model.params_dtype=bf16")
+    if cfg.data.pair_layout == "shared_prefix" and p.attention_backend == "te":
+        errs.append(
+            "data.pair_layout=shared_prefix cannot run on parallel.attention_backend=te (TE attention "
+            "cannot express the branch mask); set parallel.attention_backend to auto, sdpa or flash"
+        )
     if errs:
         raise ConfigError("; ".join(errs))

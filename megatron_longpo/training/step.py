@@ -1,0 +1,295 @@
+"""One LongPO micro-batch forward, and the Megatron-scheduled forward/backward and train step.
+
+Data flow of :func:`microbatch_forward` on one rank:
+PairBatch (full sequences) -> zigzag slice for this CP rank -> model hidden states
+[s_local(/tp), rows, h] -> per-segment log-prob sums and NLL sums/counts (vocab-parallel,
+chunked, summed over CP) -> :func:`longpo_loss` with the batch's reference log-probs.
+
+Scaling (derived in docs/loss.md): the micro-batch returns its plain mean loss L_m, identical on
+every TP and CP rank. Megatron's schedule (two-value loss_func path) multiplies it by cp and
+divides by the number of micro-batches M; DDP sums the gradients over DP x CP and divides by
+dp * cp. The result is the gradient of (1 / (dp * M)) * sum_m L_m, the mean loss over the
+global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_longpo.config import LossConfig
+from megatron_longpo.data.batch import PairBatch
+from megatron_longpo.loss.logprobs import segment_logprob_sums
+from megatron_longpo.loss.longpo import longpo_loss
+from megatron_longpo.runtime.distributed import ParallelGroups
+from megatron_longpo.runtime.zigzag import zigzag_slice
+
+_SEQ_FIELDS = ("tokens", "position_ids", "target_ids", "response_segment", "nll_segment")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The LongPOGPTModel inside DDP / Float16Module wrappers."""
+    m = model
+    while not hasattr(m, "output_weight") and hasattr(m, "module"):
+        m = m.module
+    if not hasattr(m, "output_weight"):
+        raise TypeError(f"{type(model).__name__} does not wrap a LongPOGPTModel (no output_weight())")
+    return m
+
+
+def validate_batch(batch: PairBatch, groups: ParallelGroups, sequence_parallel: bool, loss_cfg: LossConfig) -> None:
+    """Check the PairBatch contract (data/batch.py) before any model work."""
+    rows, s = batch.tokens.shape
+    b = batch.num_pairs
+    expect_rows = 2 * b if batch.layout == "two_sequences" else b
+    if batch.layout not in ("two_sequences", "shared_prefix"):
+        raise ValueError(f"PairBatch.layout={batch.layout!r}; expected two_sequences or shared_prefix (data.pair_layout)")
+    if rows != expect_rows:
+        raise ValueError(f"PairBatch.tokens has {rows} rows; layout {batch.layout} with {b} pairs needs {expect_rows}")
+    for name in _SEQ_FIELDS:
+        if getattr(batch, name).shape != (rows, s):
+            raise ValueError(f"PairBatch.{name} has shape {tuple(getattr(batch, name).shape)}, expected {(rows, s)}")
+    mult = (2 * groups.cp_size if groups.cp_size > 1 else 1) * (groups.tp_size if sequence_parallel else 1)
+    if s % mult:
+        raise ValueError(
+            f"sequence length {s} is not a multiple of {mult} (2*cp, times tp with sequence parallelism); "
+            "pad to config.seq_length_multiple(parallel)"
+        )
+    if int(batch.response_segment.max()) >= 2 * b or int(batch.nll_segment.max()) >= b:
+        raise ValueError(
+            f"PairBatch segment ids out of range: response_segment must be < 2B = {2 * b}, "
+            f"nll_segment < B = {b} (got max {int(batch.response_segment.max())} / {int(batch.nll_segment.max())})"
+        )
+    if loss_cfg.mode != "sft":
+        for name in ("ref_chosen_logps", "ref_rejected_logps"):
+            ref = getattr(batch, name)
+            if ref is None:
+                raise ValueError(
+                    f"loss.mode={loss_cfg.mode} needs PairBatch.{name} (reference log-prob cache: "
+                    "reference.cache_path, tools/precompute_reference.py), or use loss.mode=sft"
+                )
+            if ref.shape != (b,):
+                raise ValueError(f"PairBatch.{name} has shape {tuple(ref.shape)}, expected ({b},)")
+
+
+def microbatch_forward(
+    model: torch.nn.Module,
+    batch: PairBatch,
+    groups: ParallelGroups,
+    loss_cfg: LossConfig,
+    vocab_size: int,
+    sequence_parallel: bool,
+    *,
+    token_normalizer: Optional[float] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LongPO loss of one micro-batch on this rank: (unscaled float64 loss, detached metrics).
+
+    The loss is the same on every TP and CP rank of the micro-batch. ``token_normalizer`` is the
+    NLL-token normalizer of ``token_mean`` (see :func:`megatron_longpo.loss.longpo.nll_term`).
+    ``model_kwargs`` are passed to the model call (attention context of the project's CP
+    attention).
+    """
+    validate_batch(batch, groups, sequence_parallel, loss_cfg)
+    if batch.layout == "shared_prefix" and not model_kwargs:
+        # Megatron's default attention is plainly causal and its RoPE ignores position_ids:
+        # the rejected branch would attend to the chosen branch and get the wrong positions.
+        raise ValueError(
+            "data.pair_layout=shared_prefix needs the project's shared-prefix attention, passed via "
+            "model_kwargs; use data.pair_layout=two_sequences with this model"
+        )
+    inner = unwrap_model(model)
+    weight = inner.output_weight()  # [V_pad/tp, h]
+    dev = weight.device
+    local = {n: zigzag_slice(getattr(batch, n).to(dev), groups.cp_rank, groups.cp_size, dim=1) for n in _SEQ_FIELDS}
+
+    hidden = model(local["tokens"], local["position_ids"], None, return_hidden=True, **dict(model_kwargs or {}))
+    b = batch.num_pairs
+    resp, nll = segment_logprob_sums(
+        hidden,  # [s_local(/tp), rows, h]
+        weight,
+        local["target_ids"],
+        [local["response_segment"], local["nll_segment"]],
+        [2 * b, b],
+        vocab_size=vocab_size,
+        tp_group=groups.tp_group,
+        cp_group=groups.cp_group,
+        sequence_parallel=sequence_parallel,
+        chunk_size=loss_cfg.logprob_chunk_size,
+    )
+    ref_w = batch.ref_chosen_logps.to(dev) if batch.ref_chosen_logps is not None else None
+    ref_l = batch.ref_rejected_logps.to(dev) if batch.ref_rejected_logps is not None else None
+    return longpo_loss(
+        resp.sums[:b],  # P_w [B]
+        resp.sums[b:],  # P_l [B]
+        ref_w,
+        ref_l,
+        -nll.sums,  # summed NLL [B]
+        nll.counts,
+        loss_cfg,
+        token_normalizer=token_normalizer,
+    )
+
+
+def global_token_normalizer(micro_batches: Sequence[PairBatch], dp_group: Optional[dist.ProcessGroup]) -> float:
+    """Mean NLL-token count per micro-batch over the global batch (all DP ranks).
+
+    Every micro-batch divides its NLL sum by this, so the mean over micro-batches of the
+    ``token_mean`` NLL is the NLL of all tokens of the global batch pooled.
+    """
+    counts = torch.tensor(
+        [float(sum(int((mb.nll_segment >= 0).sum()) for mb in micro_batches)), float(len(micro_batches))],
+        dtype=torch.float64,
+    )
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        counts = counts.to(_collective_device(dp_group))
+        dist.all_reduce(counts, group=dp_group)
+    tokens, n_mb = counts.tolist()
+    return max(tokens, 1.0) / max(n_mb, 1.0)
+
+
+def _collective_device(group: dist.ProcessGroup) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def average_metrics(per_microbatch: Sequence[Mapping[str, torch.Tensor]], dp_group: Optional[dist.ProcessGroup]) -> dict[str, float]:
+    """Mean of each metric over all micro-batches of all DP ranks.
+
+    Each micro-batch metric is a mean over its B pairs, and every micro-batch holds the same B,
+    so this equals the metric computed on the whole global batch at once. TP and CP ranks hold
+    identical values and are not averaged over.
+    """
+    if not per_microbatch:
+        return {}
+    keys = list(per_microbatch[0])
+    for m in per_microbatch:
+        if list(m) != keys:
+            raise ValueError(f"micro-batches report different metrics: {keys} vs {list(m)}")
+    local = torch.tensor(
+        [sum(float(m[k]) for m in per_microbatch) for k in keys] + [float(len(per_microbatch))], dtype=torch.float64
+    )
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        local = local.to(_collective_device(dp_group))
+        dist.all_reduce(local, group=dp_group)
+    vals = local.cpu().tolist()
+    return {k: v / vals[-1] for k, v in zip(keys, vals[:-1])}
+
+
+def forward_backward(
+    ddp_model: torch.nn.Module,
+    micro_batches: Sequence[PairBatch],
+    groups: ParallelGroups,
+    loss_cfg: LossConfig,
+    vocab_size: int,
+    sequence_parallel: bool,
+    *,
+    forward_only: bool = False,
+    zero_grad: bool = True,
+    optimizer: Any = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+) -> dict[str, float]:
+    """Run every micro-batch of this DP rank through Megatron's no-pipelining schedule.
+
+    Leaves the finalised (DP x CP averaged, SP-norm reduced) gradient of the global batch's mean
+    loss in the DDP grad buffers (``param.main_grad``) and returns the metrics averaged over
+    micro-batches and DP ranks. ``zero_grad`` zeroes the grad buffers first. ``optimizer``
+    (a MegatronOptimizer) supplies the loss scale for fp16/bf16. Every DP rank must pass the
+    same number of micro-batches of the same size.
+    """
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    if not micro_batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    sizes = {mb.num_pairs for mb in micro_batches}
+    if len(sizes) != 1:
+        raise ValueError(f"micro-batches must all hold the same number of pairs, got {sorted(sizes)}")
+    config = get_model_config(ddp_model)
+    if config.calculate_per_token_loss:
+        raise ValueError("TransformerConfig.calculate_per_token_loss must be False: the LongPO loss is a per-pair mean")
+    if not forward_only:
+        # Settings the schedule reads from the model config (as Megatron-LM's training loop does).
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = getattr(ddp_model, "no_sync", None)
+        config.grad_scale_func = optimizer.scale_loss if optimizer is not None else None
+        if zero_grad:
+            ddp_model.zero_grad_buffer()
+
+    normalizer = (
+        global_token_normalizer(micro_batches, groups.dp_group) if loss_cfg.nll_reduction == "token_mean" else None
+    )
+
+    def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        loss, metrics = microbatch_forward(
+            model, batch, groups, loss_cfg, vocab_size, sequence_parallel,
+            token_normalizer=normalizer, model_kwargs=model_kwargs,
+        )
+
+        def loss_func(output: torch.Tensor):
+            # Two values: the schedule multiplies by cp and divides by num_microbatches.
+            return output, metrics
+
+        return loss, loss_func
+
+    fb = get_forward_backward_func()
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        store = fb(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[ddp_model],
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0].seq_len,
+            micro_batch_size=micro_batches[0].num_pairs,
+            forward_only=forward_only,
+        )
+    return average_metrics(store, groups.dp_group)
+
+
+@dataclass
+class StepResult:
+    """Outcome of one optimizer step."""
+
+    metrics: dict[str, float]  # averaged over the global batch (see average_metrics)
+    update_successful: bool  # False when fp16 loss scaling found inf/nan and skipped the step
+    grad_norm: Optional[float]  # total gradient norm before clipping (None if not computed)
+    num_zeros_in_grad: Optional[int] = None
+
+
+def train_step(
+    ddp_model: torch.nn.Module,
+    optimizer: Any,
+    micro_batches: Sequence[PairBatch],
+    groups: ParallelGroups,
+    loss_cfg: LossConfig,
+    vocab_size: int,
+    sequence_parallel: bool,
+    *,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+) -> StepResult:
+    """One optimizer step on this DP rank's micro-batches of the global batch.
+
+    Zeroes the grad buffers, runs :func:`forward_backward`, then ``optimizer.step()`` (a
+    MegatronOptimizer: returns (update_successful, grad_norm, num_zeros_in_grad)). The learning
+    rate scheduler is the caller's.
+    """
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    metrics = forward_backward(
+        ddp_model, micro_batches, groups, loss_cfg, vocab_size, sequence_parallel,
+        zero_grad=False, optimizer=optimizer, model_kwargs=model_kwargs,
+    )
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return StepResult(
+        metrics=metrics,
+        update_successful=bool(update_successful),
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        num_zeros_in_grad=None if num_zeros is None else int(num_zeros),
+    )

@@ -1,0 +1,279 @@
+"""The Megatron-scheduled LongPO step under TP / SP / DP and micro-batching equals one serial step.
+
+Reference (independent of loss/ and training/step.py): one process, TP=1, the whole global batch
+of 4 pairs at once, full logits from the model's own output layer, float64 log_softmax, per-pair
+sums by loops over segment ids, and the objective written out. Parallel runs go through
+forward_backward (Megatron DDP + forward_backward_no_pipelining + finalize_model_grads) with the
+global batch split over DP ranks and micro-batches; their averaged metrics and every parameter
+gradient (gathered to the TP=1 layout) must match. This proves the loss scaling: x cp and
+1/num_microbatches from the schedule, 1/(dp*cp) from DDP (docs/loss.md).
+CP > 1 joins once the project's context-parallel attention exists (issue 5).
+"""
+
+import math
+
+import pytest
+import torch
+
+from megatron_longpo.config import LossConfig
+from megatron_longpo.data.batch import PairBatch
+from megatron_longpo.testing.distributed import run_distributed
+from megatron_longpo.testing.models import parallel_config, tiny_model_config
+
+pytestmark = pytest.mark.distributed
+
+ARCH = "mistral"  # vocab 300: padded to 384 at TP=1 and 512 at TP=2, GQA 4:1
+SEQ = 32
+PAIRS = 4  # global batch
+
+
+def make_pair_batch(num_pairs: int, seq: int, vocab: int, seed: int, nll_target: str = "sequence") -> PairBatch:
+    """two_sequences layout: row b = [prefix | chosen response | pad], row B+b = [prefix | rejected | pad]."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * num_pairs
+    tokens = torch.zeros(rows, seq, dtype=torch.long)
+    target_ids = torch.zeros(rows, seq, dtype=torch.long)
+    resp = torch.full((rows, seq), -1, dtype=torch.long)
+    nll = torch.full((rows, seq), -1, dtype=torch.long)
+    branch = torch.full((rows, seq), -1, dtype=torch.long)
+    for b in range(num_pairs):
+        prefix_len = int(torch.randint(6, 14, (1,), generator=g))
+        prefix = torch.randint(1, vocab, (prefix_len,), generator=g)
+        for r, seg in ((b, b), (num_pairs + b, num_pairs + b)):
+            n_resp = int(torch.randint(3, seq - prefix_len - 1, (1,), generator=g))
+            seq_tokens = torch.cat([prefix, torch.randint(1, vocab, (n_resp,), generator=g)])
+            n = seq_tokens.numel()
+            tokens[r, :n] = seq_tokens
+            target_ids[r, : n - 1] = seq_tokens[1:]
+            branch[r, :n] = 0
+            resp[r, prefix_len - 1 : n - 1] = seg  # positions whose target is a response token
+            if r == b:  # the chosen sequence carries pair b's NLL
+                if nll_target == "sequence":
+                    nll[r, : n - 1] = b
+                else:
+                    nll[r, prefix_len - 1 : n - 1] = b
+    return PairBatch(
+        tokens=tokens,
+        position_ids=torch.arange(seq).expand(rows, seq).clone(),
+        target_ids=target_ids,
+        response_segment=resp,
+        nll_segment=nll,
+        branch_ids=branch,
+        num_pairs=num_pairs,
+        layout="two_sequences",
+        ref_chosen_logps=-(170.0 + 40 * torch.rand(num_pairs, generator=g, dtype=torch.float64)),
+        ref_rejected_logps=-(170.0 + 40 * torch.rand(num_pairs, generator=g, dtype=torch.float64)),
+        sample_index=torch.arange(num_pairs),
+    )
+
+
+def select_pairs(batch: PairBatch, pairs: list[int]) -> PairBatch:
+    """Micro-batch of the given pairs, segment ids renumbered."""
+    B, k = batch.num_pairs, len(pairs)
+    rows = pairs + [B + p for p in pairs]
+    resp = batch.response_segment[rows].clone()
+    nll = batch.nll_segment[rows].clone()
+    for i, p in enumerate(pairs):
+        resp[batch.response_segment[rows] == p] = i
+        resp[batch.response_segment[rows] == B + p] = k + i
+        nll[batch.nll_segment[rows] == p] = i
+    return PairBatch(
+        tokens=batch.tokens[rows], position_ids=batch.position_ids[rows], target_ids=batch.target_ids[rows],
+        response_segment=resp, nll_segment=nll, branch_ids=batch.branch_ids[rows], num_pairs=k,
+        layout=batch.layout, ref_chosen_logps=batch.ref_chosen_logps[pairs],
+        ref_rejected_logps=batch.ref_rejected_logps[pairs], sample_index=batch.sample_index[pairs],
+    )
+
+
+def _ddp(model):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    return DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
+        module=model,
+    )
+
+
+def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
+    """Serial float64 brute force on the whole global batch (TP=1, no DDP)."""
+    from megatron_longpo.models.provider import build_model
+    from megatron_longpo.models.sharding import gather_full_state_dict
+    from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
+
+    cfg = LossConfig(**loss_kw)
+    mcfg = tiny_model_config(arch)
+    g = init_model_parallel(parallel_config())
+    set_seed(seed)
+    model = build_model(mcfg, parallel_config())
+    params = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size)
+    batch = make_pair_batch(PAIRS, SEQ, mcfg.vocab_size, seed, nll_target)
+    logits = model(batch.tokens, batch.position_ids, None)[..., : mcfg.vocab_size]  # [rows, S, V]
+    logp = torch.log_softmax(logits.double(), -1).gather(2, batch.target_ids[..., None]).squeeze(2)
+    pw = torch.stack([logp[batch.response_segment == b].sum() for b in range(PAIRS)])
+    pl = torch.stack([logp[batch.response_segment == PAIRS + b].sum() for b in range(PAIRS)])
+    nll_sum = torch.stack([-logp[batch.nll_segment == b].sum() for b in range(PAIRS)])
+    nll_cnt = torch.tensor([float((batch.nll_segment == b).sum()) for b in range(PAIRS)], dtype=torch.float64)
+    if cfg.nll_reduction == "sequence_mean":
+        nll = (nll_sum / nll_cnt).mean()
+    else:
+        nll = nll_sum.sum() / nll_cnt.sum()
+    margin = cfg.beta * ((pw - batch.ref_chosen_logps) - (pl - batch.ref_rejected_logps))
+    pref = -torch.nn.functional.logsigmoid(margin).mean()
+    loss = cfg.nll_weight * nll + (0.0 if cfg.mode == "sft" else cfg.lam * pref)
+    loss.backward()
+    grads = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size, grads=True)
+    metrics = {"loss": float(loss), "nll_loss": float(nll), "pref_loss": float(pref),
+               "rewards/margins": float(margin.mean()), "logps/chosen": float(pw.mean()),
+               "logps/rejected": float(pl.mean())}
+    return dict(params=params, grads=grads, metrics=metrics)
+
+
+def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: int, nll_target: str,
+             lr: float = 0.0, arch: str = ARCH):
+    """This rank's share of the global batch through forward_backward (or train_step with lr > 0)."""
+    from megatron_longpo.models.provider import build_model
+    from megatron_longpo.models.sharding import gather_full_state_dict, load_full_state_dict
+    from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
+    from megatron_longpo.training.step import forward_backward, train_step
+
+    cfg = LossConfig(**loss_kw)
+    mcfg = tiny_model_config(arch)
+    pcfg = parallel_config(tp=tp, sequence_parallel=sp)
+    g = init_model_parallel(pcfg)
+    set_seed(seed + 100)  # different init: the loaded weights must be what matters
+    model = build_model(mcfg, pcfg)
+    load_full_state_dict(model, full_sd, g.tp_rank, g.tp_size)
+    ddp = _ddp(model)
+    batch = make_pair_batch(PAIRS, SEQ, mcfg.vocab_size, seed, nll_target)
+    per_rank = PAIRS // g.dp_size
+    mine = list(range(g.dp_rank * per_rank, (g.dp_rank + 1) * per_rank))
+    micro = [select_pairs(batch, mine[i:i + mbs]) for i in range(0, per_rank, mbs)]
+    out = dict(num_microbatches=len(micro))
+    if lr > 0:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        opt = get_megatron_optimizer(
+            OptimizerConfig(optimizer="sgd", lr=lr, sgd_momentum=0.0, weight_decay=0.0, clip_grad=1e6), [ddp]
+        )
+        res = train_step(ddp, opt, micro, g, cfg, mcfg.vocab_size, sp)
+        out.update(metrics=res.metrics, update_successful=res.update_successful, grad_norm=res.grad_norm,
+                   params=gather_full_state_dict(model, g.tp_group, mcfg.vocab_size))
+    else:
+        # Evaluation first: same metrics, no gradient.
+        out["eval_metrics"] = forward_backward(ddp, micro, g, cfg, mcfg.vocab_size, sp, forward_only=True)
+        out["eval_grad_abs"] = sum(float(p.main_grad.abs().sum()) for p in model.parameters())
+        out["metrics"] = forward_backward(ddp, micro, g, cfg, mcfg.vocab_size, sp)
+    out["grads"] = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size, grads=True)
+    return out
+
+
+_REF: dict = {}
+
+
+def _reference(loss_kw, seed, nll_target, arch=ARCH):
+    key = (tuple(sorted(loss_kw.items())), seed, nll_target, arch)
+    if key not in _REF:
+        _REF[key] = run_distributed(reference, 1, args=(loss_kw, seed, nll_target, arch))[0]
+    return _REF[key]
+
+
+def _compare(outs, ref):
+    for out in outs:
+        for k, v in ref["metrics"].items():
+            assert math.isclose(out["metrics"][k], v, rel_tol=1e-5, abs_tol=1e-6), (k, out["metrics"][k], v)
+        assert set(out["grads"]) == set(ref["grads"])
+        for name, g in ref["grads"].items():
+            assert g.abs().sum() > 0, f"reference gradient of {name} is zero: the test would be vacuous"
+            torch.testing.assert_close(out["grads"][name], g, rtol=2e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
+
+
+LONGPO = dict(mode="longpo", beta=0.1, lam=1.0, nll_weight=1.0, nll_reduction="sequence_mean")
+
+
+@pytest.mark.parametrize(
+    "tp,dp,sp,mbs,arch",
+    [
+        (1, 1, False, 2, ARCH),  # 2 micro-batches on one rank
+        (2, 1, False, 2, ARCH),
+        (2, 1, True, 1, ARCH),  # sequence parallel, 4 micro-batches
+        (1, 2, False, 1, ARCH),  # global batch 4 = dp 2 x 2 micro-batches of 1
+        (2, 2, True, 1, ARCH),
+        (2, 2, False, 1, "qwen2"),  # output layer tied to the embedding, QKV bias
+    ],
+)
+def test_parallel_step_matches_serial(tp, dp, sp, mbs, arch):
+    seed = 21
+    ref = _reference(LONGPO, seed, "sequence", arch)
+    outs = run_distributed(parallel, tp * dp, args=(tp, sp, mbs, ref["params"], LONGPO, seed, "sequence", 0.0, arch))
+    assert all(o["num_microbatches"] == PAIRS // dp // mbs for o in outs)
+    _compare(outs, ref)
+
+
+@pytest.mark.parametrize(
+    "loss_kw,nll_target",
+    [
+        (dict(mode="longpo", beta=0.2, lam=0.5, nll_weight=1.0, nll_reduction="token_mean"), "sequence"),
+        (dict(mode="dpo", beta=0.1, lam=1.0, nll_weight=0.0, nll_reduction="sequence_mean"), "responses"),
+        (dict(mode="sft", nll_weight=1.0, nll_reduction="token_mean"), "responses"),
+    ],
+)
+def test_loss_scaling_over_microbatches_and_dp(loss_kw, nll_target):
+    """dp 2 x 2 micro-batches of 1 pair == 1 process with all 4 pairs, in every mode / reduction.
+
+    token_mean pools the NLL tokens of the whole global batch (pairs have different lengths, so a
+    per-micro-batch pooling would give a different loss and gradient).
+    """
+    seed = 33
+    ref = _reference(loss_kw, seed, nll_target)
+    outs = run_distributed(parallel, 2, args=(1, False, 1, ref["params"], loss_kw, seed, nll_target))
+    _compare(outs, ref)
+    for out in outs:  # forward_only evaluation: the same averaged metrics, no gradient
+        assert out["eval_grad_abs"] == 0
+        for k, v in out["metrics"].items():
+            assert math.isclose(out["eval_metrics"][k], v, rel_tol=1e-9, abs_tol=1e-12), k
+
+
+def test_train_step_applies_the_global_batch_gradient():
+    """SGD step of train_step (tp 2 x dp 2): new weights = old - lr * reference gradient."""
+    seed, lr = 21, 0.5
+    ref = _reference(LONGPO, seed, "sequence")
+    outs = run_distributed(parallel, 4, args=(2, False, 1, ref["params"], LONGPO, seed, "sequence", lr))
+    _compare(outs, ref)
+    ref_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in ref["grads"].values()))
+    for out in outs:
+        assert out["update_successful"]
+        assert math.isclose(out["grad_norm"], ref_norm, rel_tol=1e-4), (out["grad_norm"], ref_norm)
+        assert out["metrics"]["grad_norm"] == out["grad_norm"]
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(out["params"][name], p - lr * ref["grads"][name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+def test_bad_batches_are_rejected_before_the_model_runs():
+    from megatron_longpo.runtime.distributed import ParallelGroups
+    from megatron_longpo.training.step import microbatch_forward, validate_batch
+
+    groups = ParallelGroups(None, None, None, None, 0, 1, 0, 1, 0, 1)
+    cfg = LossConfig()
+    good = make_pair_batch(2, 16, 100, seed=0)
+    validate_batch(good, groups, False, cfg)
+    no_ref = select_pairs(good, [0, 1])
+    no_ref.ref_chosen_logps = None
+    with pytest.raises(ValueError, match="needs PairBatch.ref_chosen_logps"):
+        validate_batch(no_ref, groups, False, cfg)
+    validate_batch(no_ref, groups, False, LossConfig(mode="sft"))
+    bad_seg = select_pairs(good, [0, 1])
+    bad_seg.nll_segment[0, 0] = 2
+    with pytest.raises(ValueError, match="segment ids out of range"):
+        validate_batch(bad_seg, groups, False, cfg)
+    cp2 = ParallelGroups(None, None, None, None, 0, 1, 0, 3, 0, 1)
+    with pytest.raises(ValueError, match="not a multiple of 6"):
+        validate_batch(good, cp2, False, cfg)
+    shared = select_pairs(good, [0, 1])
+    shared.layout = "shared_prefix"
+    for name in ("tokens", "position_ids", "target_ids", "response_segment", "nll_segment", "branch_ids"):
+        setattr(shared, name, getattr(shared, name)[:2])
+    shared.response_segment = shared.response_segment.clamp(max=3)
+    with pytest.raises(ValueError, match="shared-prefix attention"):
+        microbatch_forward(torch.nn.Module(), shared, groups, cfg, 100, False)
