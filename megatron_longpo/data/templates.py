@@ -1,0 +1,262 @@
+"""Chat templates that render a conversation as a list of pieces, tokenized one by one.
+
+A conversation is never rendered to one string and re-tokenized: every message content and every
+piece of template text is tokenized on its own, so the tokens of each assistant response (and the
+end-of-turn token that closes it) are known exactly, by construction. The rendered text is the
+concatenation of the piece texts.
+
+Templates:
+- ``mistral``: ``<s>[INST] {system}\\n\\n{user} [/INST]{assistant}</s>[INST] {user} [/INST]...``
+  (the Mistral-Instruct format; BOS/EOS placed by id).
+- ``chatml``: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message (Qwen2 format); the
+  tokenizer must have ``<|im_start|>`` and ``<|im_end|>`` as single tokens.
+- ``tokenizer``: the HF tokenizer's own Jinja chat template. It is rendered once per conversation
+  shape with placeholder contents; the text between placeholders is the template text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from megatron_longpo.data.schema import DataError
+from megatron_longpo.data.tokenizer import Tokenizer
+
+TEMPLATE_CHOICES = ("auto", "tokenizer", "mistral", "chatml")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    parts: tuple[str, ...]  # content = "".join(parts); each part is tokenized separately
+    response: bool = False  # an assistant message whose tokens are trained on (response mask)
+    document_part: int = -1  # index of the part that --overlong truncate_document may shorten
+
+    @property
+    def content(self) -> str:
+        return "".join(self.parts)
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str  # rendered text of the piece
+    token_id: int = -1  # >= 0: emitted as exactly this token (BOS/EOS/end-of-turn); text is its display
+    response: bool = False  # tokens belong to the response mask
+    document: bool = False  # the truncatable document
+    content: bool = False  # message content (False: template text)
+
+
+def rendered_text(pieces: Sequence[Piece]) -> str:
+    return "".join(p.text for p in pieces)
+
+
+def _content(m: ChatMessage) -> list[Piece]:
+    return [
+        Piece(part, response=m.response, document=(i == m.document_part), content=True)
+        for i, part in enumerate(m.parts)
+        if part
+    ]
+
+
+def _check_shape(messages: Sequence[ChatMessage]) -> tuple[Optional[ChatMessage], Sequence[ChatMessage]]:
+    """Optional leading system message, then user/assistant alternating from user."""
+    system = messages[0] if messages and messages[0].role == "system" else None
+    body = messages[1:] if system else messages
+    for i, m in enumerate(body):
+        if m.role != ("user" if i % 2 == 0 else "assistant"):
+            raise DataError(f"conversation roles must alternate user/assistant, got {[x.role for x in messages]}")
+    return system, body
+
+
+class ChatTemplate:
+    name: str = ""
+
+    def render(self, messages: Sequence[ChatMessage]) -> list[Piece]:
+        raise NotImplementedError
+
+    def definition(self) -> str:
+        """Text that identifies the template (hashed into the dataset sidecar)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "fingerprint": hashlib.sha256(self.definition().encode()).hexdigest()}
+
+
+class MistralTemplate(ChatTemplate):
+    name = "mistral"
+
+    def __init__(self, tok: Tokenizer):
+        if tok.eos_id is None:
+            raise DataError(f"tokenizer {tok.path} has no EOS token; the mistral template needs one")
+        self.tok = tok
+
+    def definition(self) -> str:
+        return "mistral-v1: <s>[INST] {system}\\n\\n{user} [/INST]{assistant}</s>"
+
+    def render(self, messages: Sequence[ChatMessage]) -> list[Piece]:
+        system, body = _check_shape(messages)
+        tok = self.tok
+        out: list[Piece] = []
+        if tok.bos_id is not None:
+            out.append(Piece(tok.token_text(tok.bos_id), token_id=tok.bos_id))
+        for i, m in enumerate(body):
+            if m.role == "user":
+                out.append(Piece("[INST] "))
+                if i == 0 and system is not None:
+                    out += _content(system)
+                    out.append(Piece("\n\n"))
+                out += _content(m)
+                out.append(Piece(" [/INST]"))
+            else:
+                out += _content(m)
+                out.append(Piece(tok.token_text(tok.eos_id), token_id=tok.eos_id, response=m.response))
+        return out
+
+
+class ChatMLTemplate(ChatTemplate):
+    name = "chatml"
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        ids = {}
+        for marker in ("<|im_start|>", "<|im_end|>"):
+            ids[marker] = tok.single_token(marker)
+            if ids[marker] is None:
+                raise DataError(
+                    f"tokenizer {tok.path} has no single token for {marker!r}, which the chatml template needs; "
+                    "use --chat-template mistral (or the tokenizer's own template)"
+                )
+        self.im_end = ids["<|im_end|>"]
+
+    def definition(self) -> str:
+        return "chatml-v1: <|im_start|>{role}\\n{content}<|im_end|>\\n"
+
+    def render(self, messages: Sequence[ChatMessage]) -> list[Piece]:
+        _check_shape(messages)
+        out: list[Piece] = []
+        for m in messages:
+            out.append(Piece(f"<|im_start|>{m.role}\n"))
+            out += _content(m)
+            out.append(Piece("<|im_end|>", token_id=self.im_end, response=m.response))
+            out.append(Piece("\n"))
+        return out
+
+
+_SENTINEL = "\u27e6longpo-content-{}\u27e7"
+
+
+class HFChatTemplate(ChatTemplate):
+    """The tokenizer's Jinja template, made piecewise with placeholder contents."""
+
+    name = "tokenizer"
+
+    def __init__(self, tok: Tokenizer):
+        if not tok.chat_template:
+            raise DataError(
+                f"tokenizer {tok.path} has no chat template; use --chat-template mistral or chatml"
+            )
+        self.tok = tok
+        self._skeletons: dict[tuple[str, ...], tuple[list[str], bool]] = {}
+        self._specials = tok.special_token_texts()
+
+    def definition(self) -> str:
+        return "hf: " + str(self.tok.chat_template)
+
+    def _apply(self, roles: Sequence[str], contents: Sequence[str]) -> str:
+        msgs = [{"role": r, "content": c} for r, c in zip(roles, contents)]
+        try:
+            text = self.tok._hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        except Exception as e:  # jinja raise_exception(), missing variables, ...
+            raise DataError(
+                f"the chat template of {self.tok.path} rejects a conversation with roles {list(roles)}: {e}; "
+                "use --chat-template mistral or chatml"
+            ) from e
+        if not isinstance(text, str):
+            raise DataError(f"the chat template of {self.tok.path} did not render text")
+        return text
+
+    def _skeleton(self, roles: tuple[str, ...]) -> tuple[list[str], bool]:
+        """Template text around each message (len(roles) + 1 chunks) and whether contents are stripped."""
+        if roles in self._skeletons:
+            return self._skeletons[roles]
+        marks = [_SENTINEL.format(k) for k in range(len(roles))]
+        text = self._apply(roles, marks)
+        chunks, pos = [], 0
+        for k, mark in enumerate(marks):
+            at = text.find(mark, pos)
+            if at < 0 or text.count(mark) != 1:
+                raise DataError(
+                    f"the chat template of {self.tok.path} does not render message {k} ({roles[k]}) exactly "
+                    "once, so response tokens cannot be located exactly; use --chat-template mistral or chatml"
+                )
+            chunks.append(text[pos:at])
+            pos = at + len(mark)
+        chunks.append(text[pos:])
+        # The template must insert contents verbatim (or stripped, like Llama-3's `| trim`).
+        probes = [f"  probe {k}\n text \n" for k in range(len(roles))]
+        real = self._apply(roles, probes)
+        strip = None
+        for candidate in (False, True):
+            joined = "".join(c + (p.strip() if candidate else p) for c, p in zip(chunks, probes)) + chunks[-1]
+            if joined == real:
+                strip = candidate
+                break
+        if strip is None:
+            raise DataError(
+                f"the chat template of {self.tok.path} changes message contents (not only strips them), so "
+                "response tokens cannot be located exactly; use --chat-template mistral or chatml"
+            )
+        self._skeletons[roles] = (chunks, strip)
+        return chunks, strip
+
+    def _template_text(self, text: str, closes_response: bool) -> list[Piece]:
+        """Template text; after a response its leading special token (EOS / end-of-turn) is part of it."""
+        if closes_response:
+            for s in self._specials:
+                if text.startswith(s):
+                    tid = self.tok.single_token(s)
+                    if tid is not None:
+                        rest = text[len(s):]
+                        return [Piece(s, token_id=tid, response=True)] + ([Piece(rest)] if rest else [])
+        return [Piece(text)] if text else []
+
+    def render(self, messages: Sequence[ChatMessage]) -> list[Piece]:
+        roles = tuple(m.role for m in messages)
+        chunks, strip = self._skeleton(roles)
+        out: list[Piece] = []
+        prev_response = False
+        for m, chunk in zip(messages, chunks):
+            out += self._template_text(chunk, prev_response)
+            if strip:
+                m = _strip_message(m)
+            out += _content(m)
+            prev_response = m.response
+        out += self._template_text(chunks[-1], prev_response)
+        return out
+
+
+def _strip_message(m: ChatMessage) -> ChatMessage:
+    parts = list(m.parts)
+    i = 0
+    while i < len(parts) and not parts[i].strip():
+        parts[i] = ""
+        i += 1
+    if i < len(parts):
+        parts[i] = parts[i].lstrip()
+    j = len(parts) - 1
+    while j >= 0 and not parts[j].strip():
+        parts[j] = ""
+        j -= 1
+    if j >= 0:
+        parts[j] = parts[j].rstrip()
+    return ChatMessage(m.role, tuple(parts), m.response, m.document_part)
+
+
+def get_template(name: str, tok: Tokenizer) -> ChatTemplate:
+    """``auto``: the tokenizer's own template when it has one, else ``mistral``."""
+    if name not in TEMPLATE_CHOICES:
+        raise DataError(f"--chat-template {name!r} is not one of {list(TEMPLATE_CHOICES)}")
+    if name == "auto":
+        name = "tokenizer" if tok.chat_template else "mistral"
+    return {"tokenizer": HFChatTemplate, "mistral": MistralTemplate, "chatml": ChatMLTemplate}[name](tok)

@@ -1,0 +1,188 @@
+"""Tokenizer wrapper: a sentencepiece ``.model`` file or a local HF tokenizer directory.
+
+Sequences are tokenized piece by piece (template text, message contents; see templates.py), so
+``encode`` never adds BOS/EOS: special tokens are placed by the chat template. ``decode`` keeps
+special tokens so a built sequence can be compared with its rendered text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megatron_longpo.data.schema import DataError
+
+# Files of an HF tokenizer directory that define its behaviour (hashed into the fingerprint).
+_HF_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
+)
+
+
+def _sha256_files(files: Sequence[Path], root: Optional[Path] = None) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update((str(f.relative_to(root)) if root else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class Tokenizer:
+    """Uniform view of a sentencepiece or HF tokenizer.
+
+    Attributes: ``kind`` ("sentencepiece" | "hf"), ``vocab_size`` (ids are < vocab_size),
+    ``bos_id`` / ``eos_id`` (None when the tokenizer has none), ``pad_id`` (always a valid id; it
+    only fills padding, which is never a target), ``fingerprint`` (sha256 of the files that define
+    the tokenizer), ``chat_template`` (HF Jinja template or None).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.is_file():
+            self._init_sentencepiece()
+        elif self.path.is_dir():
+            self._init_hf()
+        else:
+            raise DataError(
+                f"tokenizer {self.path} does not exist; pass a sentencepiece .model file or an HF tokenizer "
+                "directory (with tokenizer.json / tokenizer_config.json)"
+            )
+        if self.pad_id is None:
+            self.pad_id = self.eos_id if self.eos_id is not None else 0
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _init_sentencepiece(self) -> None:
+        import sentencepiece as spm
+
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad file
+            raise DataError(f"tokenizer {self.path}: not a sentencepiece model ({e})") from e
+        self.kind = "sentencepiece"
+        self._sp = sp
+        self._hf = None
+        self.vocab_size = int(sp.vocab_size())
+        self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+        self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else None
+        self.chat_template = None
+        self._special = np.zeros(self.vocab_size, dtype=bool)
+        for i in range(self.vocab_size):
+            self._special[i] = sp.is_control(i)
+        self.fingerprint = _sha256_files([self.path])
+
+    def _init_hf(self) -> None:
+        from transformers import AutoTokenizer
+
+        files = sorted(p for p in self.path.iterdir() if p.name in _HF_FILES)
+        if not files:
+            raise DataError(
+                f"tokenizer directory {self.path} has none of {list(_HF_FILES)}; is it an HF tokenizer directory?"
+            )
+        try:
+            tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True, trust_remote_code=False)
+        except Exception as e:
+            raise DataError(f"tokenizer {self.path}: transformers cannot load it ({type(e).__name__}: {e})") from e
+        # Long documents are the point: silence the "longer than model_max_length" warning.
+        tok.model_max_length = 1 << 62
+        self.kind = "hf"
+        self._sp = None
+        self._hf = tok
+        self.vocab_size = int(len(tok))
+        self.bos_id = tok.bos_token_id
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id
+        self.chat_template = getattr(tok, "chat_template", None) or None
+        special_ids = set(tok.all_special_ids)
+        for i, t in tok.added_tokens_decoder.items():
+            if t.special:
+                special_ids.add(int(i))
+        self._special = np.zeros(self.vocab_size, dtype=bool)
+        self._special[[i for i in special_ids if 0 <= i < self.vocab_size]] = True
+        self.fingerprint = _sha256_files(files)
+
+    # -- pickling (multiprocessing workers rebuild from the path) --------------------------------
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    # -- API ------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` (int64), without BOS/EOS. Special-token strings in the text are
+        parsed as special tokens by HF tokenizers; sentencepiece matches its user-defined symbols."""
+        if not text:
+            return np.zeros(0, dtype=np.int64)
+        if self._sp is not None:
+            ids = self._sp.encode(text, out_type=int)
+        else:
+            ids = self._hf.encode(text, add_special_tokens=False)
+        return np.asarray(ids, dtype=np.int64)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of ``ids`` with special tokens written out (e.g. ``<s>``, ``</s>``)."""
+        ids = [int(i) for i in ids]
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        # sentencepiece decodes control tokens to "": decode the runs between them.
+        out, run = [], []
+        for i in ids:
+            if self._special[i]:
+                if run:
+                    out.append(self._sp.decode(run))
+                    run = []
+                out.append(self._sp.id_to_piece(i))
+            else:
+                run.append(i)
+        if run:
+            out.append(self._sp.decode(run))
+        return "".join(out)
+
+    def token_text(self, token_id: int) -> str:
+        """How a single (special) token is written in rendered text."""
+        if self._hf is not None:
+            return self._hf.convert_ids_to_tokens(int(token_id))
+        return self._sp.id_to_piece(int(token_id))
+
+    def is_special(self, token_id: int) -> bool:
+        return bool(self._special[int(token_id)])
+
+    def special_token_texts(self) -> list[str]:
+        """Texts of the special tokens, longest first (to split them off rendered template text)."""
+        texts = {self.token_text(i) for i in np.nonzero(self._special)[0]}
+        return sorted((t for t in texts if t), key=len, reverse=True)
+
+    def single_token(self, text: str) -> Optional[int]:
+        """The id if ``text`` encodes to exactly one token, else None."""
+        ids = self.encode(text)
+        return int(ids[0]) if len(ids) == 1 else None
+
+    @property
+    def lossless_pieces(self) -> bool:
+        """True when decode(encode(a) + encode(b)) == a + b, i.e. piecewise tokenization decodes
+        back to exactly the rendered text. False for sentencepiece models with a dummy prefix
+        (Llama-2 / Mistral), which start every piece with a word boundary (as mistral-common does)."""
+        probes = [("ab", "cd"), ("x y", "\n\nz"), ("1.", " 2")]
+        return all(self.decode(np.concatenate([self.encode(a), self.encode(b)])) == a + b for a, b in probes)
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.path.resolve()),
+            "kind": self.kind,
+            "fingerprint": self.fingerprint,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+        }
