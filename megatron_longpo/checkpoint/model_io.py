@@ -1,0 +1,214 @@
+"""Save / load model weights as a Megatron dist checkpoint that loads at any TP / CP size.
+
+Collective: every rank of the default process group calls these functions. Saving writes
+``RUN/iter_N.tmp`` then renames it to ``RUN/iter_N`` and updates the latest pointer last.
+Training extends a checkpoint by passing a bigger sharded state dict (model + optimizer +
+scheduler) to :func:`save_checkpoint` and its own keys through ``extra_meta``.
+
+Scripts that save must have an ``if __name__ == "__main__":`` guard: even the synchronous
+torch_dist writer of megatron-core 0.16 starts a spawn-context multiprocessing Manager (results
+queue), which re-imports ``__main__``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_longpo.checkpoint.format import (
+    LATEST_FILE,
+    META_FILE,
+    CheckpointError,
+    CheckpointMeta,
+    iter_dir_name,
+    new_meta,
+    read_meta,
+    resolve_checkpoint_dir,
+    write_text_atomic,
+)
+from megatron_longpo.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Fields that decide parameter shapes / presence: a mismatch makes the checkpoint unusable.
+STRUCTURAL_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "head_dim", "vocab_size", "add_qkv_bias", "tie_word_embeddings",
+)
+# Fields a run may legitimately change (LongPO raises rope_theta / max positions): reported only.
+SOFT_FIELDS = ("arch", "rope_theta", "rope_scaling", "max_position_embeddings", "norm_epsilon")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    sharded_state_dict: dict,
+    model_cfg: ModelConfig,
+    iteration: int = 0,
+    extra_meta: Optional[dict] = None,
+) -> Path:
+    """Atomically save ``sharded_state_dict`` as ``ckpt_dir/iter_<iteration>``; returns that dir."""
+    from megatron.core import dist_checkpointing
+
+    if not dist.is_initialized():
+        raise RuntimeError("save_checkpoint needs torch.distributed (init_distributed) to be initialised")
+    run = Path(ckpt_dir)
+    final = run / iter_dir_name(iteration)
+    tmp = run / f"{final.name}.tmp"
+    meta = new_meta(model_cfg, iteration, extra_meta)  # validates extra_meta on every rank first
+    if _rank() == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
+        tmp.mkdir()
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, str(tmp))  # collective; ends with a barrier
+    if _rank() == 0:
+        write_text_atomic(tmp / META_FILE, json.dumps(meta.to_json(), indent=2) + "\n")
+        old = run / f"{final.name}.old"
+        if final.exists():  # re-saving an iteration: keep the old one until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        write_text_atomic(run / LATEST_FILE, f"{iteration}\n")
+        shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(run)
+    _barrier()
+    return final
+
+
+def save_model_checkpoint(
+    ckpt_dir: str | Path,
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    iteration: int = 0,
+    extra_meta: Optional[dict] = None,
+) -> Path:
+    """Save the weights of ``model`` (a GPTModel on the current TP/CP groups)."""
+    return save_checkpoint(ckpt_dir, model.sharded_state_dict(), model_cfg, iteration, extra_meta)
+
+
+def _is_extra_state(key: str) -> bool:
+    # Module extra state (TE's FP8 scaling metadata; None for local layers). A checkpoint saved
+    # with the local spec lacks the TE core-attention one: fresh FP8 metadata is correct there.
+    return key.endswith("_extra_state")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def model_fields(model: torch.nn.Module) -> dict[str, Any]:
+    """Structural fields readable from a built GPTModel (vocab_size is the padded one)."""
+    c = model.config
+    return {
+        "num_layers": c.num_layers,
+        "hidden_size": c.hidden_size,
+        "ffn_hidden_size": c.ffn_hidden_size,
+        "num_attention_heads": c.num_attention_heads,
+        "num_query_groups": c.num_query_groups or c.num_attention_heads,
+        "head_dim": c.kv_channels,
+        "add_qkv_bias": bool(c.add_qkv_bias),
+        "tie_word_embeddings": bool(model.share_embeddings_and_output_weights),
+        "norm_epsilon": c.layernorm_epsilon,
+    }
+
+
+def check_compatible(ckpt: ModelConfig, model: torch.nn.Module, model_cfg: Optional[ModelConfig], where: str) -> list[str]:
+    """Raise CheckpointError naming the first structural field that differs; return soft differences."""
+    if model_cfg is not None:
+        have = {f: getattr(model_cfg, f) for f in STRUCTURAL_FIELDS + SOFT_FIELDS}
+    else:
+        have = model_fields(model)
+    for f in STRUCTURAL_FIELDS:
+        if f not in have:
+            continue
+        want = getattr(ckpt, f)
+        if have[f] != want:
+            raise CheckpointError(
+                f"checkpoint {where} does not fit the model: model.{f} is {have[f]!r} but the checkpoint "
+                f"has {want!r}; set model.{f}={want!r} (read_model_config() gives the checkpoint's model section)"
+            )
+    if model_cfg is None and getattr(model, "vocab_size", ckpt.vocab_size) < ckpt.vocab_size:
+        raise CheckpointError(
+            f"checkpoint {where} does not fit the model: the model's (padded) vocabulary has "
+            f"{model.vocab_size} rows but the checkpoint has vocab_size {ckpt.vocab_size}"
+        )
+    return [
+        f"model.{f}: checkpoint {getattr(ckpt, f)!r}, model {have[f]!r}"
+        for f in SOFT_FIELDS
+        if f in have and have[f] != getattr(ckpt, f)
+    ]
+
+
+def load_model_checkpoint(
+    ckpt_dir: str | Path,
+    model: torch.nn.Module,
+    model_cfg: Optional[ModelConfig] = None,
+    *,
+    strict: bool = True,
+) -> CheckpointMeta:
+    """Load weights saved by :func:`save_checkpoint` into ``model`` at the current TP/CP layout.
+
+    ``ckpt_dir`` is a run dir (its latest pointer is followed) or an iteration dir. The
+    checkpoint's ModelConfig is checked against ``model_cfg`` (or, without it, against what the
+    built model reveals) before any tensor is read. ``strict`` fails when the model has a tensor
+    the checkpoint lacks (module ``_extra_state`` excepted, so a checkpoint written with the
+    local layer spec loads into a Transformer Engine model); extra checkpoint content (optimizer
+    state) is always allowed. Values may be stored in another dtype than the model's (e.g. bf16
+    -> fp32); they are cast on load.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    iter_dir = resolve_checkpoint_dir(ckpt_dir)
+    meta = read_meta(iter_dir)
+    soft = check_compatible(meta.model, model, model_cfg, str(iter_dir))
+    if soft and _rank() == 0:
+        log.warning("loading %s into a model that differs in: %s", iter_dir, "; ".join(soft))
+    sharded = model.sharded_state_dict()
+    # RETURN_UNEXPECTED: keys the model has but the checkpoint lacks come back instead of failing
+    # inside DCP; checkpoint content the model does not ask for (optimizer state) is skipped.
+    loaded, _, absent = dist_checkpointing.load(sharded, str(iter_dir), strict=StrictHandling.RETURN_UNEXPECTED)
+    absent_tensors = sorted(k for k in absent if not _is_extra_state(k))
+    if absent_tensors and strict:
+        raise CheckpointError(
+            f"checkpoint {iter_dir} lacks {len(absent_tensors)} tensor(s) the model has, e.g. "
+            f"{absent_tensors[:4]}; pass strict=False to keep their initial values"
+        )
+    missing, _ = model.load_state_dict(loaded, strict=False)
+    missing = sorted(k for k in missing if not _is_extra_state(k))
+    if missing and strict:
+        raise CheckpointError(f"checkpoint {iter_dir} did not provide {missing[:4]}")
+    if (absent_tensors or missing) and _rank() == 0:
+        log.warning("checkpoint %s lacks model tensors (kept as initialised): %s", iter_dir, (absent_tensors or missing)[:8])
+    return meta
+
+
+__all__ = [
+    "CheckpointError", "check_compatible", "load_model_checkpoint",
+    "save_checkpoint", "save_model_checkpoint", "STRUCTURAL_FIELDS", "SOFT_FIELDS", "LATEST_FILE",
+]
