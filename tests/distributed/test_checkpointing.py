@@ -47,7 +47,7 @@ def _save_then_continue(run_dir, tp):
 
     mcfg, g, model, ddp, opt, sched = _setup(tp)
     _step(mcfg, ddp, opt, sched, 1)
-    save_checkpoint(run_dir, TrainState(1, 2), model, opt, sched, {"note": "test"}, g)
+    save_checkpoint(run_dir, TrainState(1, 2), model, opt, sched, {"note": "test"}, g, model_cfg=mcfg)
     saved = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size)
     _step(mcfg, ddp, opt, sched, 2)  # the step after the checkpoint, uninterrupted
     return saved, gather_full_state_dict(model, g.tp_group, mcfg.vocab_size), sched.get_lr(opt.param_groups[0])
@@ -58,7 +58,7 @@ def _resume_and_continue(run_dir, tp):
     from megatron_longpo.training.checkpointing import load_checkpoint
 
     mcfg, g, model, ddp, opt, sched = _setup(tp, seed=99)  # different init: everything must come from disk
-    st = load_checkpoint(run_dir, model, opt, sched, g)
+    st = load_checkpoint(run_dir, model, opt, sched, g, mcfg)
     loaded = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size)
     _step(mcfg, ddp, opt, sched, 2)
     return st.iteration, st.consumed_samples, loaded, gather_full_state_dict(model, g.tp_group, mcfg.vocab_size), \
@@ -70,7 +70,7 @@ def _weights_only(run_dir, tp):
     from megatron_longpo.training.checkpointing import load_checkpoint
 
     mcfg, g, model, ddp, opt, sched = _setup(tp, seed=7)
-    st = load_checkpoint(run_dir, model, opt, sched, g, finetune=True)
+    st = load_checkpoint(run_dir, model, opt, sched, g, mcfg, finetune=True)
     return st.iteration, gather_full_state_dict(model, g.tp_group, mcfg.vocab_size)
 
 
@@ -78,7 +78,7 @@ def _resume_other_layout(run_dir, tp):
     from megatron_longpo.training.checkpointing import load_checkpoint
 
     mcfg, g, model, ddp, opt, sched = _setup(tp)
-    load_checkpoint(run_dir, model, opt, sched, g)
+    load_checkpoint(run_dir, model, opt, sched, g, mcfg)
 
 
 def test_resume_is_exact_and_weights_reshard(tmp_path):
@@ -102,11 +102,11 @@ def test_resume_is_exact_and_weights_reshard(tmp_path):
 
 
 def test_incomplete_checkpoint_is_not_resumed(tmp_path):
-    from megatron_longpo.training.checkpointing import CheckpointError, resolve_checkpoint
+    from megatron_longpo.training.checkpointing import CheckpointError, find_checkpoint
 
     run = tmp_path / "run"
     (run / "iter_0000005.tmp").mkdir(parents=True)
-    assert resolve_checkpoint(run) is None  # only an interrupted save: start fresh
+    assert find_checkpoint(run) is None  # only an interrupted save: start fresh
     (run / "latest_checkpointed_iteration.txt").write_text("5")
-    with pytest.raises(CheckpointError, match="iter_0000005, which is missing or incomplete"):
-        resolve_checkpoint(run)
+    with pytest.raises(CheckpointError, match="points to iteration 5 but .* does not exist"):
+        find_checkpoint(run)
