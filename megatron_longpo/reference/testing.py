@@ -1,0 +1,106 @@
+"""Small fixtures for the reference-cache tests and benchmark: synthetic LongPO data, a tiny
+reference checkpoint made the way users make one (random HF model -> tools' converter), and an
+independent float64 HF forward to check cached values against.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_longpo.data.synthetic import random_text
+
+SAMPLE_TOKENIZER = Path(__file__).resolve().parents[2] / "examples" / "data" / "tokenizer.model"
+TOKENIZER_VOCAB = 768  # of the bundled sample tokenizer
+
+
+def synthetic_records(n: int, seed: int = 0, short_words: tuple[int, int] = (6, 20), ratio: int = 8,
+                      two_turn_every: int = 3) -> list[dict]:
+    """``n`` LongPO records; short contexts of ``short_words`` words, documents ~``ratio`` x longer.
+    Every ``two_turn_every``-th record has a second turn."""
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        turns = []
+        for t in range(2 if two_turn_every and i % two_turn_every == 0 else 1):
+            k = r.randint(*short_words)
+            turns.append({
+                "short_context": random_text(k, seed=seed * 1000 + 10 * i + t),
+                "instruction": f"As described in the preceding text, what about item {i}.{t}?",
+                "chosen": random_text(r.randint(3, 10), seed=seed * 1000 + 500 + 10 * i + t),
+                "rejected": random_text(r.randint(3, 10), seed=seed * 1000 + 800 + 10 * i + t),
+            })
+        doc_words = ratio * sum(len(tt["short_context"].split()) for tt in turns)
+        out.append({"id": f"rec-{seed}-{i:04d}", "document": random_text(doc_words, seed=seed * 1000 + 900 + i),
+                    "turns": turns})
+    return out
+
+
+def make_dataset(prefix: str | Path, records: Sequence[dict], max_seq_length: int = 8192) -> str:
+    """Preprocess ``records`` with the bundled tokenizer into ``prefix``; returns the prefix."""
+    import json
+
+    from megatron_longpo.data.preprocess import PreprocessOptions, preprocess
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    src = prefix.parent / f"{prefix.name}.records.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    preprocess(PreprocessOptions(inputs=[str(src)], tokenizer=str(SAMPLE_TOKENIZER), output_prefix=str(prefix),
+                                 max_seq_length=max_seq_length, progress=False, overwrite=True), log=lambda *_: None)
+    return str(prefix)
+
+
+def make_hf_model(out: str | Path, seed: int = 0, vocab_size: int = TOKENIZER_VOCAB, **overrides) -> Path:
+    """A tiny random Mistral (8 heads, 2 KV groups, rope_theta 1e6) saved with transformers."""
+    import transformers
+
+    from megatron_longpo.convert.testing import hf_config, randomize_
+
+    cfg = hf_config("mistral", vocab_size=vocab_size, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.MistralForCausalLM(cfg)
+    randomize_(model, seed)
+    model.save_pretrained(str(out))
+    return Path(out)
+
+
+def make_reference_checkpoint(workdir: str | Path, seed: int = 0, **overrides) -> tuple[Path, Path]:
+    """(HF dir, Megatron checkpoint run dir) of the same tiny random model (fp32). Single process:
+    run it where torch.distributed is not initialised or has world size 1."""
+    from megatron_longpo.convert.hf_to_megatron import convert_hf_to_megatron
+
+    workdir = Path(workdir)
+    hf = make_hf_model(workdir / f"hf-{seed}", seed=seed, **overrides)
+    ckpt = workdir / f"ckpt-{seed}"
+    convert_hf_to_megatron(hf, ckpt, dtype="fp32", progress=False)
+    return hf, ckpt
+
+
+@torch.no_grad()
+def hf_float64_sums(hf_dir: str | Path, sequences: Sequence[tuple[np.ndarray, np.ndarray]],
+                    rope_theta: Optional[float] = None) -> np.ndarray:
+    """Independent reference: sum over response targets of float64 log_softmax of the HF model's
+    full logits, one sequence at a time (no padding, no batching)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(hf_dir))
+    if rope_theta is not None:
+        if getattr(cfg, "rope_parameters", None) is not None:
+            cfg.rope_parameters["rope_theta"] = rope_theta
+        else:
+            cfg.rope_theta = rope_theta
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=cfg, dtype=torch.float64,
+                                                 attn_implementation="eager").eval()
+    out = []
+    for tokens, mask in sequences:
+        t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
+        logp = torch.log_softmax(model(input_ids=t, use_cache=False).logits[0].double(), dim=-1)  # [L, V]
+        tgt = t[0, 1:]
+        resp = torch.as_tensor(np.asarray(mask[1:], dtype=bool))
+        out.append(float(logp[:-1].gather(1, tgt[:, None]).squeeze(1)[resp].sum()))
+    return np.array(out, dtype=np.float64)
