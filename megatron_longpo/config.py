@@ -167,6 +167,7 @@ class TrainingConfig:
     recompute_method: Literal["uniform", "block"] = _f("uniform", "Full recompute method.")
     recompute_num_layers: int = _f(1, "Layers per recompute unit (full recompute).")
     exit_duration_mins: Optional[float] = _f(None, "Save and exit after this many minutes.")
+    exit_interval: Optional[int] = _f(None, "Save and exit when the step number is a multiple of this.")
     eval_interval: Optional[int] = _f(None, "Run validation every N steps.")
     eval_iters: int = _f(4, "Validation micro-batches per evaluation.")
 
@@ -191,6 +192,7 @@ class LoggingConfig:
     wandb_project: Optional[str] = _f(None, "Weights & Biases project (enables wandb).")
     wandb_mode: Literal["online", "offline", "disabled"] = _f("offline", "wandb mode.")
     wandb_run_name: Optional[str] = _f(None, "wandb run name.")
+    metrics_jsonl: Optional[str] = _f(None, "Append every step's metrics as a JSON line (rank 0).")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Mapping, Optional
@@ -46,8 +47,14 @@ class MetricsLogger:
         self.start_step = start_step
         self.tb = None
         self.wandb = None
+        self.jsonl = None
         if not is_rank0:
             return
+        if cfg.metrics_jsonl:
+            from pathlib import Path
+
+            Path(cfg.metrics_jsonl).parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(cfg.metrics_jsonl, "a")
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -71,6 +78,9 @@ class MetricsLogger:
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in metrics.items() if v is not None}, step=step)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
+            self.jsonl.flush()
         if prefix != "train" or step % self.cfg.log_interval == 0 or step == self.total:
             elapsed = time.time() - self.t0
             done = step - self.start_step
@@ -83,6 +93,8 @@ class MetricsLogger:
         return None
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()

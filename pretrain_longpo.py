@@ -1,0 +1,40 @@
+"""LongPO training entry point.
+
+    torchrun --nproc-per-node N pretrain_longpo.py --config FILE.yaml [--section.key=value ...]
+
+All logic lives in megatron_longpo.training.loop; options are documented in docs/configuration.md.
+"""
+
+import argparse
+import sys
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        description="Train an LLM with LongPO (short-to-long preference optimization) on Megatron-Core.",
+        epilog="Any option of the config can be overridden as --section.key=value, "
+               "e.g. --parallel.tensor_model_parallel_size=2 --training.train_iters=100",
+    )
+    ap.add_argument("--config", help="YAML config (examples/configs/*.yaml); defaults if omitted")
+    args, overrides = ap.parse_known_args(argv)
+    bad = [o for o in overrides if not (o.startswith("--") and "." in o.split("=", 1)[0])]
+    if bad:
+        ap.error(f"unrecognised arguments {bad}; overrides look like --section.key=value")
+    return args.config, overrides
+
+
+def main(argv=None) -> int:
+    from megatron_longpo.config import ConfigError
+    from megatron_longpo.training.loop import main as train_main
+
+    config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return train_main(config, overrides)
+    except ConfigError as e:  # configuration / start-up check: one clear line, no traceback
+        print(f"[longpo] error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+# The guard matters: dist_checkpointing starts spawn-context helpers that re-import __main__.
+if __name__ == "__main__":
+    sys.exit(main())
