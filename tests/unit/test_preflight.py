@@ -1,0 +1,113 @@
+"""Every start-up check of pretrain_longpo.py fails fast with a message naming option and fix."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_longpo.config import ConfigError, LongPOConfig, ModelConfig, apply_overrides
+from megatron_longpo.training.preflight import check_before_init
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from megatron_longpo.data.preprocess import main
+
+    d = tmp_path_factory.mktemp("pf")
+    assert main(["--input", str(ROOT / "examples/data/sample_longpo.jsonl"), "--tokenizer",
+                 str(ROOT / "examples/data/tokenizer.model"), "--output-prefix", str(d / "train"),
+                 "--max-seq-length", "2048", "--no-progress"]) == 0
+    return str(d / "train")
+
+
+def _cfg(**over):
+    base = LongPOConfig(model=ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=192, num_attention_heads=4,
+                                          num_query_groups=2, vocab_size=768))
+    return apply_overrides(base, [f"--{k}={v}" for k, v in over.items()])
+
+
+def _fake_checkpoint(path: Path, model: ModelConfig) -> None:
+    from megatron_longpo.checkpoint.format import new_meta
+
+    it = path / "iter_0000000"
+    it.mkdir(parents=True)
+    (it / "longpo_meta.json").write_text(json.dumps(new_meta(model, 0).to_json()))
+    (path / "latest_checkpointed_iteration.txt").write_text("0")
+
+
+def _fails(cfg, *needles):
+    with pytest.raises(ConfigError) as e:
+        check_before_init(cfg, 1)
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+
+
+def test_train_data_unset():
+    _fails(_cfg(), "data.train_data is not set", "tools/preprocess_data.py")
+
+
+def test_train_data_missing(tmp_path):
+    _fails(_cfg(**{"data.train_data": tmp_path / "nope", "loss.mode": "sft"}), f"data.train_data={tmp_path / 'nope'}")
+
+
+def test_sft_needs_no_reference(dataset):
+    check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft"}), 1)
+
+
+def test_cache_unset(dataset):
+    _fails(_cfg(**{"data.train_data": dataset}), "reference.cache_path", "tools/precompute_reference.py")
+
+
+def test_cache_missing(dataset, tmp_path):
+    _fails(_cfg(**{"data.train_data": dataset, "reference.cache_path": tmp_path / "cache"}),
+           str(tmp_path / "cache"), "tools/precompute_reference.py")
+
+
+def test_online_without_reference_checkpoint(dataset):
+    _fails(_cfg(**{"data.train_data": dataset, "reference.source": "online"}), "reference.source=online needs reference.load")
+
+
+def test_checkpoint_load_missing(dataset, tmp_path):
+    _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": tmp_path / "ck"}),
+           "checkpoint.load=", "does not exist", "convert_hf_to_megatron.py")
+
+
+def test_checkpoint_shape_mismatch(dataset, tmp_path):
+    _fake_checkpoint(tmp_path / "ck", ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=192,
+                                                  num_attention_heads=4, num_query_groups=2, vocab_size=768))
+    _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": tmp_path / "ck"}),
+           "model.num_layers is 2 but the checkpoint has 3")
+
+
+def test_checkpoint_rope_theta_may_differ(dataset, tmp_path):
+    _fake_checkpoint(tmp_path / "ck", ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=192,
+                                                  num_attention_heads=4, num_query_groups=2, vocab_size=768,
+                                                  rope_theta=1e4))
+    check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": tmp_path / "ck",
+                              "model.rope_theta": 1e7}), 1)
+
+
+def test_save_dir_not_writable(dataset, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.save": blocker / "run"}),
+           "checkpoint.save=", "is not writable")
+
+
+def test_tensorboard_dir_not_writable(dataset, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "logging.tensorboard_dir": blocker / "tb"}),
+           "logging.tensorboard_dir=", "is not writable")
+
+
+def test_eval_without_valid_data(dataset):
+    _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "training.eval_interval": 5}),
+           "training.eval_interval is set but data.valid_data is not")
+
+
+def test_bad_save_interval(dataset):
+    _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.save_interval": 0}),
+           "checkpoint.save_interval must be > 0")
