@@ -8,6 +8,11 @@ vocab padded to a multiple of ``make_vocab_size_divisible_by * tp``.
 The subclass adds a hidden-state forward: final hidden states after the final norm and before
 the output layer, so the LongPO loss computes log-probs in chunks and never materialises
 [sequence, vocab] logits.
+
+Core attention is chosen by ``parallel.attention_backend`` (models/attention/backend.py): TE
+attention, or the project's context-parallel attention (SDPA / flash-attn kernels). With the
+project attention, RoPE is computed from the (CP-local) ``position_ids`` the caller passes instead
+of Megatron's 0..S-1 table, which is what the shared-prefix layout needs (models/rope.py).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_longpo.config import ModelConfig, ParallelConfig, padded_vocab_size
 from megatron_longpo.models.norm import RMSNorm
+from megatron_longpo.models.rope import rope_from_module
 
 
 def te_available() -> bool:
@@ -129,7 +135,27 @@ def layer_spec(model: ModelConfig, impl: str, core_attention: Optional[type] = N
 
 
 class LongPOGPTModel(GPTModel):
-    """GPTModel with a hidden-state forward (``return_hidden=True``)."""
+    """GPTModel with a hidden-state forward (``return_hidden=True``).
+
+    ``explicit_rope`` (set by :func:`build_model` for the project attention): rotary angles come
+    from ``position_ids`` (CP-local, [b, s/cp]) rather than from Megatron's per-CP-rank slice of
+    the 0..S-1 table. Without position ids Megatron's table is used.
+    """
+
+    explicit_rope: bool = False
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        if self.explicit_rope and position_ids is not None and out[1] is not None:
+            if position_ids.shape[1:] != input_ids.shape[1:] or position_ids.shape[0] not in (1, input_ids.shape[0]):
+                raise ValueError(
+                    f"position_ids {tuple(position_ids.shape)} do not match input_ids {tuple(input_ids.shape)}: "
+                    "pass this CP rank's slice of both (models.attention.attention_inputs)"
+                )
+            position_ids = position_ids.expand_as(input_ids)
+            # [s_local, b, 1, rot_dim]: broadcast over heads, per row over the batch.
+            out = (out[0], rope_from_module(self.rotary_pos_emb, position_ids)) + tuple(out[2:])
+        return out
 
     def forward(self, input_ids, position_ids, attention_mask, *args, return_hidden: bool = False, **kwargs):
         if not return_hidden:
@@ -166,14 +192,27 @@ def build_model(
     parallel: ParallelConfig,
     *,
     core_attention: Optional[type] = None,
+    pair_layout: str = "two_sequences",
     recompute_granularity: Optional[str] = None,
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
 ) -> LongPOGPTModel:
-    """Build the model on the current Megatron parallel state (call after init_model_parallel)."""
+    """Build the model on the current Megatron parallel state (call after init_model_parallel).
+
+    ``core_attention`` overrides the attention module; by default it follows
+    ``parallel.attention_backend`` for ``pair_layout`` (``data.pair_layout``), failing here when the
+    chosen backend cannot run on this machine.
+    """
+    from megatron_longpo.models.attention import (
+        ContextParallelAttention,
+        core_attention_class,
+        resolve_attention_backend,
+    )
     from megatron_longpo.runtime.distributed import device
 
     impl = resolve_transformer_impl(model)
+    if core_attention is None:
+        core_attention = core_attention_class(resolve_attention_backend(parallel, pair_layout, impl))
     cfg = transformer_config(
         model,
         parallel,
@@ -196,4 +235,5 @@ def build_model(
         rope_scaling=rope_scaling,
         rope_scaling_factor=float(model.rope_scaling.get("factor", 8.0)) if rope_scaling else 8.0,
     )
+    gpt.explicit_rope = isinstance(core_attention, type) and issubclass(core_attention, ContextParallelAttention)
     return gpt.to(device())

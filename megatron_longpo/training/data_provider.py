@@ -51,10 +51,6 @@ class TrainingData:
             return "none (sft)"
         return getattr(self.reference, "description", type(self.reference).__name__)
 
-    @property
-    def model_kwargs(self) -> Optional[dict]:
-        return None
-
     # -- batches -------------------------------------------------------------------------------
     def set_consumed_samples(self, consumed: int) -> None:
         t = self.cfg.training

@@ -116,7 +116,7 @@ def train(cfg: LongPOConfig) -> TrainResult:
             t0 = time.time()
             micro = data.next_global_batch()
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            result = train_step(ddp, optimizer, micro, groups, cfg.loss, vocab, sp, model_kwargs=data.model_kwargs)
+            result = train_step(ddp, optimizer, micro, groups, cfg.loss, vocab, sp)
             scheduler.step(1)
             state.iteration += 1
             state.consumed_samples += cfg.training.global_batch_size
@@ -201,7 +201,7 @@ def _evaluate(cfg: LongPOConfig, ddp, data: TrainingData, groups: ParallelGroups
         batches = data.validation_batches(cfg.training.eval_iters)
         for micro in batches:
             m = forward_backward(ddp, micro, groups, cfg.loss, cfg.model.vocab_size, cfg.parallel.sequence_parallel,
-                                 forward_only=True, model_kwargs=data.model_kwargs)
+                                 forward_only=True)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
         return {k: v / max(len(batches), 1) for k, v in sums.items()}

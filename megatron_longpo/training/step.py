@@ -25,6 +25,7 @@ from megatron_longpo.config import LossConfig
 from megatron_longpo.data.batch import PairBatch
 from megatron_longpo.loss.logprobs import segment_logprob_sums
 from megatron_longpo.loss.longpo import longpo_loss
+from megatron_longpo.models.attention import attention_inputs
 from megatron_longpo.runtime.distributed import ParallelGroups
 from megatron_longpo.runtime.zigzag import zigzag_slice
 
@@ -85,29 +86,29 @@ def microbatch_forward(
     sequence_parallel: bool,
     *,
     token_normalizer: Optional[float] = None,
-    model_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """LongPO loss of one micro-batch on this rank: (unscaled float64 loss, detached metrics).
 
     The loss is the same on every TP and CP rank of the micro-batch. ``token_normalizer`` is the
     NLL-token normalizer of ``token_mean`` (see :func:`megatron_longpo.loss.longpo.nll_term`).
-    ``model_kwargs`` are passed to the model call (attention context of the project's CP
-    attention).
+    Model inputs (this CP rank's tokens, position ids and, for shared_prefix rows, the branch
+    layout passed as ``attention_mask``) come from :func:`models.attention.attention_inputs`.
     """
     validate_batch(batch, groups, sequence_parallel, loss_cfg)
-    if batch.layout == "shared_prefix" and not model_kwargs:
-        # Megatron's default attention is plainly causal and its RoPE ignores position_ids:
-        # the rejected branch would attend to the chosen branch and get the wrong positions.
-        raise ValueError(
-            "data.pair_layout=shared_prefix needs the project's shared-prefix attention, passed via "
-            "model_kwargs; use data.pair_layout=two_sequences with this model"
-        )
     inner = unwrap_model(model)
     weight = inner.output_weight()  # [V_pad/tp, h]
     dev = weight.device
-    local = {n: zigzag_slice(getattr(batch, n).to(dev), groups.cp_rank, groups.cp_size, dim=1) for n in _SEQ_FIELDS}
-
-    hidden = model(local["tokens"], local["position_ids"], None, return_hidden=True, **dict(model_kwargs or {}))
+    inp = attention_inputs(batch, groups)  # zigzag slices; branch layout stays on the CPU
+    if inp.attention_mask is not None and not getattr(inner, "explicit_rope", False):
+        # Megatron's default attention is plainly causal and its RoPE ignores position_ids:
+        # the rejected branch would attend to the chosen branch and get the wrong positions.
+        raise ValueError(
+            "data.pair_layout=shared_prefix needs the project attention (parallel.attention_backend="
+            "auto|sdpa|flash and build_model(..., pair_layout='shared_prefix'))"
+        )
+    local = {n: zigzag_slice(getattr(batch, n).to(dev), groups.cp_rank, groups.cp_size, dim=1)
+             for n in ("target_ids", "response_segment", "nll_segment")}
+    hidden = model(inp.tokens.to(dev), inp.position_ids.to(dev), inp.attention_mask, return_hidden=True)
     b = batch.num_pairs
     resp, nll = segment_logprob_sums(
         hidden,  # [s_local(/tp), rows, h]
@@ -190,7 +191,6 @@ def forward_backward(
     forward_only: bool = False,
     zero_grad: bool = True,
     optimizer: Any = None,
-    model_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, float]:
     """Run every micro-batch of this DP rank through Megatron's no-pipelining schedule.
 
@@ -228,7 +228,7 @@ def forward_backward(
         batch = next(data_iterator)
         loss, metrics = microbatch_forward(
             model, batch, groups, loss_cfg, vocab_size, sequence_parallel,
-            token_normalizer=normalizer, model_kwargs=model_kwargs,
+            token_normalizer=normalizer,
         )
 
         def loss_func(output: torch.Tensor):
@@ -269,8 +269,6 @@ def train_step(
     loss_cfg: LossConfig,
     vocab_size: int,
     sequence_parallel: bool,
-    *,
-    model_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> StepResult:
     """One optimizer step on this DP rank's micro-batches of the global batch.
 
@@ -282,7 +280,7 @@ def train_step(
     optimizer.zero_grad()
     metrics = forward_backward(
         ddp_model, micro_batches, groups, loss_cfg, vocab_size, sequence_parallel,
-        zero_grad=False, optimizer=optimizer, model_kwargs=model_kwargs,
+        zero_grad=False, optimizer=optimizer,
     )
     update_successful, grad_norm, num_zeros = optimizer.step()
     if grad_norm is not None:

@@ -130,7 +130,7 @@ def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
 
 
 def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: int, nll_target: str,
-             lr: float = 0.0, arch: str = ARCH):
+             lr: float = 0.0, arch: str = ARCH, cp: int = 1):
     """This rank's share of the global batch through forward_backward (or train_step with lr > 0)."""
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.models.sharding import gather_full_state_dict, load_full_state_dict
@@ -139,7 +139,7 @@ def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: in
 
     cfg = LossConfig(**loss_kw)
     mcfg = tiny_model_config(arch)
-    pcfg = parallel_config(tp=tp, sequence_parallel=sp)
+    pcfg = parallel_config(tp=tp, cp=cp, sequence_parallel=sp)
     g = init_model_parallel(pcfg)
     set_seed(seed + 100)  # different init: the loaded weights must be what matters
     model = build_model(mcfg, pcfg)
@@ -192,20 +192,24 @@ LONGPO = dict(mode="longpo", beta=0.1, lam=1.0, nll_weight=1.0, nll_reduction="s
 
 
 @pytest.mark.parametrize(
-    "tp,dp,sp,mbs,arch",
+    "tp,cp,dp,sp,mbs,arch",
     [
-        (1, 1, False, 2, ARCH),  # 2 micro-batches on one rank
-        (2, 1, False, 2, ARCH),
-        (2, 1, True, 1, ARCH),  # sequence parallel, 4 micro-batches
-        (1, 2, False, 1, ARCH),  # global batch 4 = dp 2 x 2 micro-batches of 1
-        (2, 2, True, 1, ARCH),
-        (2, 2, False, 1, "qwen2"),  # output layer tied to the embedding, QKV bias
+        (1, 1, 1, False, 2, ARCH),  # 2 micro-batches on one rank
+        (2, 1, 1, False, 2, ARCH),
+        (2, 1, 1, True, 1, ARCH),  # sequence parallel, 4 micro-batches
+        (1, 1, 2, False, 1, ARCH),  # global batch 4 = dp 2 x 2 micro-batches of 1
+        (2, 1, 2, True, 1, ARCH),
+        (2, 1, 2, False, 1, "qwen2"),  # output layer tied to the embedding, QKV bias
+        (1, 2, 1, False, 2, ARCH),  # context parallel (project CP attention): x cp loss scaling
+        (1, 2, 2, False, 1, ARCH),  # CP x DP: DDP averages over dp*cp
+        (2, 2, 1, True, 1, "qwen2"),  # TP x CP x SP
     ],
 )
-def test_parallel_step_matches_serial(tp, dp, sp, mbs, arch):
+def test_parallel_step_matches_serial(tp, cp, dp, sp, mbs, arch):
     seed = 21
     ref = _reference(LONGPO, seed, "sequence", arch)
-    outs = run_distributed(parallel, tp * dp, args=(tp, sp, mbs, ref["params"], LONGPO, seed, "sequence", 0.0, arch))
+    outs = run_distributed(parallel, tp * cp * dp,
+                           args=(tp, sp, mbs, ref["params"], LONGPO, seed, "sequence", 0.0, arch, cp))
     assert all(o["num_microbatches"] == PAIRS // dp // mbs for o in outs)
     _compare(outs, ref)
 
@@ -275,5 +279,12 @@ def test_bad_batches_are_rejected_before_the_model_runs():
     for name in ("tokens", "position_ids", "target_ids", "response_segment", "nll_segment", "branch_ids"):
         setattr(shared, name, getattr(shared, name)[:2])
     shared.response_segment = shared.response_segment.clamp(max=3)
-    with pytest.raises(ValueError, match="shared-prefix attention"):
-        microbatch_forward(torch.nn.Module(), shared, groups, cfg, 100, False)
+
+    class PlainCausalModel(torch.nn.Module):  # Megatron's attention: no branch mask, no explicit RoPE
+        explicit_rope = False
+
+        def output_weight(self):
+            return torch.zeros(128, 8)
+
+    with pytest.raises(ValueError, match="shared_prefix needs the project attention"):
+        microbatch_forward(PlainCausalModel(), shared, groups, cfg, 100, False)

@@ -1,0 +1,217 @@
+"""Single-process checks of the project CP attention pieces against brute-force references.
+
+CP is emulated: every rank's local queries attend to the same global K/V, and K/V gradients from
+all emulated ranks accumulate, which is exactly what the all-gather / reduce-scatter pair does.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from megatron_longpo.config import ConfigError, LongPOConfig, validate
+from megatron_longpo.models.attention import (
+    allowed,
+    attend_local,
+    attention_inputs,
+    plan_blocks,
+    resolve_attention_backend,
+    row_layouts,
+    shared_prefix_layout,
+)
+from megatron_longpo.models.attention.kernels import sdpa_lower_right
+from megatron_longpo.models.rope import rope_angles
+from megatron_longpo.runtime.zigzag import zigzag_indices, zigzag_slice, zigzag_unslice
+from megatron_longpo.testing.models import parallel_config
+from tests.distributed.test_shared_prefix import MULTI_TURN, SINGLE_TURN, build_pair_batch, make_pairs
+
+
+def rule_mask(seq: int, layout) -> torch.Tensor:
+    """[S, S] bool, True where query t may attend key k (brute force over the rule)."""
+    p, r = layout if layout is not None else (seq, seq)
+    return torch.tensor([[allowed(t, k, p, r) for k in range(seq)] for t in range(seq)])
+
+
+def reference_attention(q, k, v, layouts, scale):
+    """float64 softmax attention over full sequences with the rule mask; q [b,h,S,d], k/v [b,g,S,d]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k) * scale
+    mask = torch.stack([rule_mask(q.shape[2], lay) for lay in layouts])[:, None].to(scores.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Block plan
+# ------------------------------------------------------------------------------------------------
+
+
+def _plan_cases():
+    for seq, cp in [(12, 1), (12, 2), (24, 2), (24, 3), (40, 4), (24, 4)]:
+        if seq % (2 * cp) and cp > 1:
+            continue
+        layouts = [None, (seq, seq), (1, 1), (5, 5), (7, 13), (3, 9), (6, 12), (1, seq - 1), (4, seq)]
+        for lay in layouts:
+            if lay is None or lay[1] <= seq:
+                yield seq, cp, lay
+
+
+@pytest.mark.parametrize("seq,cp,layout", list(_plan_cases()))
+def test_block_plan_reproduces_the_rule(seq, cp, layout):
+    full = rule_mask(seq, layout)
+    for rank in range(cp):
+        glob = zigzag_indices(seq, rank, cp).tolist()
+        got = torch.zeros(len(glob), seq, dtype=torch.bool)
+        covered = []
+        for blk in plan_blocks(seq, rank, cp, *(layout or (None, None))):
+            keys = [k for s, e in blk.kv_ranges for k in range(s, e)]
+            lq, lk = blk.num_queries, blk.num_keys
+            assert lk >= lq > 0
+            for i in range(lq):
+                covered.append(blk.q_start + i)
+                for j in range(lk - lq + i + 1):  # lower-right causal over the concatenated keys
+                    got[blk.q_start + i, keys[j]] = True
+        assert covered == list(range(len(glob))), "blocks must tile the local queries in order"
+        assert torch.equal(got, full[glob]), f"rank {rank}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels and the local attention
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lq,lk,h,g", [(5, 5, 4, 2), (5, 13, 4, 2), (3, 11, 2, 2), (1, 7, 8, 2)])
+def test_sdpa_lower_right_matches_float64(lq, lk, h, g):
+    torch.manual_seed(0)
+    q = torch.randn(2, h, lq, 16, requires_grad=True)
+    k = torch.randn(2, g, lk, 16, requires_grad=True)
+    v = torch.randn(2, g, lk, 16, requires_grad=True)
+    out = sdpa_lower_right(q, k, v, 0.25)
+    mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    rep = h // g
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = torch.einsum("bhqd,bhkd->bhqk", qd, kd.repeat_interleave(rep, 1)) * 0.25
+    ref = torch.einsum("bhqk,bhkd->bhqd", s.masked_fill(~mask, float("-inf")).softmax(-1), vd.repeat_interleave(rep, 1))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(ref)
+    (out.double() * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, b in ((q, qd), (k, kd), (v, vd)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cp,seq", [(1, 24), (2, 24), (3, 24), (4, 40)])
+def test_attend_local_emulated_cp_matches_float64(cp, seq):
+    """Forward and q/k/v gradients; rows with different layouts in one batch; GQA 4:2."""
+    torch.manual_seed(cp)
+    b, h, g, d = 3, 4, 2, 8
+    layouts = [None, (7, 13), (5, 5 + seq // 3)]
+    q = torch.randn(b, h, seq, d, requires_grad=True)
+    k = torch.randn(b, g, seq, d, requires_grad=True)
+    v = torch.randn(b, g, seq, d, requires_grad=True)
+    parts = [
+        attend_local(zigzag_slice(q, r, cp, dim=2), k, v, layouts, r, cp, scale=0.3) for r in range(cp)
+    ]
+    out = zigzag_unslice(parts, dim=2)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(qd, kd, vd, layouts, 0.3)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(ref)
+    (out.double() * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, bb in ((q, qd), (k, kd), (v, vd)):
+        torch.testing.assert_close(a.grad.double(), bb.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_row_layouts_rejects_dense_masks():
+    assert row_layouts(None, 2) == [None, None]
+    assert row_layouts(torch.tensor([[3, 5], [4, 4]]), 2) == [(3, 5), (4, 4)]
+    with pytest.raises(ValueError, match="attention_inputs"):
+        row_layouts(torch.ones(2, 1, 8, 8, dtype=torch.bool), 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE from explicit positions
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scaling", [False, True])
+def test_rope_angles_match_megatron_table(scaling):
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_longpo.runtime import cpu_compat
+
+    cpu_compat.enable()  # get_emb moves inv_freq to torch.cuda.current_device(); no-op on CUDA
+    rot = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, rotary_base=1e4, rope_scaling=scaling, use_cpu_initialization=True)
+    table = rot.get_emb(40)  # [40, 1, 1, 16]
+    pos = torch.arange(40).unsqueeze(0)
+    assert torch.equal(rope_angles(rot.inv_freq, pos), table)
+    # CP slice of explicit positions == Megatron's per-rank slice of the table.
+    for r in range(4):
+        local = zigzag_slice(pos, r, 4, dim=1)
+        assert torch.equal(rope_angles(rot.inv_freq, local), zigzag_slice(table, r, 4, dim=0))
+    # Shared-prefix positions: rejected branch continues from the prefix.
+    branch = torch.tensor([[0, 1, 2, 3, 4, 5, 3, 4, 5, 6]])
+    assert torch.equal(rope_angles(rot.inv_freq, branch)[:, 0], table[branch[0], 0])
+
+
+# ------------------------------------------------------------------------------------------------
+# attention_inputs, backend selection, config rule
+# ------------------------------------------------------------------------------------------------
+
+
+class _G:
+    def __init__(self, cp_rank, cp_size):
+        self.cp_rank, self.cp_size = cp_rank, cp_size
+
+
+@pytest.mark.parametrize("spec", [SINGLE_TURN, MULTI_TURN])
+def test_attention_inputs_shared_prefix(spec):
+    pairs = make_pairs(spec, 50, seed=1)
+    batch = build_pair_batch(pairs, "shared_prefix", 24)
+    for r in range(2):
+        inp = attention_inputs(batch, _G(r, 2))
+        assert torch.equal(inp.tokens, zigzag_slice(batch.tokens, r, 2))
+        assert torch.equal(inp.position_ids, zigzag_slice(batch.position_ids, r, 2))
+        expect = [[len(p.prefix), len(p.prefix) + len(p.chosen)] for p in pairs]
+        assert inp.attention_mask.tolist() == expect
+        assert inp.attention_mask.device.type == "cpu"
+    two = build_pair_batch(pairs, "two_sequences", 24)
+    assert attention_inputs(two, _G(0, 2)).attention_mask is None
+
+
+def test_attention_inputs_rejects_bad_batches():
+    pairs = make_pairs(SINGLE_TURN, 50, seed=1)
+    batch = build_pair_batch(pairs, "shared_prefix", 24)
+    bad = batch.branch_ids.clone()
+    bad[1, 2] = 1  # a chosen token inside the prefix of row 1
+    with pytest.raises(ValueError, match=r"row 1: .*0x2 1x1 0x2"):
+        shared_prefix_layout(bad)
+    odd = build_pair_batch(pairs, "shared_prefix", 26)
+    with pytest.raises(ValueError, match="multiple of 2\\*cp = 4"):
+        attention_inputs(odd, _G(0, 2))
+
+
+def test_backend_resolution_on_this_machine():
+    cuda = torch.cuda.is_available()
+    for layout, impl in itertools.product(["two_sequences", "shared_prefix"], ["local"]):
+        assert resolve_attention_backend(parallel_config(attention_backend="auto"), layout, impl) == "sdpa"
+        assert resolve_attention_backend(parallel_config(attention_backend="sdpa"), layout, impl) == "sdpa"
+    with pytest.raises(ConfigError, match="shared_prefix"):
+        resolve_attention_backend(parallel_config(attention_backend="te"), "shared_prefix", "transformer_engine")
+    with pytest.raises(RuntimeError, match="attention_backend=te needs Transformer Engine"):
+        resolve_attention_backend(parallel_config(attention_backend="te"), "two_sequences", "local")
+    if not cuda:
+        with pytest.raises(RuntimeError, match="attention_backend=flash needs CUDA"):
+            resolve_attention_backend(parallel_config(attention_backend="flash"), "two_sequences", "local")
+
+
+def test_config_rejects_shared_prefix_on_te():
+    cfg = LongPOConfig()
+    cfg.data.pair_layout = "shared_prefix"
+    cfg.parallel.attention_backend = "te"
+    with pytest.raises(ConfigError, match="data.pair_layout=shared_prefix cannot run on parallel.attention_backend=te"):
+        validate(cfg)
+    cfg.parallel.attention_backend = "auto"
+    validate(cfg)
