@@ -8,7 +8,7 @@ setup:
 	@bash tools/setup_env.sh
 
 demo: setup
-	$(PY) -m torch.distributed.run --nproc-per-node $(NPROC) examples/model_smoke.py
+	NPROC=$(NPROC) PY=$(PY) bash examples/quickstart.sh
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -38,7 +38,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     """Decoder-only transformer of the Llama / Mistral / Qwen2 family."""
 
-    arch: Literal["llama", "mistral", "qwen2"] = _f("llama", "Model family (sets defaults only).")
+    arch: Literal["llama", "mistral", "qwen2"] = _f("llama", "Model family; selects the HF architecture on export.")
     num_layers: int = _f(2, "Number of transformer layers.")
     hidden_size: int = _f(64, "Hidden size.")
     ffn_hidden_size: int = _f(176, "Intermediate size of the SwiGLU MLP.")

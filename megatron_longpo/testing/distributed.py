@@ -75,6 +75,18 @@ def _worker(rank: int, world: int, port: int, tasks: mp.Queue, results: mp.Queue
 
 
 def _reset_megatron_state() -> None:
+    """Destroy Megatron's parallel state AND every process group except the world group.
+
+    ``initialize_model_parallel`` creates dozens of groups (NCCL/gloo pairs per dimension), and
+    ``destroy_model_parallel`` only drops Megatron's references to them: torch keeps each one
+    registered, with its gloo I/O threads. Reusing a worker for hundreds of calls would pile up
+    thousands of threads, so the groups are destroyed here explicitly.
+    """
+    import gc
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
     try:
         from megatron.core import parallel_state as ps
 
@@ -82,6 +94,14 @@ def _reset_megatron_state() -> None:
             ps.destroy_model_parallel()
     except Exception:
         pass
+    gc.collect()
+    for pg in list(c10d._world.pg_map):
+        if pg is not c10d.GroupMember.WORLD:
+            try:
+                dist.destroy_process_group(pg)
+            except Exception:
+                pass
+    gc.collect()
 
 
 class _Pool:

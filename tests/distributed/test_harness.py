@@ -57,3 +57,18 @@ def test_hung_collective_times_out():
 def test_megatron_state_is_fresh_each_call():
     assert run_distributed(_megatron_groups, 2, args=(2,)) == [(0, 2, 0, 1), (1, 2, 0, 1)]
     assert run_distributed(_megatron_groups, 2, args=(1,)) == [(0, 1, 0, 2), (0, 1, 1, 2)]
+
+
+def _thread_count_after_megatron_init():
+    import os
+
+    _megatron_groups(2)
+    return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+
+def test_workers_do_not_leak_process_groups():
+    """Each call creates Megatron's groups; the harness must destroy them (and their threads)."""
+    first = run_distributed(_thread_count_after_megatron_init, 2)
+    for _ in range(4):
+        later = run_distributed(_thread_count_after_megatron_init, 2)
+    assert all(b <= a + 4 for a, b in zip(first, later)), (first, later)
