@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from megatron_longpo.config import ConfigError, ModelConfig, from_dict
+from megatron_longpo.fsutil import write_text_atomic  # noqa: F401  (re-exported)
 
 FORMAT_NAME = "megatron_longpo"
 FORMAT_VERSION = 1
@@ -115,16 +115,6 @@ def new_meta(model: ModelConfig, iteration: int, extra: Optional[dict] = None) -
         versions={"torch": torch.__version__, "megatron_core": megatron.core.__version__},
         extra=extra,
     )
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file + rename (readers see old or new, never half)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_iteration(run_dir: str | Path) -> Optional[int]:

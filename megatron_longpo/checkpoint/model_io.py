@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +33,7 @@ from megatron_longpo.checkpoint.format import (
     write_text_atomic,
 )
 from megatron_longpo.config import ModelConfig
+from megatron_longpo.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def save_checkpoint(
         tmp.rename(final)
         write_text_atomic(run / LATEST_FILE, f"{iteration}\n")
         shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(run)
+        fsync_path(run)
     _barrier()
     return final
 
@@ -106,19 +106,6 @@ def _is_extra_state(key: str) -> bool:
     # Module extra state (TE's FP8 scaling metadata; None for local layers). A checkpoint saved
     # with the local spec lacks the TE core-attention one: fresh FP8 metadata is correct there.
     return key.endswith("_extra_state")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def model_fields(model: torch.nn.Module) -> dict[str, Any]:

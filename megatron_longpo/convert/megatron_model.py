@@ -13,7 +13,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from megatron_longpo.config import ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_longpo.config import ModelConfig, ParallelConfig
 from megatron_longpo.convert.hf_config import ConversionError
 
 
@@ -38,28 +38,12 @@ def single_process_runtime() -> None:
 def empty_model(model_cfg: ModelConfig) -> torch.nn.Module:
     """TP=1 GPTModel on CPU in ``model_cfg.params_dtype`` with uninitialised parameters.
 
-    Same modules as :func:`megatron_longpo.models.provider.build_model` with the local spec
-    (whose sharded-state-dict keys equal the TE spec's), minus random init and device move.
-    Rope settings do not change parameters, so the defaults are used.
+    The local spec's sharded-state-dict keys equal the TE spec's, so the checkpoint loads into
+    either.
     """
-    from megatron_longpo.models import provider
+    from megatron_longpo.models.provider import build_model
 
-    cfg = dataclasses.replace(model_cfg, transformer_impl="local")
-    parallel = ParallelConfig()
-    tcfg = dataclasses.replace(
-        provider.transformer_config(cfg, parallel), use_cpu_initialization=True, perform_initialization=False
-    )
-    return provider.LongPOGPTModel(
-        config=tcfg,
-        transformer_layer_spec=provider.layer_spec(cfg, "local"),
-        vocab_size=padded_vocab_size(cfg, 1),
-        max_sequence_length=cfg.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
-        parallel_output=True,
-        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-        position_embedding_type="rope",
-    )
+    return build_model(dataclasses.replace(model_cfg, transformer_impl="local"), ParallelConfig(), initialize=False)
 
 
 def sharded_state_dict_for_save(model: torch.nn.Module) -> dict:

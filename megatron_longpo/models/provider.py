@@ -17,6 +17,7 @@ of Megatron's 0..S-1 table, which is what the shared-prefix layout needs (models
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -196,12 +197,14 @@ def build_model(
     recompute_granularity: Optional[str] = None,
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
+    initialize: bool = True,
 ) -> LongPOGPTModel:
     """Build the model on the current Megatron parallel state (call after init_model_parallel).
 
     ``core_attention`` overrides the attention module; by default it follows
     ``parallel.attention_backend`` for ``pair_layout`` (``data.pair_layout``), failing here when the
-    chosen backend cannot run on this machine.
+    chosen backend cannot run on this machine. ``initialize=False`` leaves the parameters
+    uninitialised on the CPU (checkpoint conversion fills them tensor by tensor).
     """
     from megatron_longpo.models.attention import (
         ContextParallelAttention,
@@ -220,6 +223,8 @@ def build_model(
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
     )
+    if not initialize:
+        cfg = dataclasses.replace(cfg, use_cpu_initialization=True, perform_initialization=False)
     rope_scaling = model.rope_scaling is not None
     gpt = LongPOGPTModel(
         config=cfg,
@@ -236,4 +241,4 @@ def build_model(
         rope_scaling_factor=float(model.rope_scaling.get("factor", 8.0)) if rope_scaling else 8.0,
     )
     gpt.explicit_rope = isinstance(core_attention, type) and issubclass(core_attention, ContextParallelAttention)
-    return gpt.to(device())
+    return gpt.to(device()) if initialize else gpt

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 
 from megatron_longpo.config import ConfigError
+from megatron_longpo.fsutil import fsync_path
 from megatron_longpo.reference.fingerprint import describe_dataset_mismatch
 
 FORMAT_NAME = "megatron_longpo.reference_cache"
@@ -66,15 +67,6 @@ def _sha256_file(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,12 +109,12 @@ def write_cache(path: str | Path, turns: np.ndarray, counts: np.ndarray, totals:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_path(tmp)
+        fsync_path(tmp)
         old = final.parent / f"{final.name}.old-{uuid.uuid4().hex[:8]}"
         if final.exists():
             final.rename(old)
         tmp.rename(final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
         shutil.rmtree(old, ignore_errors=True)
         return meta
     except BaseException:

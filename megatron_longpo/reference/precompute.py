@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from megatron_longpo.config import ConfigError, ParallelConfig, seq_length_multiple, validate_model
+from megatron_longpo.fsutil import write_text_atomic
 from megatron_longpo.reference.cache import FORMAT_VERSION, ReferenceCacheError, write_cache
 from megatron_longpo.reference.compute import (
     DEFAULT_PAD_MULTIPLE,
@@ -155,15 +156,6 @@ def _plan_digest(plan: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def prepare_partial(pdir: Path, key: dict[str, Any], restart: bool) -> None:
     """Create ``pdir`` with ``state.json`` = key, or check that an existing one matches."""
     if pdir.exists() and restart:
@@ -186,7 +178,7 @@ def prepare_partial(pdir: Path, key: dict[str, Any], restart: bool) -> None:
         else:
             return
     pdir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(state, key)
+    write_text_atomic(state, json.dumps(key, indent=2, sort_keys=True))
 
 
 def read_parts(pdir: Path, plan: list[np.ndarray]) -> dict[int, tuple[list[float], list[int]]]:

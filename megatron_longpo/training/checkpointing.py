@@ -28,7 +28,6 @@ import torch.distributed as dist
 from megatron_longpo.checkpoint import (
     CheckpointError,
     check_compatible,
-    iter_dir_name,
     latest_iteration,
     read_meta,
     resolve_checkpoint_dir,
