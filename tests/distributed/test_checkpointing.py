@@ -110,3 +110,18 @@ def test_incomplete_checkpoint_is_not_resumed(tmp_path):
     (run / "latest_checkpointed_iteration.txt").write_text("5")
     with pytest.raises(CheckpointError, match="points to iteration 5 but .* does not exist"):
         find_checkpoint(run)
+
+
+def _save_three(run_dir):
+    from megatron_longpo.training.checkpointing import TrainState, save_checkpoint
+
+    mcfg, g, model, ddp, opt, sched = _setup(1)
+    for it in (1, 2, 3):
+        save_checkpoint(run_dir, TrainState(it, it), model, opt, sched, {}, g, model_cfg=mcfg, keep_last=2)
+
+
+def test_keep_last_prunes_oldest(tmp_path):
+    run = tmp_path / "run"
+    run_distributed(_save_three, 1, args=(str(run),))
+    assert sorted(d.name for d in run.glob("iter_*")) == ["iter_0000002", "iter_0000003"]
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

@@ -158,6 +158,17 @@ def test_sigterm_saves_and_exits_zero(prepared):
     assert steps[-2:] == [stopped + 1, stopped + 2]
 
 
+def test_validation_every_eval_interval(prepared):
+    run = "valid"
+    _train(prepared, run, **{"training.train_iters": 4, "training.eval_interval": 2, "training.eval_iters": 2,
+                             "data.valid_data": prepared / "data/train",
+                             "reference.valid_cache_path": prepared / "ref_cache"})
+    valid = [m for m in _metrics(prepared, run) if m["split"] == "valid"]
+    assert [m["step"] for m in valid] == [2, 4]
+    for m in valid:
+        assert 0.0 <= m["rewards/accuracies"] <= 1.0 and m["loss"] > 0
+
+
 def test_cli_config_error_exits_2_before_work(tmp_path):
     p = _run([PY, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
               "--parallel.tensor_model_parallel_size=3", f"--data.train_data={tmp_path}/none"], check=False, timeout=120)
