@@ -26,23 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
-    from megatron_longpo.config import ConfigError
-    from megatron_longpo.convert import ConversionError, VerificationError, convert_megatron_to_hf
+    from megatron_longpo.convert import convert_megatron_to_hf
+    from megatron_longpo.convert.cli import run_cli
 
-    try:
-        res = convert_megatron_to_hf(
+    return run_cli(
+        lambda: convert_megatron_to_hf(
             args.megatron_dir, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
             max_shard_size=args.max_shard_size, verify=args.verify, verify_tolerance=args.verify_tolerance,
             verify_seq_len=args.verify_seq_len, progress=not args.no_progress,
-        )
-    except VerificationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ConversionError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {res.out} ({res.num_tensors} tensors, tokenizer files: {res.tokenizer_files or 'none'}) in {res.seconds:.1f}s")
-    return 0
+        ),
+        lambda res: f"wrote {res.out} ({res.num_tensors} tensors, tokenizer files: {res.tokenizer_files or 'none'}) in {res.seconds:.1f}s",
+    )
 
 
 if __name__ == "__main__":  # guard required: dist_checkpointing's writer re-imports __main__
