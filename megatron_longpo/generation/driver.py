@@ -86,6 +86,7 @@ def summary_path(output: Path) -> Path:
 def check_run_options(directory: Path, options: dict[str, Any]) -> None:
     """Record the output-determining options; refuse to continue a run made with other ones."""
     directory.mkdir(parents=True, exist_ok=True)
+    options = json.loads(json.dumps(options))  # compare in JSON form (tuples -> lists)
     path = directory / "run.json"
     if path.is_file():
         old = json.loads(path.read_text())

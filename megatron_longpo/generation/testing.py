@@ -34,10 +34,11 @@ def synthetic_document(rng: random.Random, paragraphs: int, words: tuple[int, in
     return "\n\n".join(paras)
 
 
-def write_documents_jsonl(path: str | Path, n: int, paragraphs: tuple[int, int] = (6, 12), seed: int = 0) -> Path:
+def write_documents_jsonl(path: str | Path, n: int, paragraphs: tuple[int, int] = (6, 12),
+                          words: tuple[int, int] = (12, 30), seed: int = 0) -> Path:
     rng = random.Random(seed)
     path = Path(path)
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            f.write(json.dumps({"id": f"doc-{i}", "text": synthetic_document(rng, rng.randint(*paragraphs))}) + "\n")
+            f.write(json.dumps({"id": f"doc-{i}", "text": synthetic_document(rng, rng.randint(*paragraphs), words)}) + "\n")
     return path
