@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-documents", type=int, default=16, help="documents per backend batch (vllm/openai: larger is faster)")
     m.add_argument("--device", default=None, help="hf backend: torch device (default: cuda if available, else cpu)")
     m.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine")
-    m.add_argument("--max-model-len", type=int, default=None, help="vllm: context length of the engine (longest prompt + --max-new-tokens)")
+    m.add_argument("--max-model-len", type=int, default=None, help="vllm/openai: context length of the engine / server; longer prompt + --max-new-tokens are dropped "
+                   "(vllm default: the model's max_position_embeddings)")
     m.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory for weights + KV cache")
     m.add_argument("--dtype", default="bfloat16", help="vllm: weight/activation dtype")
     m.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs (less memory, slower)")
@@ -95,6 +96,7 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         chunk_max_tokens=args.chunk_max_tokens, min_document_tokens=args.min_document_tokens,
         max_document_tokens=args.max_document_tokens, max_question_prompt_tokens=args.max_question_prompt_tokens,
         max_new_tokens=args.max_new_tokens, question_prefix=not args.no_question_prefix,
+        max_context_tokens=args.max_model_len if args.backend != "hf" else None,
         filters=FilterConfig(max_repeat_ratio_chosen=args.max_repeat_ratio_chosen,
                              max_repeat_ratio_rejected=args.max_repeat_ratio_rejected,
                              min_content_words=args.min_content_words),
@@ -149,6 +151,10 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> int:
         if args.backend == "hf":
             backend: B.Backend = B.HFBackend(model_dir, fmt, long_rope_theta=args.long_rope_theta, device=args.device)
         elif args.backend == "vllm":
+            if args.max_model_len is None:  # vLLM's own default limit; drop what it would refuse
+                hf_cfg = json.loads((Path(model_dir) / "config.json").read_text())
+                limit = hf_cfg.get("max_position_embeddings")
+                cfg = replace(cfg, max_context_tokens=int(limit) if limit else None)
             backend = B.VLLMBackend(str(model_dir), str(model_dir), B.VLLMConfig(
                 tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
                 gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype,

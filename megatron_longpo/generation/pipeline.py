@@ -32,6 +32,7 @@ DOC_NO_TURN_LEFT = "all_turns_dropped"
 # Turns:
 TURN_QUESTION_PROMPT_TOO_LONG = "question_prompt_too_long"
 TURN_QUESTION_PARSE = "question_parse_failed"
+TURN_PROMPT_TOO_LONG = "answer_prompt_too_long"  # prompt + max_new_tokens over --max-model-len
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class GenerationConfig:
     max_document_tokens: Optional[int] = None  # default: no limit
     max_question_prompt_tokens: int = 32768
     max_new_tokens: int = 1024
+    max_context_tokens: Optional[int] = None  # engine context (vllm --max-model-len): prompt + new tokens
     question_prefix: bool = True
     filters: FilterConfig = field(default_factory=FilterConfig)
 
@@ -146,7 +148,7 @@ class Pipeline:
         reqs, live = [], []
         for t in turns:
             r = self._request(t, "question", answers.question_messages(self.prompts, t.short_context), self.q_sampling, False)
-            if len(r.prompt_ids) > self.cfg.max_question_prompt_tokens:
+            if len(r.prompt_ids) > self.cfg.max_question_prompt_tokens or not self._fits(r):
                 t.dropped = TURN_QUESTION_PROMPT_TOO_LONG
                 continue
             reqs.append(r)
@@ -163,14 +165,26 @@ class Pipeline:
     def _prefixed(self, q: str, rng: random.Random) -> str:
         return questions.with_prefix(q, self.prompts.question_prefixes, rng) if self.cfg.question_prefix else q
 
+    def _fits(self, r: GenRequest) -> bool:
+        c = self.cfg.max_context_tokens
+        return c is None or len(r.prompt_ids) + r.sampling.max_new_tokens <= c
+
     def _answers(self, turns: list[_Turn]) -> None:
-        live = [t for t in turns if t.dropped is None]
-        reqs = []
-        for t in live:
-            reqs.append(self._request(t, "chosen", answers.chosen_messages(self.prompts, t.short_context, t.instruction),
-                                      self.a_sampling, False))
-            reqs.append(self._request(t, "rejected", answers.rejected_messages(self.prompts, t.res.doc.text, t.instruction),
-                                      self.a_sampling, True))
+        live, reqs = [], []
+        for t in turns:
+            if t.dropped is not None:
+                continue
+            pair = [
+                self._request(t, "chosen", answers.chosen_messages(self.prompts, t.short_context, t.instruction),
+                              self.a_sampling, False),
+                self._request(t, "rejected", answers.rejected_messages(self.prompts, t.res.doc.text, t.instruction),
+                              self.a_sampling, True),
+            ]
+            if not all(self._fits(r) for r in pair):
+                t.dropped = TURN_PROMPT_TOO_LONG
+                continue
+            live.append(t)
+            reqs.extend(pair)
         outs = self.backend.generate(reqs)
         for k, t in enumerate(live):
             c, r = outs[2 * k], outs[2 * k + 1]

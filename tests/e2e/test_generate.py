@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,15 @@ def test_pipeline_counts_every_drop_with_model_written_questions(env):
             assert any(x.messages[-1]["content"] == t["short_context"] + "\n\n" + t["instruction"] and not x.long
                        for x in backend.requests)
     assert [r.dropped_document for r in results].count("document_too_short") == 1
+
+    # engine context limit: turns whose long prompt + max_new_tokens does not fit are dropped, exactly those
+    pooled = ScriptedBackend(questions, answers)
+    Pipeline(cfg, prompts, fmt, pooled, load_question_pool(pool)).run(documents)
+    long_lens = [len(r.prompt_ids) for r in pooled.requests if r.long]
+    limit = max(long_lens) - 1 + cfg.max_new_tokens
+    results = Pipeline(replace(cfg, max_context_tokens=limit), prompts, fmt, ScriptedBackend(questions, answers),
+                       load_question_pool(pool)).run(documents)
+    assert sum(r.dropped_turns["answer_prompt_too_long"] for r in results) == long_lens.count(max(long_lens)) > 0
 
     backend = ScriptedBackend("1. Only one question?", answers)  # does not parse to 4 questions
     results = Pipeline(cfg, prompts, fmt, backend).run(documents)
