@@ -240,3 +240,23 @@ def test_openai_request_bodies_and_rope_override():
     set_rope_theta(c4, 1e7)
     set_rope_theta(c5, 1e7)
     assert c4.rope_theta == 1e7 and c5.rope_parameters == {"rope_type": "default", "rope_theta": 1e7}
+
+
+# -- documents ------------------------------------------------------------------------------------
+
+def test_documents_from_text_and_jsonl_in_order_with_checked_ids(tmp_path):
+    from megatron_longpo.generation.documents import iter_documents
+
+    (tmp_path / "book.txt").write_text("Para one.\n\nPara two.")
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "x"}\n\n{"text": "y", "id": 5}\n{"text": "z"}\n')
+    docs = list(iter_documents([tmp_path / "book.txt", tmp_path / "d.jsonl"]))
+    assert [(d.index, d.id, d.text) for d in docs] == [
+        (0, "book", "Para one.\n\nPara two."), (1, "a", "x"), (2, "5", "y"), (3, "d:4", "z")]
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{"body": "y"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: expected an object with a string field 'text'"):
+        list(iter_documents([tmp_path / "bad.jsonl"]))
+    (tmp_path / "e.jsonl").write_text('{"text": "p"}\n{"text": "q", "id": "e:1"}\n')
+    with pytest.raises(ConfigError, match="duplicate document id 'e:1'"):
+        list(iter_documents([tmp_path / "e.jsonl"]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        list(iter_documents([tmp_path / "missing.txt"]))
