@@ -12,9 +12,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_longpo.config import ConfigError
+from megatron_longpo.generation import backends as B
 from megatron_longpo.generation.backends import GenerationError
+from megatron_longpo.generation.documents import iter_documents
+from megatron_longpo.generation.driver import merge_shards, run_shard, shard_from_env
 from megatron_longpo.generation.filters import FilterConfig
-from megatron_longpo.generation.pipeline import GenerationConfig
+from megatron_longpo.generation.model_source import resolved_model
+from megatron_longpo.generation.pipeline import GenerationConfig, Pipeline
+from megatron_longpo.generation.prompts import load_prompts
+from megatron_longpo.generation.questions import load_question_pool
 
 USAGE = """\
 Self-evolution data generation: long documents -> LongPO multi-turn records (docs/generation.md).
@@ -104,14 +110,6 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def run(args: argparse.Namespace, env: dict[str, str]) -> int:
-    from megatron_longpo.generation import backends as B
-    from megatron_longpo.generation.documents import iter_documents
-    from megatron_longpo.generation.driver import merge_shards, run_shard, shard_from_env
-    from megatron_longpo.generation.model_source import resolved_model
-    from megatron_longpo.generation.pipeline import Pipeline
-    from megatron_longpo.generation.prompts import load_prompts
-    from megatron_longpo.generation.questions import load_question_pool
-
     output = Path(args.output)
     if args.merge:
         s = merge_shards(output, args.num_shards)

@@ -18,6 +18,7 @@ def is_hf_dir(path: Path) -> bool:
 @contextmanager
 def resolved_model(model: str | Path, work_dir: Optional[str | Path] = None, progress: bool = True) -> Iterator[Path]:
     """Yield an HF model directory for ``model``; a Megatron checkpoint is converted (and removed after)."""
+    # imported here: megatron-core is a heavy import that HF-directory and openai runs never need
     from megatron_longpo.checkpoint import resolve_checkpoint_dir
     from megatron_longpo.checkpoint.format import CheckpointError
 

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
+from megatron_longpo.config import ConfigError
 from megatron_longpo.generation import answers, questions
 from megatron_longpo.generation.answers import ANSWER_SAMPLING, QUESTION_SAMPLING
 from megatron_longpo.generation.backends import Backend, ChatFormatter, GenRequest
@@ -50,8 +51,6 @@ class GenerationConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
 
     def check(self) -> None:
-        from megatron_longpo.config import ConfigError
-
         if not 0 < self.chunk_min_tokens <= self.chunk_max_tokens:
             raise ConfigError(
                 f"--chunk-min-tokens {self.chunk_min_tokens} / --chunk-max-tokens {self.chunk_max_tokens}: "

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longpo.config import ConfigError
 from megatron_longpo.data.preprocess import main as preprocess_main
 from megatron_longpo.generation.backends import ChatFormatter, GenResult
 from megatron_longpo.generation.chunking import chunk_document
