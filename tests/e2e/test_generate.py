@@ -92,11 +92,14 @@ def test_records_are_accepted_by_preprocess_and_short_contexts_are_chunks(env, r
     assert meta["counts"]["records_without_short_context"] == 0
 
 
-def test_two_shards_merged_equal_the_single_process_run(env, reference_run):
+def test_two_shards_merged_equal_the_single_process_run(env, reference_run, capsys):
     out = env[0] / "sharded" / "out.jsonl"
     for i in (1, 0):  # order of completion must not matter
         assert generate_main(_args(env, out, "--num-shards", "2", "--shard-index", str(i), "--batch-documents", "1")) == 0
         assert not out.exists()
+        if i == 1:
+            assert generate_main(["--output", str(out), "--merge"]) == 2
+            assert "1 of 2 shards are not finished: ['shard-00000-of-00002']" in capsys.readouterr().err
     assert generate_main(["--output", str(out), "--merge"]) == 0
     assert out.read_bytes() == reference_run.read_bytes()
     a = json.loads((out.parent / "out.summary.json").read_text())
