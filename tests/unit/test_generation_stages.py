@@ -260,3 +260,40 @@ def test_documents_from_text_and_jsonl_in_order_with_checked_ids(tmp_path):
         list(iter_documents([tmp_path / "e.jsonl"]))
     with pytest.raises(ConfigError, match="does not exist"):
         list(iter_documents([tmp_path / "missing.txt"]))
+
+
+def test_vllm_backend_engine_variants_and_output_mapping(tmp_path, monkeypatch):
+    """The glue around vllm.LLM with a recording stand-in module (vllm itself needs GPUs)."""
+    import sys
+    import types
+
+    from megatron_longpo.generation.backends import VLLMBackend
+
+    built, calls = [], []
+
+    class LLM:
+        def __init__(self, **kw):
+            built.append(kw)
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls.append((len(built), prompts, params))
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                text=f"ans-{p['prompt_token_ids'][0]}", token_ids=[0] * p["prompt_token_ids"][0],
+                finish_reason="stop" if p["prompt_token_ids"][0] % 2 else "length")]) for p in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    (tmp_path / "config.json").write_text(json.dumps({"rope_theta": 1e6, "max_position_embeddings": 32768}))
+    be = VLLMBackend(str(tmp_path), str(tmp_path), VLLMConfig(tensor_parallel_size=2, max_model_len=65536), 1e7)
+    reqs = [GenRequest([], [n], ANSWER_SAMPLING, n, long) for n, long in [(3, True), (4, False), (5, True), (6, False)]]
+    out = be.generate(reqs)
+    assert [o.text for o in out] == ["ans-3", "ans-4", "ans-5", "ans-6"]  # request order kept
+    assert [o.num_tokens for o in out] == [3, 4, 5, 6] and [o.finished for o in out] == [True, False, True, False]
+    # short requests on the model's own RoPE base, long ones on an engine with the enlarged base
+    assert built[0]["hf_overrides"] == {"max_position_embeddings": 65536}
+    assert built[1]["hf_overrides"] == {"rope_theta": 1e7, "max_position_embeddings": 65536}
+    assert [(n, [p["prompt_token_ids"] for p in ps]) for n, ps, _ in calls] == [(1, [[4], [6]]), (2, [[3], [5]])]
+    assert calls[0][2][0]["seed"] == 4 and calls[0][2][0]["max_tokens"] == ANSWER_SAMPLING.max_new_tokens
+    be.generate(reqs[1:2])  # back to the short engine
+    assert len(built) == 3 and "rope_theta" not in built[2]["hf_overrides"]
+    be.generate(reqs[1:2])
+    assert len(built) == 3  # kept while the variant does not change
