@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_longpo", "megatron_longpo.*"]),
-    package_data={"megatron_longpo": ["py.typed"]},
+    package_data={"megatron_longpo": ["py.typed"], "megatron_longpo.generation": ["prompts.yaml"]},
     install_requires=[
         # torch is a floor only: CPU machines install the CPU wheel first (scripts/setup_env.sh),
         # CUDA clusters keep their own build. Never let pip pick a CUDA torch for a CPU box.
@@ -36,5 +36,7 @@ setup(
         # built from source (docs/install.md).
         "gpu": ["transformer-engine[pytorch]>=2.9", "flash-attn>=2.6"],
         "dev": ["pytest>=8", "pytest-timeout"],
+        # self-evolution data generation at scale (tools/generate_longpo_data.py --backend vllm)
+        "vllm": ["vllm>=0.8"],
     },
 )

@@ -1,0 +1,405 @@
+"""Generation backends behind one small interface: ``generate(requests) -> results``.
+
+- ``hf``: transformers ``generate`` (CPU or one GPU); the default for tests and demos;
+  deterministic: every request is sampled alone from its own seed.
+- ``vllm``: the offline ``vllm.LLM`` engine with tensor parallelism (optional extra, imported
+  lazily); one request batch per stage, prefix caching on (the turns of a document share its
+  long prefix).
+- ``openai``: any OpenAI-compatible server (vLLM, SGLang, ...), ``/v1/completions`` with the
+  prompt token ids (default) or ``/v1/chat/completions``; retries with exponential backoff.
+
+Every backend receives the same prompts: the messages rendered by the tokenizer's chat template
+(``ChatFormatter``), as token ids, with a per-request seed derived from ``--seed``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence
+
+import torch
+
+from megatron_longpo.config import ConfigError
+from megatron_longpo.generation.answers import Messages, Sampling
+
+
+class GenerationError(RuntimeError):
+    """A backend failed in a way retrying does not fix (bad request, server gone after retries)."""
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    messages: Messages
+    prompt_ids: list[int]
+    sampling: Sampling
+    seed: int
+    long: bool = False  # long-context generation: uses the --long-rope-theta model variant
+
+
+@dataclass(frozen=True)
+class GenResult:
+    text: str
+    num_tokens: int  # generated tokens (EOS included when generated)
+    finished: bool  # stopped by EOS / stop token (False: hit max_new_tokens)
+
+
+class Backend(Protocol):
+    name: str
+    model_seconds: float  # wall time spent inside the model / engine / server calls
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]: ...
+
+    def close(self) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts through the tokenizer's chat template
+# ------------------------------------------------------------------------------------------------
+
+
+class ChatFormatter:
+    """Renders messages with the HF tokenizer's chat template and tokenizes them.
+
+    ``chat_template`` (Jinja text) replaces the tokenizer's own; a tokenizer without one needs it.
+    """
+
+    def __init__(self, tokenizer_dir: str | Path, chat_template: Optional[str] = None):
+        from transformers import AutoTokenizer
+
+        self.tokenizer_dir = str(tokenizer_dir)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--model {tokenizer_dir}: cannot load its tokenizer ({e})") from e
+        if chat_template is not None:
+            self.tok.chat_template = chat_template
+        if not getattr(self.tok, "chat_template", None):
+            raise ConfigError(
+                f"the tokenizer in {tokenizer_dir} has no chat template; pass --chat-template FILE.jinja "
+                "(or 'chatml') so every backend renders the same prompts"
+            )
+        self.eos_id = self.tok.eos_token_id
+
+    def render(self, messages: Messages) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        return self.encode(self.render(messages))
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(x) for x in self.tok(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def load_chat_template(arg: Optional[str]) -> Optional[str]:
+    """``--chat-template``: None (tokenizer's own), ``chatml``, or a Jinja file."""
+    if arg is None:
+        return None
+    if arg == "chatml":
+        return CHATML_TEMPLATE
+    p = Path(arg)
+    if not p.is_file():
+        raise ConfigError(f"--chat-template {arg}: not 'chatml' and not an existing Jinja file")
+    return p.read_text(encoding="utf-8")
+
+
+def set_rope_theta(config: Any, theta: float) -> None:
+    """Set the RoPE base of an HF config (transformers 5 ``rope_parameters`` or 4.x ``rope_theta``)."""
+    rp = getattr(config, "rope_parameters", None)
+    if isinstance(rp, dict):
+        config.rope_parameters = {**rp, "rope_theta": float(theta)}
+    else:
+        config.rope_theta = float(theta)
+
+
+def rope_theta_of(config: dict) -> Optional[float]:
+    rp = config.get("rope_parameters")
+    if isinstance(rp, dict) and "rope_theta" in rp:
+        return float(rp["rope_theta"])
+    return float(config["rope_theta"]) if "rope_theta" in config else None
+
+
+# ------------------------------------------------------------------------------------------------
+# hf
+# ------------------------------------------------------------------------------------------------
+
+
+class HFBackend:
+    """transformers ``generate``, one request at a time with its own seed (batch-independent)."""
+
+    name = "hf"
+
+    def __init__(self, model_dir: str | Path, formatter: ChatFormatter, *, long_rope_theta: Optional[float] = None,
+                 device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+        self.model_dir = str(model_dir)
+        self.formatter = formatter
+        self.long_rope_theta = long_rope_theta
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self._models: dict[bool, torch.nn.Module] = {}
+        self.model_seconds = 0.0
+
+    def model(self, long: bool) -> torch.nn.Module:
+        key = bool(long and self.long_rope_theta is not None)
+        if key not in self._models:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
+            if key:
+                set_rope_theta(config, self.long_rope_theta)
+            m = AutoModelForCausalLM.from_pretrained(self.model_dir, config=config, dtype=self.dtype,
+                                                     local_files_only=True)
+            self._models[key] = m.to(self.device).eval()
+        return self._models[key]
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        out = []
+        eos = self.formatter.eos_id
+        for r in requests:
+            model = self.model(r.long)
+            ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device)
+            sample = r.sampling.temperature > 0
+            kw: dict[str, Any] = dict(do_sample=sample, max_new_tokens=r.sampling.max_new_tokens,
+                                      pad_token_id=eos, eos_token_id=eos)
+            if sample:  # top_k=0 disables the generation_config's top-k: pure temperature/top-p sampling
+                kw.update(temperature=r.sampling.temperature, top_p=r.sampling.top_p, top_k=0)
+            torch.manual_seed(r.seed)
+            t0 = time.perf_counter()
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+            self.model_seconds += time.perf_counter() - t0
+            new = gen[0, ids.shape[1]:].tolist()
+            finished = bool(new) and eos is not None and new[-1] == eos
+            out.append(GenResult(self.formatter.decode(new), len(new), finished))
+        return out
+
+    def close(self) -> None:
+        self._models.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# vllm
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    tensor_parallel_size: int = 1
+    max_model_len: Optional[int] = None  # default: the longest prompt the run can need
+    gpu_memory_utilization: float = 0.9
+    dtype: str = "bfloat16"
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+def vllm_engine_kwargs(model_dir: str, tokenizer_dir: str, cfg: VLLMConfig, hf_config: dict,
+                       rope_theta: Optional[float]) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for one model variant (``rope_theta`` None: as saved)."""
+    overrides: dict[str, Any] = {}
+    if rope_theta is not None:
+        if isinstance(hf_config.get("rope_parameters"), dict):
+            overrides["rope_parameters"] = {**hf_config["rope_parameters"], "rope_theta": float(rope_theta)}
+        else:
+            overrides["rope_theta"] = float(rope_theta)
+    if cfg.max_model_len is not None and cfg.max_model_len > int(hf_config.get("max_position_embeddings", 0) or 0):
+        # vLLM refuses a max_model_len above the config's limit; LongPO generates past the short
+        # window on purpose (with the enlarged RoPE base), as the authors do.
+        overrides["max_position_embeddings"] = int(cfg.max_model_len)
+    kw: dict[str, Any] = dict(
+        model=model_dir, tokenizer=tokenizer_dir, tensor_parallel_size=cfg.tensor_parallel_size,
+        dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed,
+        enable_prefix_caching=True, enforce_eager=cfg.enforce_eager, trust_remote_code=False,
+    )
+    if cfg.max_model_len is not None:
+        kw["max_model_len"] = int(cfg.max_model_len)
+    if overrides:
+        kw["hf_overrides"] = overrides
+    return kw
+
+
+def vllm_sampling_kwargs(r: GenRequest) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for one request."""
+    kw: dict[str, Any] = dict(max_tokens=r.sampling.max_new_tokens, seed=r.seed, skip_special_tokens=True)
+    if r.sampling.temperature > 0:
+        kw.update(temperature=r.sampling.temperature, top_p=r.sampling.top_p)
+    else:
+        kw.update(temperature=0.0)
+    return kw
+
+
+class VLLMBackend:
+    """The offline vLLM engine. Short and long requests may need different RoPE bases: the engine
+    of the other variant is built when a batch needs it (one swap per stage batch, amortised by
+    ``--batch-documents``)."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, tokenizer_dir: str, cfg: VLLMConfig, long_rope_theta: Optional[float]):
+        try:
+            import vllm  # noqa: F401  (optional extra: pip install 'megatron_longpo[vllm]')
+        except ImportError as e:
+            raise ConfigError(
+                f"--backend vllm needs the vllm package ({e}); install it with pip install 'megatron_longpo[vllm]' "
+                "on the GPU nodes, or use --backend openai against a running server"
+            ) from e
+        self.model_dir, self.tokenizer_dir, self.cfg = model_dir, tokenizer_dir, cfg
+        self.long_rope_theta = long_rope_theta
+        self.hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+        self._engine: Any = None
+        self._variant: Optional[bool] = None
+        self.model_seconds = 0.0
+
+    def _get_engine(self, long: bool) -> Any:
+        variant = bool(long and self.long_rope_theta is not None)
+        if self._engine is None or self._variant != variant:
+            import vllm  # optional dependency (see __init__)
+
+            self.close()
+            kw = vllm_engine_kwargs(self.model_dir, self.tokenizer_dir, self.cfg, self.hf_config,
+                                    self.long_rope_theta if variant else None)
+            self._engine, self._variant = vllm.LLM(**kw), variant
+        return self._engine
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        import vllm  # optional dependency (see __init__)
+
+        results: list[Optional[GenResult]] = [None] * len(requests)
+        for long in (False, True):  # one engine variant at a time
+            idx = [i for i, r in enumerate(requests) if r.long == long]
+            if not idx:
+                continue
+            llm = self._get_engine(long)
+            prompts = [{"prompt_token_ids": requests[i].prompt_ids} for i in idx]
+            params = [vllm.SamplingParams(**vllm_sampling_kwargs(requests[i])) for i in idx]
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            self.model_seconds += time.perf_counter() - t0
+            for i, o in zip(idx, outs):
+                c = o.outputs[0]
+                results[i] = GenResult(c.text, len(c.token_ids), c.finish_reason == "stop")
+        return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine = None
+            import gc
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# openai
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    base_url: str  # e.g. http://127.0.0.1:8000/v1
+    model: str
+    api_key: Optional[str] = None
+    api: str = "completions"  # completions (prompt token ids) | chat (messages; server's template)
+    timeout_s: float = 600.0
+    max_retries: int = 5
+    backoff_s: float = 1.0  # first retry delay; doubles each time, capped at 60 s
+    concurrency: int = 8
+
+
+_RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+def openai_body(cfg: OpenAIConfig, r: GenRequest) -> dict[str, Any]:
+    body: dict[str, Any] = dict(model=cfg.model, max_tokens=r.sampling.max_new_tokens, seed=r.seed,
+                                temperature=r.sampling.temperature, top_p=r.sampling.top_p)
+    if cfg.api == "chat":
+        body["messages"] = r.messages
+    else:
+        body["prompt"] = r.prompt_ids
+    return body
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, cfg: OpenAIConfig, sleep=time.sleep):
+        if cfg.api not in ("completions", "chat"):
+            raise ConfigError(f"--openai-api {cfg.api!r}: choose completions or chat")
+        if not cfg.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--openai-base-url {cfg.base_url!r}: must start with http:// or https://")
+        self.cfg = cfg
+        self.url = cfg.base_url.rstrip("/") + ("/chat/completions" if cfg.api == "chat" else "/completions")
+        self._sleep = sleep
+        self.model_seconds = 0.0
+        self.retries = 0  # retried requests (dropped connections, 429/5xx)
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.cfg.api_key:
+            headers["Authorization"] = f"Bearer {self.cfg.api_key}"
+        last: Optional[BaseException] = None
+        for attempt in range(self.cfg.max_retries + 1):
+            if attempt:
+                self.retries += 1
+                self._sleep(min(60.0, self.cfg.backoff_s * 2 ** (attempt - 1)))
+            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:500].decode(errors="replace")
+                if e.code not in _RETRY_STATUS:
+                    raise GenerationError(f"{self.url}: HTTP {e.code}: {detail}") from e
+                last = e
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
+                    json.JSONDecodeError) as e:
+                last = e
+            print(f"openai backend: {self.url}: {last!r}; retry {attempt + 1}/{self.cfg.max_retries}",
+                  file=sys.stderr)
+        raise GenerationError(f"{self.url}: failed after {self.cfg.max_retries} retries: {last!r}")
+
+    def _one(self, r: GenRequest) -> GenResult:
+        resp = self._post(openai_body(self.cfg, r))
+        try:
+            choice = resp["choices"][0]
+            text = choice["message"]["content"] if self.cfg.api == "chat" else choice["text"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise GenerationError(f"{self.url}: unexpected response {str(resp)[:300]}") from e
+        usage = resp.get("usage") or {}
+        return GenResult(text or "", int(usage.get("completion_tokens", 0)), choice.get("finish_reason") == "stop")
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        t0 = time.perf_counter()
+        if self.cfg.concurrency <= 1 or len(requests) <= 1:
+            out = [self._one(r) for r in requests]
+        else:
+            with ThreadPoolExecutor(self.cfg.concurrency) as ex:
+                out = list(ex.map(self._one, requests))  # keeps request order
+        self.model_seconds += time.perf_counter() - t0
+        return out
+
+    def close(self) -> None:
+        pass

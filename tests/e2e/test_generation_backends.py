@@ -1,0 +1,151 @@
+"""The openai backend against a real OpenAI-compatible server on 127.0.0.1 (wrapping the hf backend),
+retries included; the hf backend's long-context RoPE base."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from megatron_longpo.generation.answers import Sampling
+from megatron_longpo.generation.backends import (ChatFormatter, GenerationError, GenRequest, HFBackend, OpenAIBackend,
+                                                 OpenAIConfig)
+from megatron_longpo.generation.cli import main as generate_main
+from megatron_longpo.generation.testing import build_tiny_chat_model, write_documents_jsonl
+
+
+class _Server:
+    """/v1/completions (token-id prompts) and /v1/chat/completions served by an HFBackend.
+
+    ``faults`` is consumed one per request: "drop" closes the connection without an answer,
+    "503" answers Service Unavailable, None serves normally.
+    """
+
+    def __init__(self, backend: HFBackend, formatter: ChatFormatter, faults=()):
+        self.backend, self.fmt, self.faults = backend, formatter, list(faults)
+        self.lock = threading.Lock()
+        self.calls: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.calls.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                    fault = server.faults.pop(0) if server.faults else None
+                    if fault == "drop":
+                        self.close_connection = True
+                        self.connection.shutdown(2)  # the client sees the connection reset / closed
+                        return
+                    if fault == "503":
+                        self.send_error(503, "overloaded")
+                        return
+                    if self.path.endswith("/chat/completions"):
+                        ids = server.fmt.prompt_ids(body["messages"])
+                    else:
+                        ids = body["prompt"]
+                    req = GenRequest([], ids, Sampling(body["temperature"], body["top_p"], body["max_tokens"]), body["seed"])
+                    res = server.backend.generate([req])[0]
+                reason = "stop" if res.finished else "length"
+                choice = ({"message": {"role": "assistant", "content": res.text}} if self.path.endswith("/chat/completions")
+                          else {"text": res.text})
+                out = json.dumps({"choices": [{**choice, "index": 0, "finish_reason": reason}],
+                                  "usage": {"completion_tokens": res.num_tokens}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("backends")
+    model = build_tiny_chat_model(d / "model")
+    fmt = ChatFormatter(model)
+    return d, model, fmt, HFBackend(model, fmt)
+
+
+def _requests(fmt, n=4):
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"Context: the harbor code is {1000 + i}.\n\nWhat is the code?"}]
+        out.append(GenRequest(msgs, fmt.prompt_ids(msgs), Sampling(1.0, 0.9 if i % 2 else 1.0, 5), 100 + i))
+    return out
+
+
+def test_openai_backend_matches_hf_and_retries(tiny):
+    d, model, fmt, hf = tiny
+    reqs = _requests(fmt)
+    expected = hf.generate(reqs)
+    sleeps = []
+    with _Server(hf, fmt, faults=["drop", "503", None, "drop"]) as srv:
+        cfg = OpenAIConfig(srv.url, "tiny", api_key="secret", max_retries=3, backoff_s=0.01, concurrency=1)
+        backend = OpenAIBackend(cfg, sleep=sleeps.append)
+        got = backend.generate(reqs)
+    assert got == expected  # same text, token count and stop flag as the hf backend itself
+    assert backend.retries == 3 and sleeps == [0.01, 0.02, 0.01]  # exponential backoff per request
+    assert len(srv.calls) == len(reqs) + 3 and all(c["auth"] == "Bearer secret" for c in srv.calls)
+    assert all(c["path"] == "/v1/completions" and c["model"] == "tiny" for c in srv.calls)
+
+    with _Server(hf, fmt) as srv:  # chat API: the server renders the same chat template
+        chat = OpenAIBackend(OpenAIConfig(srv.url, "tiny", api="chat", concurrency=3))
+        assert chat.generate(reqs) == expected
+        assert all(c["path"] == "/v1/chat/completions" for c in srv.calls)
+
+    with _Server(hf, fmt, faults=["drop"] * 10) as srv:
+        gone = OpenAIBackend(OpenAIConfig(srv.url, "tiny", max_retries=2, backoff_s=0.0))
+        with pytest.raises(GenerationError, match="failed after 2 retries"):
+            gone.generate(reqs[:1])
+
+
+def test_cli_with_openai_backend_equals_hf_backend(tiny, tmp_path, monkeypatch):
+    d, model, fmt, hf = tiny
+    docs = write_documents_jsonl(tmp_path / "docs.jsonl", 2, paragraphs=(4, 5), words=(3, 5), seed=4)
+    pool = tmp_path / "q.jsonl"
+    pool.write_text('{"question": "What is the code of the harbor?"}\n')
+    common = ["--input", str(docs), "--model", str(model), "--questions", str(pool), "--chunk-min-tokens", "60",
+              "--chunk-max-tokens", "200", "--max-new-tokens", "4", "--min-content-words", "0",
+              "--max-repeat-ratio-chosen", "1", "--max-repeat-ratio-rejected", "1", "--no-progress"]
+    assert generate_main([*common, "--output", str(tmp_path / "hf.jsonl")]) == 0
+    with _Server(hf, fmt, faults=["drop"]) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.url)
+        monkeypatch.setenv("OPENAI_MODEL", "tiny")
+        rc = generate_main([*common, "--output", str(tmp_path / "oa.jsonl"), "--backend", "openai",
+                            "--openai-base-url", srv.url, "--openai-model", "tiny", "--openai-concurrency", "2"])
+    assert rc == 0
+    hf_out = (tmp_path / "hf.jsonl").read_text()
+    assert hf_out and (tmp_path / "oa.jsonl").read_text() == hf_out
+
+
+def test_hf_backend_long_rope_theta(tmp_path):
+    from megatron_longpo.convert.testing import build_tiny_hf
+
+    model = build_tiny_hf(tmp_path / "m", "mistral")  # default RoPE (no scaling), base 1e6
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({
+        **json.loads((tmp_path / "m" / "tokenizer_config.json").read_text()), "chat_template": "{{ messages[0]['content'] }}"}))
+    be = HFBackend(model, ChatFormatter(model), long_rope_theta=1e7)
+    head_dim = 64 // 8
+    ref = lambda base: 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # noqa: E731
+    short, long = be.model(False), be.model(True)
+    torch.testing.assert_close(short.model.rotary_emb.inv_freq.double(), ref(1e6))
+    torch.testing.assert_close(long.model.rotary_emb.inv_freq.double(), ref(1e7))
+    assert be.model(True) is long  # loaded once
