@@ -139,3 +139,54 @@ def test_parallel_equals_serial(env, tp, cp):
     got, want = ranks[0], env["serial"]
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=0, atol=1e-4)
     assert [g[1:] for g in got] == [w[1:] for w in want]
+
+
+def _dropin(ckpt: str, prefix: str, tp: int, cp: int):
+    """model_segment_logprobs vs training's microbatch_forward on the same PairBatch, both layouts:
+    (loss, logps/chosen, logps/rejected) from each, which must be bit-identical."""
+    from megatron_longpo.checkpoint import load_model_checkpoint
+    from megatron_longpo.config import LossConfig
+    from megatron_longpo.data.indexed import PreferenceDataset
+    from megatron_longpo.data.layout import build_pair_batch
+    from megatron_longpo.loss.forward import model_segment_logprobs
+    from megatron_longpo.loss.longpo import longpo_loss
+    from megatron_longpo.models.attention.inputs import shared_prefix_layout
+    from megatron_longpo.models.provider import build_model
+    from megatron_longpo.reference.model import read_reference_checkpoint
+    from megatron_longpo.runtime.distributed import init_model_parallel
+    from megatron_longpo.testing.models import parallel_config
+    from megatron_longpo.training.step import microbatch_forward
+
+    parallel = parallel_config(tp=tp, cp=cp, attention_backend="sdpa")
+    groups = init_model_parallel(parallel)
+    ck = read_reference_checkpoint(ckpt)
+    model = build_model(ck.model, parallel, pair_layout="shared_prefix")
+    load_model_checkpoint(ck.iter_dir, model, ck.model)
+    model.eval()
+    ds = PreferenceDataset(prefix)
+    loss_cfg = LossConfig(mode="sft", logprob_chunk_size=64)
+    out = []
+    with torch.no_grad():
+        for layout in ("two_sequences", "shared_prefix"):
+            batch = build_pair_batch([ds[0], ds[1]], layout, 64, ds.pad_id, "sequence")
+            b = batch.num_pairs
+            loss, metrics = microbatch_forward(model, batch, groups, loss_cfg, ck.model.vocab_size, False)
+            mask = shared_prefix_layout(batch.branch_ids) if layout == "shared_prefix" else None
+            resp, nll = model_segment_logprobs(
+                model, batch.tokens, batch.position_ids, batch.target_ids, [batch.response_segment, batch.nll_segment],
+                [2 * b, b], groups, vocab_size=ck.model.vocab_size, attention_mask=mask, chunk_size=64)
+            loss2, metrics2 = longpo_loss(resp.sums[:b], resp.sums[b:], None, None, -nll.sums, nll.counts, loss_cfg)
+            out.append([(float(loss), float(metrics["logps/chosen"]), float(metrics["logps/rejected"])),
+                        (float(loss2), float(metrics2["logps/chosen"]), float(metrics2["logps/rejected"]))])
+    return out
+
+
+@pytest.mark.parametrize("tp,cp", [(1, 1), (1, 2)])
+def test_shared_forward_is_a_drop_in_for_training(env, tmp_path, tp, cp):
+    from megatron_longpo.reference.testing import make_dataset, synthetic_records
+
+    prefix = make_dataset(tmp_path / "train", synthetic_records(2, seed=1))
+    ranks = run_distributed(_dropin, tp * cp, args=(env["ckpt"], prefix, tp, cp))
+    for layout in ranks[0]:
+        training, shared = layout
+        assert training == shared and np.isfinite(training).all()
