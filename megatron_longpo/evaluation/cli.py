@@ -31,7 +31,7 @@ from megatron_longpo.evaluation.setup import SuiteOptions, build_evaluator, text
 from megatron_longpo.evaluation.suite import Evaluator, format_table
 from megatron_longpo.evaluation.tasks import TASK_NAMES
 from megatron_longpo.models.provider import build_model
-from megatron_longpo.runtime.distributed import destroy, init_distributed, init_model_parallel
+from megatron_longpo.runtime.distributed import destroy, init_distributed, init_model_parallel, set_seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +159,7 @@ def evaluate(a: argparse.Namespace, log=print) -> dict:
                                 chunk_size=a.logprob_chunk_size, option="evaluation (--tasks/--lengths/--haystack)")
     init_distributed(parallel)
     groups = init_model_parallel(parallel)
+    set_seed(a.seed)  # Megatron's RNG tracker: model construction draws from it (weights are then loaded)
     rank0 = dist.get_rank() == 0
     say = log if rank0 else (lambda _m: None)
     say(f"[evaluate] {len(evaluator.samples)} samples ({len(a.tasks)} tasks x {len(a.lengths)} lengths x {a.samples}), "

@@ -9,6 +9,8 @@ True) and the same with its last answer token replaced (exactly one position mus
 reference: float64 log_softmax / argmax of the full logits of each sequence alone; it shares no
 code with loss/ or the Megatron model.
 
+Layouts: TP=2, TP=2 with sequence parallelism, CP=2 and DP=2 (2 gloo ranks each).
+
 Tolerances: log-likelihood |diff| <= 1e-4 + 1e-6 |value| (fp32 Megatron vs fp64 HF); argmax
 match counts and exact-match flags identical. TP / CP / DP vs serial: log-likelihood <= 1e-4,
 matches identical.
@@ -91,18 +93,19 @@ def _greedy_sequences(hf_dir: str, prompts):
     return out
 
 
-def _score(ckpt: str, tp: int, cp: int, sequences, pad_id: int, tokens_per_batch: int):
+def _score(ckpt: str, tp: int, cp: int, sequences, pad_id: int, tokens_per_batch: int, sp: bool = False):
     from megatron_longpo.evaluation.scoring import score_sequences
     from megatron_longpo.reference.model import load_reference_model, read_reference_checkpoint
-    from megatron_longpo.runtime.distributed import init_model_parallel
+    from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
     from megatron_longpo.testing.models import parallel_config
 
-    parallel = parallel_config(tp=tp, cp=cp, attention_backend="sdpa")
+    parallel = parallel_config(tp=tp, cp=cp, attention_backend="sdpa", sequence_parallel=sp)
     groups = init_model_parallel(parallel)
+    set_seed(0)  # Megatron's RNG tracker (model init draws from it)
     ck = read_reference_checkpoint(ckpt)
     model = load_reference_model(ck, ck.model, parallel)
     scores = score_sequences(model, sequences, groups, vocab_size=ck.model.vocab_size, pad_id=pad_id,
-                             pad_multiple=64, tokens_per_batch=tokens_per_batch, chunk_size=100)
+                             pad_multiple=64, tokens_per_batch=tokens_per_batch, chunk_size=100, sequence_parallel=sp)
     return [(s.loglik, s.num_tokens, s.matches, s.exact) for s in scores]
 
 
@@ -132,9 +135,9 @@ def test_scores_equal_hf_float64(env):
     assert not any(g[3] for g in got[:4])
 
 
-@pytest.mark.parametrize("tp,cp", [(2, 1), (1, 2), (1, 1)])  # (1, 1) on 2 ranks: DP=2
-def test_parallel_equals_serial(env, tp, cp):
-    ranks = run_distributed(_score, 2, args=(env["ckpt"], tp, cp, env["seqs"], env["pad_id"], 1024))
+@pytest.mark.parametrize("tp,cp,sp", [(2, 1, False), (2, 1, True), (1, 2, False), (1, 1, False)])  # (1, 1): DP=2
+def test_parallel_equals_serial(env, tp, cp, sp):
+    ranks = run_distributed(_score, 2, args=(env["ckpt"], tp, cp, env["seqs"], env["pad_id"], 1024, sp))
     assert ranks[0] == ranks[1]  # every rank returns every score
     got, want = ranks[0], env["serial"]
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=0, atol=1e-4)
