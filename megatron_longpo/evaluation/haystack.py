@@ -98,14 +98,19 @@ class DocumentHaystack(Haystack):
             i += 1
 
 
+MAX_SENTENCE_WORDS = 64
+
+
 def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` with single spaces inside and one leading space each."""
+    """Sentences of ``text`` with single spaces inside and one leading space each. Runs longer
+    than MAX_SENTENCE_WORDS words (text without punctuation) are cut, so a context can always be
+    filled to within a short piece of its budget."""
     out = []
     for para in text.split("\n"):
         for s in _SENTENCE_END.split(para.strip()):
-            s = " ".join(s.split())
-            if s:
-                out.append(" " + s)
+            words = s.split()
+            for i in range(0, len(words), MAX_SENTENCE_WORDS):
+                out.append(" " + " ".join(words[i: i + MAX_SENTENCE_WORDS]))
     return out
 
 

@@ -38,7 +38,8 @@ def sp():
 
 @pytest.fixture(scope="module")
 def documents(tmp_path_factory):
-    """User documents with digits, a needle-like sentence and a real needle's wording."""
+    """User documents with digits, a needle-like sentence, a real needle's wording and a long
+    unpunctuated run."""
     d = tmp_path_factory.mktemp("hay")
     rng = np.random.default_rng(0)
     lines = []
@@ -48,6 +49,7 @@ def documents(tmp_path_factory):
             lines.append("One of the special magic numbers for amber-falcon is: 1234567. VAR ABCDE = 12345.")
     (d / "a.txt").write_text(" ".join(lines[:150]))
     (d / "b.jsonl").write_text("\n".join('{"text": "%s"}' % s for s in lines[150:]))
+    (d / "c.md").write_text(" ".join(["plain words without any stop"] * 200))  # no sentence ends: cut into pieces
     return from_files([d])
 
 
