@@ -1,6 +1,7 @@
 """tools/evaluate.py under torchrun on a quickstart-style checkpoint (tiny HF Llama -> converter),
-at TP=1, TP=2 and CP=2 with the same scores; its error path; and in-training evaluation metrics in
-the metrics JSONL, TensorBoard and the console.
+at TP=1, TP=2 and CP=2 with the same scores; its error path; in-training evaluation metrics in
+the metrics JSONL, TensorBoard and the console; and the CLI on the trained checkpoint reproducing
+the in-training scores of the same step.
 
 Scores across layouts: exact-match flags and argmax-match counts identical, answer
 log-likelihoods within 1e-4 (fp32, different reduction orders). Correctness of the scores
@@ -118,3 +119,16 @@ def test_in_training_evaluation_logged(base):
     assert {"eval/niah_single/len512/accuracy", "eval/mean/len1024/accuracy", "train/loss"} <= tags, tags
     (ev_loglik,) = acc.Scalars("eval/kv_retrieval/len1024/loglik")
     assert ev_loglik.step == 2 and abs(ev_loglik.value - ev[0]["kv_retrieval/len1024/loglik"]) < 1e-3
+    # The CLI on the trained checkpoint (policy rope_theta from its own meta) reproduces the
+    # in-training scores of the same step, and reads the base with its original rope_theta.
+    _run(_torchrun(1, "tools/evaluate.py", "--load", d / "base", run / "ckpt", "--tasks", "niah_single,kv_retrieval",
+                   "--lengths", "512,1024", "--samples", "2", "--output", run / "eval.json", "--no-progress"))
+    doc = json.loads((run / "eval.json").read_text())
+    assert [c["rope_theta"] for c in doc["checkpoints"]] == [10000.0, 100000.0]
+    trained = doc["checkpoints"][1]
+    assert trained["iteration"] == 2
+    for task in ("niah_single", "kv_retrieval"):
+        for n in ("512", "1024"):
+            cell = trained["results"][task][n]
+            assert cell["accuracy"] == ev[0][f"{task}/len{n}/accuracy"]
+            assert abs(cell["mean_loglik"] - ev[0][f"{task}/len{n}/loglik"]) < 1e-4
