@@ -121,7 +121,7 @@ def test_deterministic_from_seed(sp):
     tok, tpl, counter = sp
     assert _digest(3) == _digest(3) != _digest(4)
     # Another interpreter with another hash seed produces the same bytes.
-    code = f"from tests.unit.test_eval_tasks import _digest; print(_digest(3))"
+    code = "from tests.unit.test_eval_tasks import _digest; print(_digest(3))"
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == _digest(3)
