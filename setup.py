@@ -32,6 +32,7 @@ setup(
     ],
     extras_require={
         "wandb": ["wandb"],
+        "plot": ["matplotlib"],  # tools/evaluate.py --plot (accuracy vs length PNG)
         # transformer-engine and flash-attn compile against the cluster's CUDA/torch; apex is
         # built from source (docs/install.md).
         "gpu": ["transformer-engine[pytorch]>=2.9", "flash-attn>=2.6"],

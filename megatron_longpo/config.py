@@ -196,6 +196,22 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Synthetic long-context tasks scored every training.eval_interval steps (docs/evaluation.md)."""
+
+    tasks: list = _f([], "Tasks, e.g. [niah_single, variable_tracking, kv_retrieval]; empty disables.")
+    lengths: list = _f([], "Prompt lengths in tokens, e.g. [4096, 131072] (a short and a long one).")
+    samples: int = _f(4, "Samples per task and length.")
+    seed: int = _f(0, "Seed of the task instances (the same questions at every length).")
+    tokenizer: Optional[str] = _f(None, "Tokenizer; default: the one recorded with data.train_data.")
+    chat_template: Literal["auto", "tokenizer", "mistral", "chatml"] = _f(
+        "auto", "Chat template; auto: the one data.train_data was preprocessed with."
+    )
+    haystack: Optional[str] = _f(None, "Haystack documents (.txt/.md/.jsonl file or directory); default: built-in filler.")
+    tokens_per_batch: int = _f(32768, "Padded tokens per evaluation forward.")
+
+
+@dataclass
 class LongPOConfig:
     """Everything a run needs."""
 
@@ -208,6 +224,7 @@ class LongPOConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,5 +505,24 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             "data.pair_layout=shared_prefix cannot run on parallel.attention_backend=te (TE attention "
             "cannot express the branch mask); set parallel.attention_backend to auto, sdpa or flash"
         )
+    errs += _evaluation_errors(cfg)
     if errs:
         raise ConfigError("; ".join(errs))
+
+
+def _evaluation_errors(cfg: LongPOConfig) -> list[str]:
+    """Shape rules of the evaluation section (task names are checked when the suite is built)."""
+    e = cfg.evaluation
+    if not e.tasks:
+        return []
+    errs = []
+    if not isinstance(e.tasks, list) or not all(isinstance(t, str) for t in e.tasks):
+        errs.append(f"evaluation.tasks must be a list of task names, got {e.tasks!r}")
+    if not e.lengths or not isinstance(e.lengths, list) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in e.lengths):
+        errs.append(f"evaluation.lengths must be a non-empty list of positive token counts, got {e.lengths!r}")
+    if e.samples <= 0 or e.tokens_per_batch <= 0:
+        errs.append("evaluation.samples and evaluation.tokens_per_batch must be > 0")
+    if not cfg.training.eval_interval:
+        errs.append("evaluation.tasks is set but training.eval_interval is not; set training.eval_interval=N")
+    return errs

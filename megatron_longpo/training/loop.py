@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longpo.config import LongPOConfig, to_dict, validate
+from megatron_longpo.evaluation.setup import evaluator_from_config
 from megatron_longpo.runtime.distributed import (
     ParallelGroups,
     destroy,
@@ -89,6 +90,7 @@ def train(cfg: LongPOConfig) -> TrainResult:
     groups = init_model_parallel(cfg.parallel)
     set_seed(cfg.training.seed)
     data = build_training_data(cfg, groups)  # dataset, sampler, reference source (checked)
+    evaluator = evaluator_from_config(cfg)  # synthetic long-context tasks (None without evaluation.tasks)
     model = _build_model(cfg)
     ddp = _wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.model, cfg.training.train_iters)
@@ -132,6 +134,8 @@ def train(cfg: LongPOConfig) -> TrainResult:
 
             if cfg.training.eval_interval and data.has_validation and state.iteration % cfg.training.eval_interval == 0:
                 logger.log(state.iteration, _evaluate(cfg, ddp, data, groups), prefix="valid")
+            if evaluator is not None and state.iteration % cfg.training.eval_interval == 0:
+                logger.log(state.iteration, evaluator.evaluate(ddp, groups).metrics(), prefix="eval")
             save_now = bool(cfg.checkpoint.save and cfg.checkpoint.save_interval
                             and state.iteration % cfg.checkpoint.save_interval == 0)
             stopped_by = stop.should_stop()

@@ -35,6 +35,18 @@ def format_line(step: int, total: int, metrics: Mapping[str, float], elapsed: fl
     return " | ".join(parts)
 
 
+def format_eval_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
+    """Task accuracies of ``{task}/len{L}/accuracy`` keys, grouped by length (evaluation/suite.py)."""
+    by_len: dict[int, list[str]] = {}
+    for key, v in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == "accuracy" and parts[1].startswith("len") and parts[0] != "mean":
+            by_len.setdefault(int(parts[1][3:]), []).append(f"{parts[0]} {100 * v:.1f}%")
+    groups = [f"len {n}: mean {100 * metrics.get(f'mean/len{n}/accuracy', float('nan')):.1f}% ({', '.join(cells)})"
+              for n, cells in sorted(by_len.items())]
+    return " | ".join([f"[eval] step {step}/{total}"] + groups)
+
+
 class MetricsLogger:
     """Console line every ``log_interval`` steps plus TensorBoard / wandb scalars (rank 0 only)."""
 
@@ -86,7 +98,9 @@ class MetricsLogger:
             done = step - self.start_step
             eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
             line = format_line(step, self.total, metrics, elapsed, eta)
-            if prefix != "train":
+            if prefix == "eval":
+                line = format_eval_line(step, self.total, metrics)
+            elif prefix != "train":
                 line = f"[{prefix}] " + line
             print(line, flush=True)
             return line

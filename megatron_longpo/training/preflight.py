@@ -76,5 +76,5 @@ def check_before_init(cfg: LongPOConfig, world_size: int) -> None:
         raise PreflightError("checkpoint.save_interval must be > 0 (or null to save only at the end)")
     if cfg.logging.tensorboard_dir:
         check_writable(cfg.logging.tensorboard_dir, "logging.tensorboard_dir")
-    if cfg.training.eval_interval and not d.valid_data:
-        raise PreflightError("training.eval_interval is set but data.valid_data is not")
+    if cfg.training.eval_interval and not d.valid_data and not cfg.evaluation.tasks:
+        raise PreflightError("training.eval_interval is set but data.valid_data is not (nor evaluation.tasks)")

@@ -1,0 +1,177 @@
+"""Model -> per-segment log-prob sums (and argmax matches): the one forward of training, reference
+and evaluation.
+
+:func:`model_segment_logprobs` takes FULL (un-split) sequences, cuts this CP rank's zigzag slice,
+runs the model's hidden-state forward and reduces with :func:`segment_logprob_sums` (chunked,
+vocab-parallel, summed over CP; never a [S, V] tensor). With ``argmax=True`` it also counts, per
+segment, the positions whose target token is the argmax of the full-vocabulary logits
+(:func:`vocab_parallel_target_is_argmax`: per chunk a local max over this TP rank's vocab shard,
+one all-gather over TP of (local max, target logit), no gradient). Teacher-forced exact match of
+a segment is ``matches == counts``.
+
+The callers today: evaluation (megatron_longpo/evaluation/scoring.py). training/step.py and
+reference/compute.py still run the same three steps inline; they can switch to this function
+without a change in numbers (same slice, same forward, same reduction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_longpo.loss.logprobs import DEFAULT_CHUNK_SIZE, _rank_size, all_reduce_sum, segment_logprob_sums
+from megatron_longpo.runtime.distributed import ParallelGroups
+from megatron_longpo.runtime.zigzag import zigzag_slice
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The LongPOGPTModel inside DDP / Float16Module wrappers (it has ``output_weight()``)."""
+    m = model
+    while not hasattr(m, "output_weight") and hasattr(m, "module"):
+        m = m.module
+    if not hasattr(m, "output_weight"):
+        raise TypeError(f"{type(model).__name__} does not wrap a LongPOGPTModel (no output_weight())")
+    return m
+
+
+@torch.no_grad()
+def vocab_parallel_target_is_argmax(
+    rows: torch.Tensor,  # [N, h], identical on every TP rank
+    weight: torch.Tensor,  # [V_pad/tp, h] this rank's vocab shard
+    targets: torch.Tensor,  # [N] int64 global ids in [0, vocab_size)
+    *,
+    vocab_size: int,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """[N] bool: is ``targets[i]`` the argmax over the true vocabulary of rows[i] @ W_full.T?
+
+    A tie with the maximum counts as a match (measure zero for real logits). Padded vocabulary
+    rows (id >= vocab_size) are never candidates. Same chunking and shard arithmetic as
+    :class:`megatron_longpo.loss.logprobs._VocabParallelTargetLogProb`.
+    """
+    tp_rank, tp_size = _rank_size(tp_group)
+    n, v_local = rows.shape[0], weight.shape[0]
+    start = tp_rank * v_local
+    n_valid = max(0, min(v_local, vocab_size - start))
+    cdtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    w = weight[:n_valid]
+    tgt = targets - start
+    in_shard = (tgt >= 0) & (tgt < n_valid)
+    tgt = torch.where(in_shard, tgt, torch.zeros_like(tgt))
+    # local[0]: max logit of this shard; local[1]: target logit if this shard owns it, else -inf.
+    local = torch.full((2, n), float("-inf"), dtype=cdtype, device=rows.device)
+    if n_valid > 0:
+        for c0 in range(0, n, chunk_size):
+            c1 = min(n, c0 + chunk_size)
+            logits = (rows[c0:c1] @ w.t()).to(cdtype)  # [c, n_valid]
+            local[0, c0:c1] = logits.amax(dim=1)
+            picked = logits.gather(1, tgt[c0:c1, None]).squeeze(1)
+            local[1, c0:c1] = torch.where(in_shard[c0:c1], picked, torch.full_like(picked, float("-inf")))
+            del logits
+    if tp_size > 1 and n > 0:
+        parts = [torch.empty_like(local) for _ in range(tp_size)]
+        dist.all_gather(parts, local, group=tp_group)
+        gathered = torch.stack(parts)  # [tp, 2, N]
+        top, target_logit = gathered[:, 0].amax(dim=0), gathered[:, 1].amax(dim=0)
+    else:
+        top, target_logit = local[0], local[1]
+    return target_logit >= top
+
+
+@dataclass
+class SegmentStats:
+    """Per-segment results of one segment set (identical on every TP and CP rank)."""
+
+    sums: torch.Tensor  # [n] float64 sum of target log-probs (differentiable)
+    counts: torch.Tensor  # [n] float64 number of target positions
+    argmax_matches: Optional[torch.Tensor] = None  # [n] float64 positions whose target is the argmax
+
+    @property
+    def exact_match(self) -> torch.Tensor:
+        """[n] bool: every position of the segment is an argmax match (teacher-forced greedy)."""
+        if self.argmax_matches is None:
+            raise ValueError("argmax matches were not computed; call model_segment_logprobs(..., argmax=True)")
+        return (self.argmax_matches == self.counts) & (self.counts > 0)
+
+
+def model_segment_logprobs(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,  # [rows, S] int64, full sequences (not CP-sliced)
+    position_ids: torch.Tensor,  # [rows, S] int64
+    target_ids: torch.Tensor,  # [rows, S] int64
+    segment_ids: Sequence[torch.Tensor],  # K x [rows, S] int64: segment id or -1
+    num_segments: Sequence[int],
+    groups: ParallelGroups,
+    *,
+    vocab_size: int,
+    attention_mask: Optional[torch.Tensor] = None,  # None (causal) or a branch layout [rows, 2] (CPU)
+    sequence_parallel: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    argmax: bool = False,
+) -> list[SegmentStats]:
+    """Forward ``model`` on this CP rank's zigzag slice and reduce to per-segment statistics.
+
+    Collective over the TP and CP groups: every rank of them passes the same full tensors.
+    S must be a multiple of ``config.seq_length_multiple(parallel)``. Differentiable in ``sums``
+    unless called under ``torch.no_grad()``.
+    """
+    inner = unwrap_model(model)
+    weight = inner.output_weight()  # [V_pad/tp, h]
+    dev = weight.device
+    cp_rank, cp = groups.cp_rank, groups.cp_size
+    if cp > 1 and tokens.shape[1] % (2 * cp):
+        raise ValueError(f"sequence length {tokens.shape[1]} is not a multiple of 2*cp = {2 * cp}; pad to "
+                         "megatron_longpo.config.seq_length_multiple(parallel)")
+
+    def local(x: torch.Tensor) -> torch.Tensor:
+        return zigzag_slice(x.to(dev), cp_rank, cp, dim=1)  # [rows, S/cp]
+
+    tgt = local(target_ids)
+    segs = [local(s) for s in segment_ids]
+    hidden = model(local(tokens), local(position_ids), attention_mask, return_hidden=True)  # [S/cp(/tp), rows, h]
+    results = segment_logprob_sums(
+        hidden, weight, tgt, segs, num_segments, vocab_size=vocab_size, tp_group=groups.tp_group,
+        cp_group=groups.cp_group, sequence_parallel=sequence_parallel, chunk_size=chunk_size,
+    )
+    if not argmax:
+        return [SegmentStats(r.sums, r.counts) for r in results]
+    with torch.no_grad():
+        matches = _segment_argmax_matches(hidden, weight, tgt, segs, num_segments, vocab_size, groups,
+                                          sequence_parallel, chunk_size)
+    return [SegmentStats(r.sums, r.counts, m) for r, m in zip(results, matches)]
+
+
+def _segment_argmax_matches(hidden, weight, target_ids, segs, num_segments, vocab_size, groups: ParallelGroups,
+                            sequence_parallel: bool, chunk_size: int) -> list[torch.Tensor]:
+    """Per segment set: [n] float64 counts of argmax-matching positions, summed over CP."""
+    tp_size = groups.tp_size
+    if tp_size > 1 and sequence_parallel:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=groups.tp_group)
+    b, s = target_ids.shape
+    h = hidden.shape[-1]
+    flat = [seg.t().reshape(-1) for seg in segs]  # position-major, matching hidden.reshape(s*b, h)
+    need = torch.zeros(s * b, dtype=torch.bool, device=target_ids.device)
+    for seg in flat:
+        need |= seg >= 0
+    idx = need.nonzero().squeeze(1)
+    rows = hidden.reshape(s * b, h).index_select(0, idx)
+    targets = target_ids.t().reshape(-1).index_select(0, idx)
+    hit = vocab_parallel_target_is_argmax(rows, weight, targets, vocab_size=vocab_size, tp_group=groups.tp_group,
+                                          chunk_size=chunk_size).to(torch.float64)  # [N]
+    parts = []
+    for seg, n in zip(flat, num_segments):
+        sel = seg.index_select(0, idx)
+        sel = torch.where(sel >= 0, sel, torch.full_like(sel, n))
+        parts.append(hit.new_zeros(n + 1).index_add_(0, sel, hit)[:n])
+    total = all_reduce_sum(torch.cat(parts), groups.cp_group if groups.cp_size > 1 else None)
+    out, off = [], 0
+    for n in num_segments:
+        out.append(total[off: off + n])
+        off += n
+    return out
