@@ -352,9 +352,6 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
         os.remove(rej_tmp)
         if os.path.exists(rej_final):  # stale, from an earlier run with this prefix
             os.remove(rej_final)
-    if not tok.lossless_pieces:
-        log(f"note: tokenizer {o.tokenizer} starts every piece with a word boundary (sentencepiece dummy prefix); "
-            "decoded sequences carry a space at message boundaries, masks are exact")
     summary = _summary(meta, seconds, o.workers, o.output_prefix, had_rejected)
     log(summary)
     return PreprocessResult(meta=meta, seconds=seconds, summary=summary, rejected=dict(stats.rejected))

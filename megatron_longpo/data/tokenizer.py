@@ -1,8 +1,9 @@
 """Tokenizer wrapper: a sentencepiece ``.model`` file or a local HF tokenizer directory.
 
-Sequences are tokenized piece by piece (template text, message contents; see templates.py), so
-``encode`` never adds BOS/EOS: special tokens are placed by the chat template. ``decode`` keeps
-special tokens so a built sequence can be compared with its rendered text.
+A conversation is rendered to one string and tokenized once (see sequences.py), as the model's own
+``apply_chat_template(..., tokenize=True)`` does; ``encode_with_offsets`` gives the character span
+of every token so masks can be derived from the rendered text. ``encode`` never adds BOS/EOS:
+special tokens come from the chat template. ``decode`` keeps special tokens.
 """
 
 from __future__ import annotations
@@ -130,6 +131,30 @@ class Tokenizer:
             ids = self._hf.encode(text, add_special_tokens=False)
         return np.asarray(ids, dtype=np.int64)
 
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, starts, ends) of ``text``: token ids (int64) and each token's character span in
+        ``text`` (int64; empty spans for tokens without source text, e.g. a dummy-prefix "▁" or the
+        leading bytes of a byte-fallback character). HF tokenizers parse special-token strings;
+        sentencepiece matches its user-defined symbols but not control tokens (<s>, </s>)."""
+        if not text:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z.copy(), z.copy()
+        if self._sp is None:
+            enc = self._hf(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = np.asarray(enc["input_ids"], dtype=np.int64)
+            off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+            return ids, off[:, 0].copy(), off[:, 1].copy()
+        proto = self._sp.encode(text, return_type="proto")
+        n = len(proto.pieces)
+        ids = np.fromiter((p.id for p in proto.pieces), dtype=np.int64, count=n)
+        begin = np.fromiter((p.begin for p in proto.pieces), dtype=np.int64, count=n)
+        end = np.fromiter((p.end for p in proto.pieces), dtype=np.int64, count=n)
+        # sentencepiece reports UTF-8 byte offsets: map them to character offsets.
+        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        starts_char = (raw & 0xC0) != 0x80
+        byte_to_char = np.concatenate([np.cumsum(starts_char) - 1, [len(text)]]).astype(np.int64)
+        return ids, byte_to_char[begin], byte_to_char[end]
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of ``ids`` with special tokens written out (e.g. ``<s>``, ``</s>``)."""
         ids = [int(i) for i in ids]
@@ -167,14 +192,6 @@ class Tokenizer:
         """The id if ``text`` encodes to exactly one token, else None."""
         ids = self.encode(text)
         return int(ids[0]) if len(ids) == 1 else None
-
-    @property
-    def lossless_pieces(self) -> bool:
-        """True when decode(encode(a) + encode(b)) == a + b, i.e. piecewise tokenization decodes
-        back to exactly the rendered text. False for sentencepiece models with a dummy prefix
-        (Llama-2 / Mistral), which start every piece with a word boundary (as mistral-common does)."""
-        probes = [("ab", "cd"), ("x y", "\n\nz"), ("1.", " 2")]
-        return all(self.decode(np.concatenate([self.encode(a), self.encode(b)])) == a + b for a, b in probes)
 
     def describe(self) -> dict:
         return {
