@@ -168,8 +168,10 @@ class _Stats:
         self.identical_turns = 0
         self.tokens_written = 0
         self.len: dict[str, list[int]] = collections.defaultdict(list)
+        self.ignored_keys: collections.Counter = collections.Counter()
 
     def add(self, record, res: BuildResult) -> None:
+        self.ignored_keys.update(record.ignored_keys)
         self.identical_records += int(res.identical)
         self.identical_turns += res.identical_turns
         s = res.sample
@@ -211,6 +213,7 @@ class _Stats:
             "chosen_equals_rejected_records": self.identical_records,
             "chosen_equals_rejected_turns": self.identical_turns,
             "tokens_written": self.tokens_written,
+            "ignored_keys": dict(sorted(self.ignored_keys.items())),
         }
 
 
@@ -234,6 +237,9 @@ def _summary(meta: dict, seconds: float, workers: int, prefix: str, had_rejected
         f"shared_prefix: max {L['shared_prefix']['max']} mean {L['shared_prefix']['mean']}; "
         f"reference: max {L['reference']['max']}",
     ]
+    if c.get("ignored_keys"):
+        lines.append("  ignored keys (not part of any conversation): "
+                     + ", ".join(f"{k} in {n} records" for k, n in c["ignored_keys"].items()))
     if c["records_without_short_context"]:
         lines.append(
             f"  note: {c['records_without_short_context']} pair records have no short_prompt: "

@@ -367,3 +367,18 @@ def test_truncating_a_plain_pair_prompt_keeps_its_end(tok):
     assert tok.decode(s.chosen).endswith("\n\nWhat is the answer? [/INST]It is 42.</s>")
     assert tok.decode(s.chosen).startswith("<s>[INST] " + prompt[:40])
     assert mask_runs(s.rejected, s.rejected_mask) == [enc(tok, "No idea.") + [tok.eos_id]]
+
+
+def test_authors_intermediate_json_gives_the_longpo_record_ids(tok):
+    """prompt / short_prompt / question -> user = prompt + "\n\n" + question, as the authors build it."""
+    official = parse_record({"prompt_id": "d1", "prompt": "Doc text.\nMore.", "short_prompt": "More.",
+                             "question": "What follows?", "chosen": "More.", "rejected": "Nothing."}, "f:1")
+    same = parse_record({"id": "d1", "document": "Doc text.\nMore.", "turns": [
+        {"short_context": "More.", "instruction": "What follows?", "chosen": "More.", "rejected": "Nothing."}]}, "f:2")
+    tpl = get_template("mistral", tok)
+    a, b = build_sample(official, tok, tpl).sample, build_sample(same, tok, tpl).sample
+    for x, y in ((a.chosen, b.chosen), (a.rejected, b.rejected), (a.references[0].chosen, b.references[0].chosen),
+                 (a.references[0].rejected, b.references[0].rejected), (a.chosen_mask, b.chosen_mask)):
+        assert x.tolist() == y.tolist()
+    assert tok.decode(a.chosen) == "<s>[INST] Doc text.\nMore.\n\nWhat follows? [/INST]More.</s>"
+    assert tok.decode(a.references[0].rejected) == "<s>[INST] More.\n\nWhat follows? [/INST]Nothing.</s>"
