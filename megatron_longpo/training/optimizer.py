@@ -29,7 +29,6 @@ def megatron_optimizer_config(optim: OptimConfig, model: ModelConfig) -> Optimiz
     bf16 = model.params_dtype == "bf16"
     return OptimizerConfig(
         optimizer="sgd" if optim.optimizer == "rmsprop" else optim.optimizer,
-        sgd_momentum=0.0,
         lr=optim.lr,
         min_lr=optim.min_lr,
         weight_decay=optim.weight_decay,
