@@ -188,6 +188,9 @@ class _Stats:
         if res.truncated_tokens:
             self.truncated_records += 1
             self.truncated_tokens += res.truncated_tokens
+        self.add_lengths(s)
+
+    def add_lengths(self, s) -> None:
         ref_lens = [len(x) for x, _ in s.reference_sequences()]
         self.tokens_written += s.prefix_length + len(s.chosen_branch) + len(s.rejected_branch) + sum(ref_lens)
         self.len["two_sequences"].append(s.two_sequences_length)
