@@ -145,10 +145,8 @@ class Tokenizer:
             off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
             return ids, off[:, 0].copy(), off[:, 1].copy()
         proto = self._sp.encode(text, return_type="proto")
-        n = len(proto.pieces)
-        ids = np.fromiter((p.id for p in proto.pieces), dtype=np.int64, count=n)
-        begin = np.fromiter((p.begin for p in proto.pieces), dtype=np.int64, count=n)
-        end = np.fromiter((p.end for p in proto.pieces), dtype=np.int64, count=n)
+        table = np.array([(p.id, p.begin, p.end) for p in proto.pieces], dtype=np.int64).reshape(-1, 3)
+        ids, begin, end = table[:, 0].copy(), table[:, 1], table[:, 2]
         # sentencepiece reports UTF-8 byte offsets: map them to character offsets.
         raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
         starts_char = (raw & 0xC0) != 0x80
