@@ -124,9 +124,10 @@ def encode_pieces(pieces: Sequence[Piece], tok: Tokenizer) -> Encoded:
 
     HF tokenizers get the whole string (special-token strings are parsed, as in
     ``apply_chat_template(..., tokenize=True)``). Sentencepiece models do not parse control tokens
-    (<s>, </s>) in text, so the text between special pieces is tokenized as one string each (the
-    behaviour of HF's LlamaTokenizer over the same model). A token is a response token when it
-    holds a character of a response piece (assistant content or the end-of-turn token closing it).
+    (<s>, </s>) in text, so the text between them is tokenized as one string each (the behaviour of
+    HF's LlamaTokenizer over the same model); user-defined symbols ([INST], <|im_end|>) stay in the
+    text, which sentencepiece matches itself. A token is a response token when it holds a character
+    of a response piece (assistant content or the end-of-turn token closing it).
     """
     spans, pos = [], 0
     for p in pieces:
@@ -136,7 +137,7 @@ def encode_pieces(pieces: Sequence[Piece], tok: Tokenizer) -> Encoded:
     if tok.kind == "sentencepiece":
         ids_l, st_l, en_l, seg_start = [], [], [], 0
         for p, (a, b) in list(zip(pieces, spans)) + [(None, (len(text), len(text)))]:
-            if p is not None and p.token_id < 0:
+            if p is not None and (p.token_id < 0 or not tok.is_special(p.token_id)):
                 continue
             ids, st, en = tok.encode_with_offsets(text[seg_start:a])
             ids_l += [ids, np.array([p.token_id] if p is not None else [], dtype=np.int64)]
@@ -146,14 +147,14 @@ def encode_pieces(pieces: Sequence[Piece], tok: Tokenizer) -> Encoded:
         ids, starts, ends = np.concatenate(ids_l), np.concatenate(st_l), np.concatenate(en_l)
     else:
         ids, starts, ends = tok.encode_with_offsets(text)
-        for p, (a, b) in zip(pieces, spans):
-            if p.token_id >= 0:
-                hit = np.nonzero((starts == a) & (ends == b))[0]
-                if len(hit) != 1 or ids[hit[0]] != p.token_id:
-                    raise DataError(
-                        f"tokenizer {tok.path} does not read {p.text!r} in the rendered conversation as the single "
-                        f"token {p.token_id}; use the tokenizer's own template (--chat-template tokenizer)"
-                    )
+    for p, (a, b) in zip(pieces, spans):
+        if p.token_id >= 0:
+            hit = np.nonzero((starts == a) & (ends == b))[0]
+            if len(hit) != 1 or ids[hit[0]] != p.token_id:
+                raise DataError(
+                    f"tokenizer {tok.path} does not read {p.text!r} in the rendered conversation as the single "
+                    f"token {p.token_id}; use the tokenizer's own template (--chat-template tokenizer)"
+                )
     response = np.zeros(len(ids), dtype=bool)
     for p, (a, b) in zip(pieces, spans):
         if p.response and b > a:

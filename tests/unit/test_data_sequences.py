@@ -382,3 +382,19 @@ def test_authors_intermediate_json_gives_the_longpo_record_ids(tok):
         assert x.tolist() == y.tolist()
     assert tok.decode(a.chosen) == "<s>[INST] Doc text.\nMore.\n\nWhat follows? [/INST]More.</s>"
     assert tok.decode(a.references[0].rejected) == "<s>[INST] More.\n\nWhat follows? [/INST]Nothing.</s>"
+
+
+def test_sentencepiece_model_tokenizes_the_whole_rendered_text(dummy_prefix_tok):
+    """A bare .model file: sentencepiece's own encoding of the rendered text, split only at the
+    control tokens (<s>, </s>) that it cannot read from text."""
+    t = dummy_prefix_tok
+    rec = longpo(system="Sys.")
+    d, tu = rec.document, rec.turns
+    s = build_sample(rec, t, get_template("chatml", t)).sample
+    text = ("<|im_start|>system\nSys.<|im_end|>\n"
+            f"<|im_start|>user\n{d}\n\n{tu[0].instruction}<|im_end|>\n<|im_start|>assistant\n{tu[0].chosen}<|im_end|>\n"
+            f"<|im_start|>user\n{tu[1].instruction}<|im_end|>\n<|im_start|>assistant\n{tu[1].chosen}<|im_end|>\n")
+    assert s.chosen.tolist() == t._sp.encode(text)
+    s = build_sample(rec, t, get_template("mistral", t)).sample
+    segs = [f"[INST] Sys.\n\n{d}\n\n{tu[0].instruction} [/INST]{tu[0].chosen}", f"[INST] {tu[1].instruction} [/INST]{tu[1].chosen}"]
+    assert s.chosen.tolist() == [t.bos_id] + t._sp.encode(segs[0]) + [t.eos_id] + t._sp.encode(segs[1]) + [t.eos_id]
