@@ -187,7 +187,12 @@ class Tokenizer:
         return sorted((t for t in texts if t), key=len, reverse=True)
 
     def single_token(self, text: str) -> Optional[int]:
-        """The id if ``text`` encodes to exactly one token, else None."""
+        """The id if ``text`` is exactly one token (a vocabulary piece, e.g. a user-defined symbol),
+        else None."""
+        if self._sp is not None:
+            i = int(self._sp.piece_to_id(text))
+            if i != self._sp.unk_id() and self._sp.id_to_piece(i) == text:
+                return i
         ids = self.encode(text)
         return int(ids[0]) if len(ids) == 1 else None
 
