@@ -175,6 +175,10 @@ def row_to_sample(row: dict, sample_id: str, where: str, vocab_size: int) -> Pre
     ids_l, m_l = _sequence(row, "rejected", where, vocab_size)
     sample = split_shared_prefix(sample_id, ids_w, m_w, ids_l, m_l, where)
     if "ref_chosen_input_ids" in row:
+        for s_ in REFERENCES:  # a flat list<int> column is one turn
+            for f in FIELDS:
+                if isinstance(row[f"{s_}_{f}"], np.ndarray):
+                    row[f"{s_}_{f}"] = [row[f"{s_}_{f}"]]
         n_c, n_r = len(row["ref_chosen_input_ids"]), len(row["ref_rejected_input_ids"])
         if n_c != n_r:
             raise DataError(f"{where}: {n_c} ref_chosen rows but {n_r} ref_rejected rows; one per turn in each")

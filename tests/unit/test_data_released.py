@@ -107,3 +107,18 @@ def test_unmappable_data_is_refused_clearly(source, capsys):
     assert main(["--input", str(d / "nothere"), "--tokenizer", str(SAMPLE_TOKENIZER), "--output-prefix",
                  str(d / "cli" / "t"), "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err and not (d / "cli").exists()
+
+
+def test_flat_reference_columns_are_one_turn(source):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d, _, samples = source
+    one_turn = [s for s in samples if s.num_turns == 1][:2]
+    rows = released_rows(one_turn)
+    cols = {k: [r[k][0] if k.startswith("ref_") else r[k] for r in rows] for k in rows[0]}
+    pq.write_table(pa.table({k: pa.array(v) for k, v in cols.items()}), str(d / "flat.parquet"))
+    out, _ = _import(d, [d / "flat.parquet"], "flat")
+    got = PreferenceDataset(out)
+    for i, s in enumerate(one_turn):
+        assert_same(got[i], s)
