@@ -5,7 +5,6 @@ reference turns); what cannot be mapped is refused naming FILE:row and the colum
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from megatron_longpo.data.indexed import PreferenceDataset
