@@ -79,6 +79,31 @@ class Tokenizer:
         for i in range(self.vocab_size):
             self._special[i] = sp.is_control(i)
         self.fingerprint = _sha256_files([self.path])
+        self._surface_bytes = self._sentencepiece_surface_table()
+
+    def _sentencepiece_surface_table(self) -> Optional[np.ndarray]:
+        """UTF-8 length of the text each piece stands for, when that is fixed (identity
+        normalisation, no whitespace folding): offsets then follow from the ids alone, which is
+        ~2.5x cheaper than sentencepiece's offset protos. None: use the protos."""
+        from sentencepiece import sentencepiece_model_pb2  # ships with sentencepiece
+
+        m = sentencepiece_model_pb2.ModelProto()
+        m.ParseFromString(self.path.read_bytes())
+        n = m.normalizer_spec
+        if n.name != "identity" or n.precompiled_charsmap or n.remove_extra_whitespaces or \
+                not n.escape_whitespaces or m.trainer_spec.treat_whitespace_as_suffix:
+            return None
+        sp = self._sp
+        table = np.full(self.vocab_size, -1, dtype=np.int64)  # -1: unknown surface (unk)
+        for i in range(self.vocab_size):
+            if sp.is_byte(i):
+                table[i] = 1
+            elif sp.is_control(i):
+                table[i] = 0
+            elif not sp.is_unknown(i):
+                table[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        self._dummy_prefix = bool(n.add_dummy_prefix)
+        return table
 
     def _init_hf(self) -> None:
         from transformers import AutoTokenizer
@@ -144,11 +169,26 @@ class Tokenizer:
             ids = np.asarray(enc["input_ids"], dtype=np.int64)
             off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
             return ids, off[:, 0].copy(), off[:, 1].copy()
-        proto = self._sp.encode(text, return_type="proto")
-        table = np.array([(p.id, p.begin, p.end) for p in proto.pieces], dtype=np.int64).reshape(-1, 3)
-        ids, begin, end = table[:, 0].copy(), table[:, 1], table[:, 2]
+        data = text.encode("utf-8")
+        raw = np.frombuffer(data, dtype=np.uint8)
+        ids = begin = end = None
+        if self._surface_bytes is not None:
+            ids = np.asarray(self._sp.encode(text, out_type=int), dtype=np.int64)
+            lens = self._surface_bytes[ids]
+            # the dummy prefix "▁" of the first piece stands for no text
+            if self._dummy_prefix and len(lens) and self._sp.id_to_piece(int(ids[0])).startswith("\u2581"):
+                lens = lens.copy()
+                lens[0] -= 1
+            if len(lens) and lens.min() >= 0 and int(lens.sum()) == len(data):
+                end = np.cumsum(lens)
+                begin = end - lens
+            else:
+                ids = None
+        if ids is None:
+            proto = self._sp.encode(text, return_type="proto")
+            table = np.array([(p.id, p.begin, p.end) for p in proto.pieces], dtype=np.int64).reshape(-1, 3)
+            ids, begin, end = table[:, 0].copy(), table[:, 1], table[:, 2]
         # sentencepiece reports UTF-8 byte offsets: map them to character offsets.
-        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
         starts_char = (raw & 0xC0) != 0x80
         byte_to_char = np.concatenate([np.cumsum(starts_char) - 1, [len(text)]]).astype(np.int64)
         return ids, byte_to_char[begin], byte_to_char[end]

@@ -398,3 +398,21 @@ def test_sentencepiece_model_tokenizes_the_whole_rendered_text(dummy_prefix_tok)
     s = build_sample(rec, t, get_template("mistral", t)).sample
     segs = [f"[INST] Sys.\n\n{d}\n\n{tu[0].instruction} [/INST]{tu[0].chosen}", f"[INST] {tu[1].instruction} [/INST]{tu[1].chosen}"]
     assert s.chosen.tolist() == [t.bos_id] + t._sp.encode(segs[0]) + [t.eos_id] + t._sp.encode(segs[1]) + [t.eos_id]
+
+
+@pytest.mark.parametrize("which", ["tok", "dummy_prefix_tok"])
+def test_sentencepiece_offsets_from_ids_equal_its_protos(which, request):
+    """The fast offset path (surface lengths per id) gives sentencepiece's own offsets."""
+    t = request.getfixturevalue(which)
+    assert t._surface_bytes is not None
+    texts = [random_text(300, seed=2), "  lead space", "Ünïcödé — café 東京 naïve ✓ 🙂 «q» ½\n\n x",
+             "[INST] a [/INST]b<|im_end|>\n", " ", "a  b   c\t\td"]
+    for text in texts:
+        fast = t.encode_with_offsets(text)
+        table, t._surface_bytes = t._surface_bytes, None
+        try:
+            slow = t.encode_with_offsets(text)
+        finally:
+            t._surface_bytes = table
+        for a, b in zip(fast, slow):
+            assert a.tolist() == b.tolist(), text
