@@ -416,3 +416,19 @@ def test_sentencepiece_offsets_from_ids_equal_its_protos(which, request):
             t._surface_bytes = table
         for a, b in zip(fast, slow):
             assert a.tolist() == b.tolist(), text
+
+
+def test_truncating_a_pair_keeps_its_short_prompts_context(tok):
+    chunk = "Section 9: Bridges\nThe north bridge was rebuilt in 1911 for 3000 pounds."
+    q = "\n\nWhen was the north bridge rebuilt?"
+    prompt = random_text(200, seed=6) + "\n" + chunk + "\n" + random_text(200, seed=7) + q
+    tpl = get_template("mistral", tok)
+    rec = parse_record({"id": "p", "prompt": prompt, "chosen": "In 1911.", "rejected": "No idea.",
+                        "short_prompt": chunk + q}, "f:1")
+    L = build_sample(rec, tok, tpl).sample.two_sequences_length
+    s = build_sample(rec, tok, tpl, max_seq_length=L - 300, overlong="truncate_document").sample
+    assert s.two_sequences_length == L - 300 and chunk + "\n" in tok.decode(s.chosen)
+    lost = parse_record({"id": "p", "prompt": prompt, "chosen": "In 1911.", "rejected": "No idea.",
+                         "short_prompt": "Another chunk about the harbour." + q}, "f:2")
+    res = build_sample(lost, tok, tpl, max_seq_length=L - 300, overlong="truncate_document")
+    assert res.sample is None and res.drop_reason == OVERLONG_UNGROUNDED
