@@ -29,6 +29,7 @@ setup(
         "psutil",
         "tqdm",
         "tensorboard",
+        "pyarrow",  # the released LongPO data is parquet (tools/import_released_data.py)
     ],
     extras_require={
         "wandb": ["wandb"],

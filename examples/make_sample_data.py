@@ -8,7 +8,7 @@ Writes to --out-dir (default examples/data):
                         rejected answer is vague or wrong (as a long-context model's answer may be).
   sample_pairs.jsonl    plain (TRL-like) pair records with a short_prompt, string and chat forms.
   tokenizer.model       a tiny sentencepiece BPE tokenizer trained on the documents (byte fallback,
-                        identity normalisation, no dummy prefix: piecewise tokenization is lossless;
+                        identity normalisation, no dummy prefix;
                         [INST], [/INST], <|im_start|>, <|im_end|> are single tokens).
 
     python examples/make_sample_data.py [--out-dir DIR] [--check]

@@ -140,7 +140,9 @@ class ReferenceConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    optimizer: Literal["adam", "sgd"] = _f("adam", "Optimizer.")
+    optimizer: Literal["adam", "sgd", "rmsprop"] = _f(
+        "adam", "Optimizer (rmsprop: the released LongPO script; torch.optim.RMSprop, momentum 0, not centered)."
+    )
     lr: float = _f(5e-7, "Peak learning rate.")
     min_lr: float = _f(0.0, "Final learning rate of the decay.")
     lr_decay_style: Literal["cosine", "linear", "constant"] = _f("cosine", "LR decay.")
@@ -149,6 +151,8 @@ class OptimConfig:
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.95, "Adam beta2.")
     adam_eps: float = _f(1e-8, "Adam epsilon.")
+    rmsprop_alpha: float = _f(0.99, "RMSprop smoothing constant (torch default, as in the released script).")
+    rmsprop_eps: float = _f(1e-8, "RMSprop epsilon.")
     clip_grad: float = _f(1.0, "Gradient-norm clipping (0 disables).")
     use_distributed_optimizer: bool = _f(True, "Shard optimizer state over DP (CUDA only).")
 
@@ -500,6 +504,11 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
         errs.append("loss.mode=sft with loss.nll_weight=0 trains nothing; set loss.nll_weight > 0")
     if p.fp8 and cfg.model.params_dtype != "bf16":
         errs.append("parallel.fp8 needs model.params_dtype=bf16")
+    if cfg.optim.optimizer == "rmsprop" and cfg.optim.use_distributed_optimizer:
+        errs.append(
+            "optim.optimizer=rmsprop needs optim.use_distributed_optimizer: false (Megatron-Core 0.16.1's "
+            "distributed optimizer keeps Adam moments only)"
+        )
     if cfg.data.pair_layout == "shared_prefix" and p.attention_backend == "te":
         errs.append(
             "data.pair_layout=shared_prefix cannot run on parallel.attention_backend=te (TE attention "

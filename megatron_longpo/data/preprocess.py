@@ -168,8 +168,10 @@ class _Stats:
         self.identical_turns = 0
         self.tokens_written = 0
         self.len: dict[str, list[int]] = collections.defaultdict(list)
+        self.ignored_keys: collections.Counter = collections.Counter()
 
     def add(self, record, res: BuildResult) -> None:
+        self.ignored_keys.update(record.ignored_keys)
         self.identical_records += int(res.identical)
         self.identical_turns += res.identical_turns
         s = res.sample
@@ -186,6 +188,9 @@ class _Stats:
         if res.truncated_tokens:
             self.truncated_records += 1
             self.truncated_tokens += res.truncated_tokens
+        self.add_lengths(s)
+
+    def add_lengths(self, s) -> None:
         ref_lens = [len(x) for x, _ in s.reference_sequences()]
         self.tokens_written += s.prefix_length + len(s.chosen_branch) + len(s.rejected_branch) + sum(ref_lens)
         self.len["two_sequences"].append(s.two_sequences_length)
@@ -211,6 +216,7 @@ class _Stats:
             "chosen_equals_rejected_records": self.identical_records,
             "chosen_equals_rejected_turns": self.identical_turns,
             "tokens_written": self.tokens_written,
+            "ignored_keys": dict(sorted(self.ignored_keys.items())),
         }
 
 
@@ -234,6 +240,9 @@ def _summary(meta: dict, seconds: float, workers: int, prefix: str, had_rejected
         f"shared_prefix: max {L['shared_prefix']['max']} mean {L['shared_prefix']['mean']}; "
         f"reference: max {L['reference']['max']}",
     ]
+    if c.get("ignored_keys"):
+        lines.append("  ignored keys (not part of any conversation): "
+                     + ", ".join(f"{k} in {n} records" for k, n in c["ignored_keys"].items()))
     if c["records_without_short_context"]:
         lines.append(
             f"  note: {c['records_without_short_context']} pair records have no short_prompt: "
@@ -352,9 +361,6 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
         os.remove(rej_tmp)
         if os.path.exists(rej_final):  # stale, from an earlier run with this prefix
             os.remove(rej_final)
-    if not tok.lossless_pieces:
-        log(f"note: tokenizer {o.tokenizer} starts every piece with a word boundary (sentencepiece dummy prefix); "
-            "decoded sequences carry a space at message boundaries, masks are exact")
     summary = _summary(meta, seconds, o.workers, o.output_prefix, had_rejected)
     log(summary)
     return PreprocessResult(meta=meta, seconds=seconds, summary=summary, rejected=dict(stats.rejected))

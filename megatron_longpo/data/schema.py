@@ -12,6 +12,16 @@ Plain (TRL-like) pair record::
      "chosen": "<text>" | [{"role": "assistant", "content": ...}], "rejected": ...,
      "short_prompt": optional, same form as prompt}
 
+The authors' intermediate JSON (one turn per record; user message = prompt + SEP + question)::
+
+    {"prompt_id": "...", "prompt": "<long document>", "short_prompt": "<chunk C_S>",
+     "question": "<instruction>", "chosen": "<text>", "rejected": "<text>"}
+
+is read as the equivalent one-turn LongPO record (document = prompt, short_context = short_prompt,
+instruction = question; ``id`` falls back to ``prompt_id``). A key that would change the
+conversation but is not used by the record's form (e.g. ``system`` in a pair record) is refused;
+other unknown keys are ignored and counted (``Record.ignored_keys``).
+
 Every problem is reported as ``FILE:LINE: field 'PATH': problem`` with a machine-readable reason
 (used for the counts and the ``NAME.rejected.jsonl`` file of ``--skip-invalid``).
 """
@@ -38,6 +48,19 @@ WRONG_TYPE = "wrong_type"
 EMPTY_TURNS = "empty_turns"
 BAD_MESSAGES = "bad_messages"
 DUPLICATE_ID = "duplicate_id"
+UNUSED_KEY = "unused_conversation_key"
+
+# Keys each record form reads, and keys that change a conversation wherever they appear: one of
+# these that the form does not read is refused rather than silently dropped.
+LONGPO_KEYS = frozenset({"id", "system", "document", "turns"})
+TURN_KEYS = frozenset({"short_context", "instruction", "chosen", "rejected"})
+PAIR_KEYS = frozenset({"id", "prompt", "chosen", "rejected", "short_prompt"})
+OFFICIAL_KEYS = frozenset({"id", "prompt_id", "prompt", "short_prompt", "question", "chosen", "rejected"})
+CONVERSATION_KEYS = frozenset({
+    "system", "system_prompt", "document", "turns", "prompt", "short_prompt", "question", "instruction",
+    "short_context", "context", "input", "query", "messages", "conversations", "history", "chosen", "rejected",
+    "response", "answer", "output", "chat_template", "tools",
+})
 
 
 @dataclass(frozen=True)
@@ -61,6 +84,7 @@ class LongPORecord:
     turns: tuple[Turn, ...]
     system: Optional[str] = None
     source: str = ""  # "FILE:LINE", for messages
+    ignored_keys: tuple[str, ...] = ()  # unknown keys that do not change the conversation
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,7 @@ class PairRecord:
     rejected: str
     short_prompt: Optional[tuple[Message, ...]] = None
     source: str = ""
+    ignored_keys: tuple[str, ...] = ()
 
 
 Record = Union[LongPORecord, PairRecord]
@@ -172,6 +197,19 @@ def _response(obj: dict, key: str) -> str:
     return _text(obj, key, key)
 
 
+def _check_keys(obj: dict, used: frozenset, form: str, path: str = "") -> tuple[str, ...]:
+    """Unknown keys of ``obj``: refuse one that changes conversations, return the others."""
+    unknown = sorted(k for k in obj if k not in used)
+    for k in unknown:
+        if k in CONVERSATION_KEYS:
+            raise _Invalid(
+                UNUSED_KEY, f"{path}{k}",
+                f"is not read by a {form}, and ignoring it would change the conversation; remove it or use the "
+                "record form that reads it (see docs/data.md)",
+            )
+    return tuple(f"{path}{k}" for k in unknown)
+
+
 def _longpo_record(obj: dict, source: str) -> LongPORecord:
     rid = _record_id(obj)
     document = _text(obj, "document", "document")
@@ -185,13 +223,14 @@ def _longpo_record(obj: dict, source: str) -> LongPORecord:
         raise _Invalid(WRONG_TYPE, "turns", f"must be a list of turn objects, got {_type_name(turns_v)}")
     if not turns_v:
         raise _Invalid(EMPTY_TURNS, "turns", "is empty (a record needs at least one turn)")
-    turns = []
+    turns, ignored = [], list(_check_keys(obj, LONGPO_KEYS, "LongPO record"))
     for i, t in enumerate(turns_v):
         p = f"turns[{i}]"
         if not isinstance(t, dict):
             raise _Invalid(WRONG_TYPE, p, f"must be an object, got {_type_name(t)}")
         if not t:
             raise _Invalid(EMPTY_TURNS, p, "is an empty turn")
+        ignored += [f"turns[].{k.split('.', 1)[1]}" for k in _check_keys(t, TURN_KEYS, "LongPO turn", f"{p}.")]
         turns.append(
             Turn(
                 short_context=_text(t, "short_context", f"{p}.short_context"),
@@ -200,7 +239,27 @@ def _longpo_record(obj: dict, source: str) -> LongPORecord:
                 rejected=_text(t, "rejected", f"{p}.rejected"),
             )
         )
-    return LongPORecord(id=rid, document=document, turns=tuple(turns), system=system, source=source)
+    return LongPORecord(id=rid, document=document, turns=tuple(turns), system=system, source=source,
+                        ignored_keys=tuple(sorted(set(ignored))))
+
+
+def _official_record(obj: dict, source: str) -> LongPORecord:
+    """The authors' intermediate JSON: one turn; user = prompt + SEP + question."""
+    ignored = _check_keys(obj, OFFICIAL_KEYS, "LongPO intermediate-JSON record (prompt/short_prompt/question)")
+    if "id" in obj:
+        rid = _record_id(obj)
+    elif "prompt_id" in obj:
+        rid = _record_id({"id": obj["prompt_id"]})
+    else:
+        raise _Invalid(MISSING_FIELD, "id", "is missing (the intermediate-JSON form needs 'id' or 'prompt_id')")
+    document = _text(obj, "prompt", "prompt")
+    if "short_prompt" not in obj:
+        raise _Invalid(MISSING_FIELD, "short_prompt",
+                       "is missing (a record with 'question' is the authors' intermediate JSON: prompt, short_prompt, "
+                       "question, chosen, rejected)")
+    turn = Turn(short_context=_text(obj, "short_prompt", "short_prompt"), instruction=_text(obj, "question", "question"),
+                chosen=_text(obj, "chosen", "chosen"), rejected=_text(obj, "rejected", "rejected"))
+    return LongPORecord(id=rid, document=document, turns=(turn,), source=source, ignored_keys=ignored)
 
 
 def _pair_record(obj: dict, source: str) -> PairRecord:
@@ -212,7 +271,9 @@ def _pair_record(obj: dict, source: str) -> PairRecord:
     rejected = _response(obj, "rejected")
     short = obj.get("short_prompt")
     short_prompt = None if short is None else _messages(short, "short_prompt")
-    return PairRecord(id=rid, prompt=prompt, chosen=chosen, rejected=rejected, short_prompt=short_prompt, source=source)
+    ignored = _check_keys(obj, PAIR_KEYS, "plain pair record")
+    return PairRecord(id=rid, prompt=prompt, chosen=chosen, rejected=rejected, short_prompt=short_prompt, source=source,
+                      ignored_keys=ignored)
 
 
 def parse_record(obj: Any, source: str) -> Union[Record, InvalidRecord]:
@@ -229,6 +290,8 @@ def parse_record(obj: Any, source: str) -> Union[Record, InvalidRecord]:
             )
         if is_longpo:
             return _longpo_record(obj, source)
+        if is_pair and "question" in obj:
+            return _official_record(obj, source)
         if is_pair:
             return _pair_record(obj, source)
         raise _Invalid(

@@ -7,12 +7,15 @@ LongPO record (turns i = 1..n, optional system):
 Plain pair record: S = render(prompt messages, asst(chosen | rejected)); with ``short_prompt`` one
 reference turn render(short_prompt, asst(...)); without it no reference (loss.mode=dpo or sft only).
 
-The document is a separate piece, tokenized once per record and shared by S_w and S_l; it is also
-the only thing ``--overlong truncate_document`` may shorten (keeping its first and last tokens).
+Each sequence is the whole rendered conversation tokenized once, so its ids equal the
+tokenizer's ``apply_chat_template(messages, tokenize=True)``; masks come from character spans.
+The document is the only thing ``--overlong truncate_document`` may shorten, and only outside the
+short contexts C_S of the record's turns.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -29,6 +32,7 @@ OVERLONG_CHOICES = ("error", "drop", "truncate_document")
 # Drop reasons produced while building (schema reasons are in schema.py).
 OVERLONG = "overlong"
 OVERLONG_UNTRUNCATABLE = "overlong_untruncatable"
+OVERLONG_UNGROUNDED = "overlong_short_context"  # truncation cannot keep every turn's short context
 IDENTICAL = "chosen_equals_rejected"
 TEMPLATE_ERROR = "template_error"
 
@@ -98,31 +102,104 @@ def render_record(record: Record, template: ChatTemplate, separator: str = DEFAU
         raise DataError(f"{record.source}: record {record.id!r}: {e}") from e
 
 
-def _encode(pieces: Sequence[Piece], tok: Tokenizer, cache: dict) -> list[np.ndarray]:
-    out = []
+@dataclass
+class Encoded:
+    """One rendered conversation tokenized as a whole string."""
+
+    ids: np.ndarray  # [L] int64
+    response: np.ndarray  # [L] uint8, 1 on response tokens
+    starts: np.ndarray  # [L] character span of every token in the rendered text
+    ends: np.ndarray
+    document: Optional[tuple[int, int]]  # character span of the truncatable document piece
+    document_text: str = ""
+
+
+def _overlaps(starts: np.ndarray, ends: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Tokens holding at least one character of [a, b) (an empty-span token counts at its start)."""
+    return np.where(starts == ends, (starts >= a) & (starts < b), (starts < b) & (ends > a))
+
+
+def encode_pieces(pieces: Sequence[Piece], tok: Tokenizer) -> Encoded:
+    """Tokenize the rendered text of ``pieces`` once and mark response tokens by character span.
+
+    HF tokenizers get the whole string (special-token strings are parsed, as in
+    ``apply_chat_template(..., tokenize=True)``). Sentencepiece models do not parse control tokens
+    (<s>, </s>) in text, so the text between them is tokenized as one string each (the behaviour of
+    HF's LlamaTokenizer over the same model); user-defined symbols ([INST], <|im_end|>) stay in the
+    text, which sentencepiece matches itself. A token is a response token when it holds a character
+    of a response piece (assistant content or the end-of-turn token closing it).
+    """
+    spans, pos = [], 0
     for p in pieces:
+        spans.append((pos, pos + len(p.text)))
+        pos += len(p.text)
+    text = "".join(p.text for p in pieces)
+    if tok.kind == "sentencepiece":
+        ids_l, st_l, en_l, seg_start = [], [], [], 0
+        for p, (a, b) in list(zip(pieces, spans)) + [(None, (len(text), len(text)))]:
+            if p is not None and (p.token_id < 0 or not tok.is_special(p.token_id)):
+                continue
+            ids, st, en = tok.encode_with_offsets(text[seg_start:a])
+            ids_l += [ids, np.array([p.token_id] if p is not None else [], dtype=np.int64)]
+            st_l += [st + seg_start, np.array([a] if p is not None else [], dtype=np.int64)]
+            en_l += [en + seg_start, np.array([b] if p is not None else [], dtype=np.int64)]
+            seg_start = b
+        ids, starts, ends = np.concatenate(ids_l), np.concatenate(st_l), np.concatenate(en_l)
+    else:
+        ids, starts, ends = tok.encode_with_offsets(text)
+    for p, (a, b) in zip(pieces, spans):
         if p.token_id >= 0:
-            out.append(np.array([p.token_id], dtype=np.int64))
-            continue
-        ids = cache.get(p.text)
-        if ids is None:
-            ids = tok.encode(p.text)
-            cache[p.text] = ids
-        out.append(ids)
-    return out
+            hit = np.nonzero((starts == a) & (ends == b))[0]
+            if len(hit) != 1 or ids[hit[0]] != p.token_id:
+                raise DataError(
+                    f"tokenizer {tok.path} does not read {p.text!r} in the rendered conversation as the single "
+                    f"token {p.token_id}; use the tokenizer's own template (--chat-template tokenizer)"
+                )
+    response = np.zeros(len(ids), dtype=bool)
+    for p, (a, b) in zip(pieces, spans):
+        if p.response and b > a:
+            response |= _overlaps(starts, ends, a, b)
+    doc = [(sp, p.text) for p, sp in zip(pieces, spans) if p.document]
+    return Encoded(ids, response.astype(np.uint8), starts, ends, doc[0][0] if doc else None, doc[0][1] if doc else "")
 
 
-def _assemble(pieces: Sequence[Piece], arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-    mask = np.concatenate([np.full(len(a), p.response, dtype=np.uint8) for p, a in zip(pieces, arrays)])
-    return ids, mask
+def _find_normalized(haystack: str, needle: str) -> Optional[tuple[int, int]]:
+    """Character span of ``needle`` in ``haystack``, exactly or up to whitespace (runs of
+    whitespace match any run, e.g. paragraphs re-joined with a space), or None."""
+    at = haystack.find(needle)
+    if at >= 0:
+        return at, at + len(needle)
+    words = needle.split()
+    if not words:
+        return None
+    pattern = r"\s+".join(re.escape(w) for w in words)
+    m = re.search(pattern, haystack)
+    return (m.start(), m.end()) if m else None
 
 
-def _truncate_middle(ids: np.ndarray, keep: int) -> np.ndarray:
-    """Keep the first ceil(keep/2) and the last floor(keep/2) tokens."""
-    tail = keep // 2
-    head = keep - tail
-    return np.concatenate([ids[:head], ids[len(ids) - tail:]])
+def _cut_plan(gaps: list[tuple[int, int]], excess: int) -> list[tuple[int, int]]:
+    """Token ranges to remove: ``excess`` tokens taken from the gaps in proportion to their size,
+    each from the middle of its gap (keeping its first ceil(k/2) and last floor(k/2) tokens)."""
+    sizes = np.array([b - a for a, b in gaps], dtype=np.int64)
+    total = int(sizes.sum())
+    take = (sizes * excess) // total
+    rest = excess - int(take.sum())
+    for i in np.argsort(-(sizes * excess - take * total), kind="stable")[:rest]:
+        take[i] += 1
+    cuts = []
+    for (a, b), r in zip(gaps, take):
+        if r:
+            keep = (b - a) - int(r)
+            head = keep - keep // 2
+            cuts.append((a + head, a + head + int(r)))
+    return cuts
+
+
+def _remove(enc: Encoded, cuts: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.ones(len(enc.ids), dtype=bool)
+    for a, b in cuts:
+        keep[a:b] = False
+    return enc.ids[keep], enc.response[keep]
 
 
 @dataclass
@@ -142,6 +219,45 @@ def _identical_turns(record: Record) -> tuple[int, int]:
     return int(record.chosen == record.rejected), 1
 
 
+def _grounding(record: Record) -> list[str]:
+    """Texts a truncated document must keep: each turn's short context C_S (the chosen answers were
+    written from it). For a pair record, the short prompt's context: its longest user message
+    without the ending it shares with the long prompt (the question)."""
+    if isinstance(record, LongPORecord):
+        return [t.short_context for t in record.turns]
+    if record.short_prompt is None:
+        return []
+    short = max((m.content for m in record.short_prompt if m.role == "user"), key=len)
+    long = max((m.content for m in record.prompt if m.role == "user"), key=len)
+    n = 0
+    while n < min(len(short), len(long)) and short[-1 - n] == long[-1 - n]:
+        n += 1
+    core = short[: len(short) - n].strip()
+    return [core or short]
+
+
+def split_shared_prefix(sample_id: str, ids_w: np.ndarray, mask_w: np.ndarray, ids_l: np.ndarray,
+                        mask_l: np.ndarray, where: str) -> PreferenceSample:
+    """Shared-prefix form of (S_w, S_l): P = first response token - 1, which must be the same in both
+    and preceded by identical ids (the prompt)."""
+    if not mask_w.any() or not mask_l.any():
+        raise DataError(f"{where}: no response tokens in the {'chosen' if not mask_w.any() else 'rejected'} sequence")
+    first_w, first_l = int(np.argmax(mask_w)), int(np.argmax(mask_l))
+    if first_w != first_l or first_w < 1:
+        raise DataError(f"{where}: the first response token is at position {first_w} in the chosen sequence and "
+                        f"{first_l} in the rejected one; both must follow the same non-empty prompt")
+    p = first_w - 1
+    if not np.array_equal(ids_w[: p + 1], ids_l[: p + 1]):
+        at = int(np.argmax(ids_w[: p + 1] != ids_l[: p + 1]))
+        raise DataError(f"{where}: chosen and rejected prompts differ at token {at} (of {p + 1}); a pair must share "
+                        "its prompt")
+    sample = PreferenceSample(
+        id=sample_id, prefix=ids_w[:p], chosen_branch=ids_w[p:], rejected_branch=ids_l[p:],
+        chosen_branch_mask=mask_w[p:], rejected_branch_mask=mask_l[p:],
+    )
+    return sample
+
+
 def build_sample(
     record: Record,
     tok: Tokenizer,
@@ -154,9 +270,11 @@ def build_sample(
 ) -> BuildResult:
     """Tokenize one record into a PreferenceSample (or a drop decision).
 
+    Every sequence is the tokenizer's own tokenization of the whole rendered conversation.
     ``max_seq_length`` bounds max(len S_w, len S_l), the two_sequences row; over it ``overlong``
-    decides: ``error`` raises DataError, ``drop`` drops, ``truncate_document`` removes the middle of
-    the document (token-exact, never a response) or drops when even that cannot fit.
+    decides: ``error`` raises DataError, ``drop`` drops, ``truncate_document`` removes document
+    tokens outside every turn's short context (token-exact, never a response or template token)
+    or drops the record when that cannot fit or a short context cannot be located.
     """
     if overlong not in OVERLONG_CHOICES:
         raise DataError(f"--overlong {overlong!r} is not one of {list(OVERLONG_CHOICES)}")
@@ -167,12 +285,15 @@ def build_sample(
         return BuildResult(None, IDENTICAL, f"{where}: chosen == rejected in every turn (--drop-identical)",
                            identical=True, identical_turns=n_same)
     rendered = render_record(record, template, separator)
-    cache: dict = {}
-    arr_w = _encode(rendered.chosen, tok, cache)
-    arr_l = _encode(rendered.rejected, tok, cache)
-    len_w, len_l = sum(map(len, arr_w)), sum(map(len, arr_l))
-    full_len = max(len_w, len_l)
+    try:
+        enc_w = encode_pieces(rendered.chosen, tok)
+        enc_l = encode_pieces(rendered.rejected, tok)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from e
+    full_len = max(len(enc_w.ids), len(enc_l.ids))
+    ids_w, mask_w, ids_l, mask_l = enc_w.ids, enc_w.response, enc_l.ids, enc_l.response
     truncated = 0
+    kw = dict(identical=identical, identical_turns=n_same, two_sequences_length=full_len)
     if max_seq_length is not None and full_len > max_seq_length:
         msg = (f"{where} needs {full_len} tokens (longest of chosen/rejected sequence), more than "
                f"--max-seq-length {max_seq_length}")
@@ -181,42 +302,54 @@ def build_sample(
                 f"{msg}; pass --overlong drop or --overlong truncate_document, or raise --max-seq-length"
             )
         if overlong == "drop":
-            return BuildResult(None, OVERLONG, msg, identical=identical, identical_turns=n_same,
-                               two_sequences_length=full_len)
-        docs = [i for i, p in enumerate(rendered.chosen) if p.document]
+            return BuildResult(None, OVERLONG, msg, **kw)
         excess = full_len - max_seq_length
-        n_doc = len(arr_w[docs[0]]) if docs else 0
-        if not docs or excess > n_doc:
+        if enc_w.document is None:
+            return BuildResult(None, OVERLONG_UNTRUNCATABLE, f"{msg}, and it has no document to truncate", **kw)
+        a, b = enc_w.document
+        inside = np.nonzero((enc_w.starts >= a) & (enc_w.ends <= b) & (enc_w.ends > enc_w.starts))[0]
+        d0, d1 = (int(inside[0]), int(inside[-1]) + 1) if len(inside) else (0, 0)
+        n_doc = d1 - d0
+        if excess > n_doc:
             return BuildResult(None, OVERLONG_UNTRUNCATABLE,
-                               f"{msg}, and removing the whole document ({n_doc} tokens) is not enough",
-                               identical=identical, identical_turns=n_same, two_sequences_length=full_len)
-        d = docs[0]
-        assert rendered.rejected[d].document and arr_l[d] is arr_w[d]  # the prompt is shared
-        short = _truncate_middle(arr_w[d], n_doc - excess)
-        arr_w[d] = arr_l[d] = short
+                               f"{msg}, and removing the whole document ({n_doc} tokens) is not enough", **kw)
+        # Keep every token of each short context C_S; cut only between them.
+        keep = np.zeros(len(ids_w), dtype=bool)
+        for i, text in enumerate(_grounding(record)):
+            span = _find_normalized(enc_w.document_text, text)
+            if span is None:
+                return BuildResult(None, OVERLONG_UNGROUNDED,
+                                   f"{msg}, and the short context of turn {i + 1} does not occur in the document, "
+                                   "so truncation cannot keep it", **kw)
+            keep |= _overlaps(enc_w.starts, enc_w.ends, a + span[0], a + span[1])
+        free = ~keep[d0:d1]
+        if excess > int(free.sum()):
+            return BuildResult(None, OVERLONG_UNGROUNDED,
+                               f"{msg}, and the document has only {int(free.sum())} tokens outside the short "
+                               "contexts of its turns", **kw)
+        gaps, i = [], 0
+        while i < n_doc:
+            if free[i]:
+                j = i
+                while j < n_doc and free[j]:
+                    j += 1
+                gaps.append((d0 + i, d0 + j))
+                i = j
+            else:
+                i += 1
+        cuts = _cut_plan(gaps, excess)
+        # the prompt (document included) is token-identical in S_w and S_l up to the first response
+        if cuts and (cuts[-1][1] > int(np.argmax(mask_l)) or not np.array_equal(ids_w[:d1], ids_l[:d1])):
+            raise DataError(f"{where}: chosen and rejected sequences tokenize the document differently")
+        ids_w, mask_w = _remove(enc_w, cuts)
+        ids_l, mask_l = _remove(enc_l, cuts)
         truncated = excess
-    ids_w, mask_w = _assemble(rendered.chosen, arr_w)
-    ids_l, mask_l = _assemble(rendered.rejected, arr_l)
-    first_w, first_l = int(np.argmax(mask_w)), int(np.argmax(mask_l))
-    if not mask_w.any() or not mask_l.any() or first_w != first_l or first_w < 1:
-        raise DataError(f"{where}: the chat template produced no response tokens after a prompt")
-    p = first_w - 1
-    if not np.array_equal(ids_w[: p + 1], ids_l[: p + 1]):
-        raise DataError(f"{where}: the chat template renders the prompt differently for chosen and rejected")
-    refs = []
+    sample = split_shared_prefix(record.id, ids_w, mask_w, ids_l, mask_l, where)
     for pc, pr in rendered.references:
-        rc, mc = _assemble(pc, _encode(pc, tok, cache))
-        rr, mr = _assemble(pr, _encode(pr, tok, cache))
-        refs.append(ReferenceTurn(rc, mc, rr, mr))
-    sample = PreferenceSample(
-        id=record.id,
-        prefix=ids_w[:p],
-        chosen_branch=ids_w[p:],
-        rejected_branch=ids_l[p:],
-        chosen_branch_mask=mask_w[p:],
-        rejected_branch_mask=mask_l[p:],
-        references=refs,
-    )
+        try:
+            rc, rr = encode_pieces(pc, tok), encode_pieces(pr, tok)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from e
+        sample.references.append(ReferenceTurn(rc.ids, rc.response, rr.ids, rr.response))
     sample.check()
-    return BuildResult(sample, truncated_tokens=truncated, identical=identical, identical_turns=n_same,
-                       two_sequences_length=full_len)
+    return BuildResult(sample, truncated_tokens=truncated, **kw)

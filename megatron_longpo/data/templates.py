@@ -1,13 +1,13 @@
-"""Chat templates that render a conversation as a list of pieces, tokenized one by one.
+"""Chat templates that render a conversation as a list of pieces with known character spans.
 
-A conversation is never rendered to one string and re-tokenized: every message content and every
-piece of template text is tokenized on its own, so the tokens of each assistant response (and the
-end-of-turn token that closes it) are known exactly, by construction. The rendered text is the
-concatenation of the piece texts.
+A rendered conversation is the concatenation of its pieces (template text, message contents,
+special tokens). sequences.py tokenizes that whole string ONCE, exactly as the tokenizer's own
+``apply_chat_template(..., tokenize=True)`` does, and derives the response mask from the
+character spans of the response pieces (and the end-of-turn token closing them).
 
 Templates:
 - ``mistral``: ``<s>[INST] {system}\\n\\n{user} [/INST]{assistant}</s>[INST] {user} [/INST]...``
-  (the Mistral-Instruct format; BOS/EOS placed by id).
+  (the Mistral-Instruct format).
 - ``chatml``: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message (Qwen2 format); the
   tokenizer must have ``<|im_start|>`` and ``<|im_end|>`` as single tokens.
 - ``tokenizer``: the HF tokenizer's own Jinja chat template. It is rendered once per conversation
@@ -29,7 +29,7 @@ TEMPLATE_CHOICES = ("auto", "tokenizer", "mistral", "chatml")
 @dataclass(frozen=True)
 class ChatMessage:
     role: str  # "system" | "user" | "assistant"
-    parts: tuple[str, ...]  # content = "".join(parts); each part is tokenized separately
+    parts: tuple[str, ...]  # content = "".join(parts); parts only mark spans (the document)
     response: bool = False  # an assistant message whose tokens are trained on (response mask)
     document_part: int = -1  # index of the part that --overlong truncate_document may shorten
 
@@ -41,7 +41,7 @@ class ChatMessage:
 @dataclass(frozen=True)
 class Piece:
     text: str  # rendered text of the piece
-    token_id: int = -1  # >= 0: emitted as exactly this token (BOS/EOS/end-of-turn); text is its display
+    token_id: int = -1  # >= 0: the text is this special token (BOS/EOS/end-of-turn); checked after tokenizing
     response: bool = False  # tokens belong to the response mask
     document: bool = False  # the truncatable document
     content: bool = False  # message content (False: template text)

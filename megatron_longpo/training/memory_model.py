@@ -2,8 +2,8 @@
 
 Pure arithmetic on a config, so users can check a 512K config before they queue it. All sizes
 in bytes. The model assumes what the reference configs use: bf16 params, fp32 main grads,
-Adam with fp32 master weights and moments, the distributed optimizer (state sharded over
-dp*cp), full activation recomputation (one stored layer input per layer), flash/TE attention (no
+fp32 master weights and optimizer state (Adam: 2 moments, RMSprop: 1), sharded over dp*cp by
+the distributed optimizer when it is on, full activation recomputation (one stored layer input per layer), flash/TE attention (no
 [s, s] scores), chunked log-probs.
 """
 
@@ -33,7 +33,7 @@ class MemoryEstimate:
         rows = [
             ("weights (bf16, /tp)", self.weights),
             ("main grads (fp32, /tp)", self.main_grads),
-            ("optimizer (fp32 master+m+v, /tp/dp/cp)", self.optimizer),
+            ("optimizer (fp32 master + state, /tp[/dp/cp])", self.optimizer),
             ("stored layer inputs (full recompute)", self.stored_activations),
             ("one layer's recompute working set", self.layer_working_set),
             ("K/V all-gather buffers (project CP attention)", self.kv_gather_buffers),
@@ -71,7 +71,9 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
     weights = n * wbytes // tp
     grads = n * 4 // tp
     shard = dp * cp if cfg.optim.use_distributed_optimizer else 1
-    optimizer = n * 12 // (tp * shard) + (0 if wbytes == 4 else 0)
+    # fp32 master weights + state: Adam m and v, RMSprop square_avg, SGD momentum (Megatron's 0.9)
+    state_bytes = {"adam": 12, "rmsprop": 8, "sgd": 8}[cfg.optim.optimizer]
+    optimizer = n * state_bytes // (tp * shard)
     s_local = s // cp  # tokens of one row on this CP rank
     s_sp = s_local // tp if p.sequence_parallel else s_local
     act_bytes = 2 if m.params_dtype == "bf16" else 4

@@ -18,25 +18,31 @@ def cli(*args, timeout=300):
 
 def test_cli_on_sample_data_with_bad_records(tmp_path):
     extra = tmp_path / "extra.jsonl"
-    big_doc = " ".join(["word"] * 3000)
+    fact = "The key fact is 42."
+    big_doc = " ".join(["word"] * 1500 + [fact] + ["word"] * 1500)
     extra.write_text("\n".join([
         '{"id": "bad", "document": "x", "turns": [{"instruction": "q"}]}',
         json.dumps({"id": "long", "document": big_doc, "turns": [
-            {"short_context": "c", "instruction": "q?", "chosen": "a.", "rejected": "b."}]}),
+            {"short_context": fact, "instruction": "q?", "chosen": "a.", "rejected": "b."}]}),
+        # its short context is not in the document: truncation could not keep it, so it is dropped
+        json.dumps({"id": "ungrounded", "document": big_doc, "turns": [
+            {"short_context": "A chunk about the harbour.", "instruction": "q?", "chosen": "a.", "rejected": "b."}]}),
     ]) + "\n")
     out = tmp_path / "out" / "train"
     r = cli("--input", DATA / "sample_longpo.jsonl", DATA / "sample_pairs.jsonl", extra,
             "--tokenizer", DATA / "tokenizer.model", "--output-prefix", out, "--max-seq-length", 2048,
             "--overlong", "truncate_document", "--skip-invalid", "--workers", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "50 records read, 49 written (37 LongPO, 12 plain pairs" in r.stdout
-    assert "dropped: 1 (missing_field: 1)" in r.stdout and "truncated documents: 1 records" in r.stdout
+    assert "51 records read, 49 written (37 LongPO, 12 plain pairs" in r.stdout
+    assert "dropped: 2 (missing_field: 1, overlong_short_context: 1)" in r.stdout
+    assert "truncated documents: 1 records" in r.stdout
     for ext in (".bin", ".idx", ".ids.json", ".json", ".rejected.jsonl"):
         assert (tmp_path / "out" / f"train{ext}").is_file(), ext
     meta = json.loads((tmp_path / "out" / "train.json").read_text())
     assert meta["num_samples"] == 49 and meta["lengths"]["two_sequences"]["max"] == 2048
-    rejected = json.loads((tmp_path / "out" / "train.rejected.jsonl").read_text())
-    assert rejected["source"] == f"{extra}:1" and "turns[0].short_context' is missing" in rejected["message"]
+    rejected = [json.loads(x) for x in (tmp_path / "out" / "train.rejected.jsonl").read_text().splitlines()]
+    assert rejected[0]["source"] == f"{extra}:1" and "turns[0].short_context' is missing" in rejected[0]["message"]
+    assert rejected[1]["id"] == "ungrounded" and rejected[1]["reason"] == "overlong_short_context"
 
 
 def test_cli_bad_input_exits_with_message_and_writes_nothing(tmp_path):

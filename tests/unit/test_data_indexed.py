@@ -180,9 +180,15 @@ def test_overlong_counts(tmp_path):
     res, log = run(tmp_path, [inp], max_seq_length=300, overlong="drop")
     assert res.meta["counts"]["rejected"] == {"overlong": 1} and res.meta["counts"]["records_written"] == 2
     assert json.loads((tmp_path / "ds.rejected.jsonl").read_text())["id"] == "r1"
+    # truncation keeps the turn's short context: r1's is a passage of its document; r3's ("ctx") is
+    # nowhere in it, so r3 cannot be truncated without losing it and is dropped, counted
+    long_doc = recs[1]["document"]
+    recs[1]["turns"][0]["short_context"] = " ".join(long_doc.split()[300:320])
+    inp = write_jsonl(tmp_path / "in2.jsonl", recs + [longpo(3, doc_words=600)])
     res, log = run(tmp_path, [inp], name="t", max_seq_length=300, overlong="truncate_document")
     c = res.meta["counts"]
     assert c["truncated_records"] == 1 and c["truncated_document_tokens"] > 0 and c["records_written"] == 3
+    assert c["rejected"] == {"overlong_short_context": 1}
     assert res.meta["lengths"]["two_sequences"]["max"] == 300
     assert "truncated documents: 1 records" in log
     with pytest.raises(DataError, match="--overlong drop needs --max-seq-length"):

@@ -13,11 +13,13 @@ from megatron_longpo.data.schema import (
     MISSING_FIELD,
     NOT_AN_OBJECT,
     UNKNOWN_FORMAT,
+    UNUSED_KEY,
     WRONG_TYPE,
     DataError,
     InvalidRecord,
     LongPORecord,
     PairRecord,
+    Turn,
     parse_record,
     read_records,
 )
@@ -169,3 +171,37 @@ def test_json_array_syntax_error_is_fatal(tmp_path):
 def test_missing_input_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         list(read_records([tmp_path / "nope.jsonl"]))
+
+
+def test_authors_intermediate_json_is_a_one_turn_longpo_record():
+    obj = {"prompt_id": 7, "prompt": "Long document.", "short_prompt": "Chunk.", "question": "What?",
+           "chosen": "A.", "rejected": "B."}
+    rec = parse_record(obj, "f.jsonl:3")
+    assert isinstance(rec, LongPORecord) and rec.id == "7" and rec.document == "Long document."
+    assert rec.turns == (Turn("Chunk.", "What?", "A.", "B."),) and rec.system is None
+    assert parse_record(dict(obj, id="x"), "f:1").id == "x"
+    bad = parse_record({k: v for k, v in obj.items() if k != "short_prompt"}, "f.jsonl:4")
+    assert isinstance(bad, InvalidRecord) and bad.reason == MISSING_FIELD
+    assert "field 'short_prompt' is missing (a record with 'question' is the authors' intermediate JSON" in bad.message
+
+
+def test_conversation_keys_are_never_silently_dropped():
+    pair = {"id": "p", "prompt": "P", "chosen": "A", "rejected": "B"}
+    for extra in ({"system": "S"}, {"messages": []}, {"instruction": "I"}):
+        bad = parse_record(dict(pair, **extra), "f.jsonl:2")
+        assert isinstance(bad, InvalidRecord) and bad.reason == UNUSED_KEY
+        key = next(iter(extra))
+        assert f"f.jsonl:2: field '{key}' is not read by a plain pair record" in bad.message
+    longpo = {"id": "l", "document": "D", "question": "Q?",
+              "turns": [{"short_context": "s", "instruction": "i", "chosen": "a", "rejected": "b"}]}
+    bad = parse_record(longpo, "f:1")
+    assert bad.reason == UNUSED_KEY and "'question' is not read by a LongPO record" in bad.message
+    longpo.pop("question")
+    longpo["turns"][0]["system"] = "per-turn system"
+    bad = parse_record(longpo, "f:1")
+    assert bad.reason == UNUSED_KEY and "field 'turns[0].system'" in bad.message
+    # other keys are metadata: kept out of the conversation, reported by name
+    longpo["turns"][0] = {"short_context": "s", "instruction": "i", "chosen": "a", "rejected": "b", "score": 1}
+    rec = parse_record(dict(longpo, source="books", meta={}), "f:1")
+    assert rec.ignored_keys == ("meta", "source", "turns[].score")
+    assert parse_record(dict(pair, source="x"), "f:1").ignored_keys == ("source",)

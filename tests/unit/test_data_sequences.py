@@ -10,8 +10,10 @@ from megatron_longpo.data.schema import DataError, parse_record
 from megatron_longpo.data.sequences import (
     IDENTICAL,
     OVERLONG,
+    OVERLONG_UNGROUNDED,
     OVERLONG_UNTRUNCATABLE,
     OverlongError,
+    _cut_plan,
     build_sample,
     render_record,
 )
@@ -236,21 +238,40 @@ def test_chatml_needs_single_marker_tokens(tmp_path):
         get_template("chatml", t)
 
 
-def test_dummy_prefix_tokenizer_masks_stay_exact(tok, dummy_prefix_tok):
-    assert tok.lossless_pieces and not dummy_prefix_tok.lossless_pieces
+def test_dummy_prefix_tokenizer_round_trips_with_exact_masks(dummy_prefix_tok):
+    """A sentencepiece model with a dummy prefix (Llama-2 / Mistral): the whole conversation is one
+    string, so the decoded sequence is the rendered text (no space at message boundaries)."""
     t = dummy_prefix_tok
     rec = longpo()
     s = build_sample(rec, t, get_template("mistral", t)).sample
-    assert mask_runs(s.chosen, s.chosen_mask) == [enc(t, x.chosen) + [t.eos_id] for x in rec.turns]
-    # only whitespace at piece boundaries differs from the rendered text
     want = mistral_text([(rec.document + "\n\n" + rec.turns[0].instruction, rec.turns[0].chosen),
                          (rec.turns[1].instruction, rec.turns[1].chosen)])
-    assert tok.decode(s.chosen) != t.decode(s.chosen)
-    assert "".join(t.decode(s.chosen).split()) == "".join(want.split())
+    assert t.decode(s.chosen) == want
+    assert [t.decode(r) for r in mask_runs(s.chosen, s.chosen_mask)] == [x.chosen + "</s>" for x in rec.turns]
+    assert [t.decode(r) for r in mask_runs(s.rejected, s.rejected_mask)] == [x.rejected + "</s>" for x in rec.turns]
+
+
+SEC1 = "Section 1: Water\nThe reservoir holds 4200 cubic metres."
+SEC2 = "Section 2: Staff\nThe engineer Ada Novak was appointed in 1987."
+
+
+def grounded_doc():
+    return "\n".join([random_text(200, seed=3), SEC2, random_text(120, seed=4), SEC1, random_text(120, seed=5)])
+
+
+def deleted_positions(full, short):
+    """Positions of ``full`` deleted to get ``short`` (greedy alignment; None if not a subsequence)."""
+    out, j = [], 0
+    for i, x in enumerate(full):
+        if j < len(short) and short[j] == x:
+            j += 1
+        else:
+            out.append(i)
+    return out if j == len(short) else None
 
 
 def test_overlong_modes(tok):
-    rec = longpo(document=random_text(400, seed=3))
+    rec = longpo(document=grounded_doc())
     tpl = get_template("mistral", tok)
     full = build_sample(rec, tok, tpl).sample
     L = full.two_sequences_length
@@ -263,20 +284,61 @@ def test_overlong_modes(tok):
     res = build_sample(rec, tok, tpl, max_seq_length=limit, overlong="truncate_document")
     s = res.sample
     assert res.truncated_tokens == 57 and s.two_sequences_length == limit
-    doc = tok.encode(rec.document)
-    keep = len(doc) - 57
-    kept = np.concatenate([doc[: keep - keep // 2], doc[len(doc) - keep // 2:]])
+    # 57 document tokens deleted; everything else (template, instructions, responses) untouched
     bos_inst = 1 + len(enc(tok, "[INST] "))  # the document follows BOS and "[INST] "
-    assert np.array_equal(s.chosen[bos_inst : bos_inst + keep], kept)
-    # responses untouched, prompt after the document untouched
+    n_doc = len(tok.encode(rec.document))
+    for f, t in ((full.chosen, s.chosen), (full.rejected, s.rejected)):
+        gone = deleted_positions(f.tolist(), t.tolist())
+        assert gone is not None and len(gone) == 57 and bos_inst <= min(gone) and max(gone) < bos_inst + n_doc
     assert mask_runs(s.chosen, s.chosen_mask) == mask_runs(full.chosen, full.chosen_mask)
-    assert np.array_equal(s.chosen[bos_inst + keep:], full.chosen[bos_inst + len(doc):])
-    assert np.array_equal(s.rejected[bos_inst + keep:], full.rejected[bos_inst + len(doc):])
+    assert mask_runs(s.rejected, s.rejected_mask) == mask_runs(full.rejected, full.rejected_mask)
+    # every turn's short context survives, and the document keeps its first and last tokens
+    text = tok.decode(s.chosen)
+    assert all(t.short_context in text for t in rec.turns)
+    assert text.startswith("<s>[INST] " + rec.document[:20]) and rec.document[-20:] + "\n\n" in text
     assert build_sample(rec, tok, tpl, max_seq_length=L, overlong="error").truncated_tokens == 0
     # responses + prompt alone exceed the limit: cannot be fixed by truncating the document
-    tiny = build_sample(rec, tok, tpl, max_seq_length=L - len(doc) - 1, overlong="truncate_document")
+    tiny = build_sample(rec, tok, tpl, max_seq_length=L - n_doc - 5, overlong="truncate_document")
     assert tiny.sample is None and tiny.drop_reason == OVERLONG_UNTRUNCATABLE
     assert "removing the whole document" in tiny.message
+
+
+def test_truncation_keeps_every_short_context_or_drops(tok):
+    tpl = get_template("mistral", tok)
+    rec = longpo(document=grounded_doc())
+    full = build_sample(rec, tok, tpl).sample
+    L = full.two_sequences_length
+    sc_tokens = sum(len(tok.encode(t.short_context)) for t in rec.turns)
+    n_doc = len(tok.encode(rec.document))
+    # the most that can go: every document token outside the two short contexts (+-2 boundary tokens)
+    for cut in (1, n_doc - sc_tokens - 4):
+        s = build_sample(rec, tok, tpl, max_seq_length=L - cut, overlong="truncate_document").sample
+        assert s is not None and s.two_sequences_length == L - cut
+        text = tok.decode(s.chosen)
+        assert SEC1 in text and SEC2 in text
+        for ref, t in zip(s.references, rec.turns):  # references are never truncated
+            assert t.short_context in tok.decode(ref.chosen)
+    res = build_sample(rec, tok, tpl, max_seq_length=L - (n_doc - sc_tokens + 4), overlong="truncate_document")
+    assert res.sample is None and res.drop_reason == OVERLONG_UNGROUNDED
+    assert "tokens outside the short contexts" in res.message
+    # a short context that is not in the document: it cannot be kept, so the record is dropped
+    lost = longpo(document=random_text(400, seed=3))
+    L2 = build_sample(lost, tok, tpl).sample.two_sequences_length
+    res = build_sample(lost, tok, tpl, max_seq_length=L2 - 10, overlong="truncate_document")
+    assert res.sample is None and res.drop_reason == OVERLONG_UNGROUNDED
+    assert "short context of turn 1 does not occur in the document" in res.message
+    # the authors' chunks join paragraphs with a space: found up to whitespace
+    spaced = longpo(document=grounded_doc().replace(SEC2, SEC2.replace("\n", "\n\n")))
+    L3 = build_sample(spaced, tok, tpl).sample.two_sequences_length
+    s = build_sample(spaced, tok, tpl, max_seq_length=L3 - 100, overlong="truncate_document").sample
+    assert SEC2.replace("\n", "\n\n") in tok.decode(s.chosen)
+
+
+def test_cut_plan_is_proportional_and_central():
+    assert _cut_plan([(0, 10)], 4) == [(3, 7)]  # keeps ceil(6/2) head, floor(6/2) tail
+    cuts = _cut_plan([(0, 10), (20, 50)], 8)
+    assert sum(b - a for a, b in cuts) == 8 and cuts == [(4, 6), (32, 38)]
+    assert sum(b - a for a, b in _cut_plan([(0, 3), (5, 8), (10, 13)], 9)) == 9
 
 
 def test_chosen_equals_rejected_counted_or_dropped(tok):
@@ -305,3 +367,68 @@ def test_truncating_a_plain_pair_prompt_keeps_its_end(tok):
     assert tok.decode(s.chosen).endswith("\n\nWhat is the answer? [/INST]It is 42.</s>")
     assert tok.decode(s.chosen).startswith("<s>[INST] " + prompt[:40])
     assert mask_runs(s.rejected, s.rejected_mask) == [enc(tok, "No idea.") + [tok.eos_id]]
+
+
+def test_authors_intermediate_json_gives_the_longpo_record_ids(tok):
+    """prompt / short_prompt / question -> user = prompt + "\n\n" + question, as the authors build it."""
+    official = parse_record({"prompt_id": "d1", "prompt": "Doc text.\nMore.", "short_prompt": "More.",
+                             "question": "What follows?", "chosen": "More.", "rejected": "Nothing."}, "f:1")
+    same = parse_record({"id": "d1", "document": "Doc text.\nMore.", "turns": [
+        {"short_context": "More.", "instruction": "What follows?", "chosen": "More.", "rejected": "Nothing."}]}, "f:2")
+    tpl = get_template("mistral", tok)
+    a, b = build_sample(official, tok, tpl).sample, build_sample(same, tok, tpl).sample
+    for x, y in ((a.chosen, b.chosen), (a.rejected, b.rejected), (a.references[0].chosen, b.references[0].chosen),
+                 (a.references[0].rejected, b.references[0].rejected), (a.chosen_mask, b.chosen_mask)):
+        assert x.tolist() == y.tolist()
+    assert tok.decode(a.chosen) == "<s>[INST] Doc text.\nMore.\n\nWhat follows? [/INST]More.</s>"
+    assert tok.decode(a.references[0].rejected) == "<s>[INST] More.\n\nWhat follows? [/INST]Nothing.</s>"
+
+
+def test_sentencepiece_model_tokenizes_the_whole_rendered_text(dummy_prefix_tok):
+    """A bare .model file: sentencepiece's own encoding of the rendered text, split only at the
+    control tokens (<s>, </s>) that it cannot read from text."""
+    t = dummy_prefix_tok
+    rec = longpo(system="Sys.")
+    d, tu = rec.document, rec.turns
+    s = build_sample(rec, t, get_template("chatml", t)).sample
+    text = ("<|im_start|>system\nSys.<|im_end|>\n"
+            f"<|im_start|>user\n{d}\n\n{tu[0].instruction}<|im_end|>\n<|im_start|>assistant\n{tu[0].chosen}<|im_end|>\n"
+            f"<|im_start|>user\n{tu[1].instruction}<|im_end|>\n<|im_start|>assistant\n{tu[1].chosen}<|im_end|>\n")
+    assert s.chosen.tolist() == t._sp.encode(text)
+    s = build_sample(rec, t, get_template("mistral", t)).sample
+    segs = [f"[INST] Sys.\n\n{d}\n\n{tu[0].instruction} [/INST]{tu[0].chosen}", f"[INST] {tu[1].instruction} [/INST]{tu[1].chosen}"]
+    assert s.chosen.tolist() == [t.bos_id] + t._sp.encode(segs[0]) + [t.eos_id] + t._sp.encode(segs[1]) + [t.eos_id]
+
+
+@pytest.mark.parametrize("which", ["tok", "dummy_prefix_tok"])
+def test_sentencepiece_offsets_from_ids_equal_its_protos(which, request):
+    """The fast offset path (surface lengths per id) gives sentencepiece's own offsets."""
+    t = request.getfixturevalue(which)
+    assert t._surface_bytes is not None
+    texts = [random_text(300, seed=2), "  lead space", "Ünïcödé — café 東京 naïve ✓ 🙂 «q» ½\n\n x",
+             "[INST] a [/INST]b<|im_end|>\n", " ", "a  b   c\t\td"]
+    for text in texts:
+        fast = t.encode_with_offsets(text)
+        table, t._surface_bytes = t._surface_bytes, None
+        try:
+            slow = t.encode_with_offsets(text)
+        finally:
+            t._surface_bytes = table
+        for a, b in zip(fast, slow):
+            assert a.tolist() == b.tolist(), text
+
+
+def test_truncating_a_pair_keeps_its_short_prompts_context(tok):
+    chunk = "Section 9: Bridges\nThe north bridge was rebuilt in 1911 for 3000 pounds."
+    q = "\n\nWhen was the north bridge rebuilt?"
+    prompt = random_text(200, seed=6) + "\n" + chunk + "\n" + random_text(200, seed=7) + q
+    tpl = get_template("mistral", tok)
+    rec = parse_record({"id": "p", "prompt": prompt, "chosen": "In 1911.", "rejected": "No idea.",
+                        "short_prompt": chunk + q}, "f:1")
+    L = build_sample(rec, tok, tpl).sample.two_sequences_length
+    s = build_sample(rec, tok, tpl, max_seq_length=L - 300, overlong="truncate_document").sample
+    assert s.two_sequences_length == L - 300 and chunk + "\n" in tok.decode(s.chosen)
+    lost = parse_record({"id": "p", "prompt": prompt, "chosen": "In 1911.", "rejected": "No idea.",
+                         "short_prompt": "Another chunk about the harbour." + q}, "f:2")
+    res = build_sample(lost, tok, tpl, max_seq_length=L - 300, overlong="truncate_document")
+    assert res.sample is None and res.drop_reason == OVERLONG_UNGROUNDED
