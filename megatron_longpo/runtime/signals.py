@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import threading
+from multiprocessing import resource_tracker
 from typing import Iterator, Mapping, Optional, Sequence
 
 from megatron_longpo.fsutil import write_text_atomic
@@ -56,6 +57,12 @@ def start_checkpoint_helpers() -> None:
     if getattr(filesystem_async, "_results_queue", None) is not None:
         return
     with signals_blocked():
+        # The spawn context first starts multiprocessing's resource tracker, and CPython UNBLOCKS
+        # SIGINT/SIGTERM after starting it (resource_tracker.ensure_running); start it first, then
+        # block again so the Manager inherits the full block. (The tracker ignores INT/TERM itself
+        # and, started here, has USR1 blocked.)
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
         filesystem_async._get_write_results_queue()
 
 

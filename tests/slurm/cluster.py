@@ -177,7 +177,16 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         raise TimeoutError(f"job {job_id} not in {states} after {timeout}s: {self.job(job_id)}")
 
     def release(self, job_id: int, **update) -> None:
-        """A requeued job waits (BeginTime); start it now (optionally with other updates)."""
+        """A requeued job waits (BeginTime); start it now (optionally with other updates).
+
+        Only once the node is idle again: a slot started while the previous one is still being
+        cleaned up fails ("Job credential revoked")."""
+        deadline = time.time() + 120
+        while _sh(["sinfo", "-h", "-o", "%t"], check=False, env=self.env).stdout.strip() != "idle":
+            if time.time() > deadline:
+                raise TimeoutError(f"node not idle: {self.log_tail()}")
+            time.sleep(0.3)
+        time.sleep(1.0)
         extra = [f"{k}={v}" for k, v in update.items()]
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *extra)
 

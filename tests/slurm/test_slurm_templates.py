@@ -116,12 +116,17 @@ def _requeued(cluster, job_id: int, timeout: float = 240) -> None:
     raise TimeoutError(f"job {job_id} was not requeued: {cluster.job(job_id)}\n{_log(job_id)[-4000:]}")
 
 
-def _wait_for(pred, timeout=240, poll=0.02, what=""):
-    deadline = time.time() + timeout
+def _wait_for(pred, timeout=240, poll=0.02, what="", job=None):
+    """Poll ``pred``; with ``job=(cluster, id)`` fail fast when that job ends meanwhile."""
+    deadline, n = time.time() + timeout, 0
     while time.time() < deadline:
         v = pred()
         if v:
             return v
+        n += 1
+        if job is not None and n % 25 == 0:
+            state = job[0].state(job[1])
+            assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job[1]} {state} while waiting for {what}\n{_log(job[1])[-5000:]}"
         time.sleep(poll)
     raise TimeoutError(f"timed out waiting for {what}")
 
@@ -182,7 +187,7 @@ def test_usr1_after_a_save_and_during_a_save_requeue_and_resume_exactly(env):
     cluster, d, job_env = env
     ckpt = d / "preempt" / "ckpt"
     j = _submit(cluster, job_env, CPU_NODE, TRAIN, _train_args(d, "preempt"))
-    _wait_for(lambda: _latest(ckpt) >= SAVE_EVERY, what="the first periodic save")
+    _wait_for(lambda: _latest(ckpt) >= SAVE_EVERY, what="the first periodic save", job=(cluster, j))
     cluster.signal(j, "USR1", "--full")
     _requeued(cluster, j)
     first = _latest(ckpt)
@@ -191,7 +196,7 @@ def test_usr1_after_a_save_and_during_a_save_requeue_and_resume_exactly(env):
 
     cluster.release(j)
     _wait_for(lambda: any(p.name.endswith(".tmp") and int(p.name[5:12]) > first for p in ckpt.glob("iter_*.tmp")),
-              what="a save in progress")
+              what="a save in progress", job=(cluster, j))
     cluster.signal(j, "USR1", "--full")
     _wait_for(lambda: int(cluster.job(j).get("Restarts", 0)) >= 2 or cluster.state(j) in ("COMPLETED", "FAILED"),
               what="the second stop")
@@ -226,7 +231,7 @@ def test_plain_scancel_cancels_without_requeue(env):
     cluster, d, job_env = env
     ckpt = d / "cancel" / "ckpt"
     j = _submit(cluster, job_env, CPU_NODE, TRAIN, _train_args(d, "cancel", **{"training.train_iters": 200}))
-    _wait_for(lambda: _latest(ckpt) >= SAVE_EVERY, what="the first periodic save")
+    _wait_for(lambda: _latest(ckpt) >= SAVE_EVERY, what="the first periodic save", job=(cluster, j))
     cluster.cancel(j)
     info = cluster.wait_state(j, ("CANCELLED", "COMPLETED", "FAILED", "PENDING"), timeout=120)
     assert info["JobState"] == "CANCELLED" and int(info["Restarts"]) == 0, info
