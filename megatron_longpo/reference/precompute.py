@@ -390,7 +390,7 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
         say(f"stopped by {stop.describe()}: {batches_done} batches done here; partial results in {pdir}, "
             f"run the same command again to continue")
         if is_main:
-            write_run_status("stopped", "signal", True, batches_done=len(finished) + batches_done)
+            write_run_status("stopped", "signal", True, batches_done_rank0=batches_done)
         return result
     if stopped:
         say(f"stopped after {o.stop_after_batches} batches per rank (testing hook); partial results in {pdir}")

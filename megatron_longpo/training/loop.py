@@ -137,6 +137,8 @@ def train(cfg: LongPOConfig) -> TrainResult:
             save_now = bool(cfg.checkpoint.save and cfg.checkpoint.save_interval
                             and state.iteration % cfg.checkpoint.save_interval == 0)
             stopped_by = stop.should_stop()
+            if state.iteration >= cfg.training.train_iters:
+                stopped_by = None  # the run is complete: a stop request changes nothing (no requeue)
             if not stopped_by and cfg.training.exit_interval and state.iteration % cfg.training.exit_interval == 0 \
                     and state.iteration < cfg.training.train_iters:
                 stopped_by = "exit_interval"
