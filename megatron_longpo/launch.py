@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import psutil
 from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing import api as elastic_mp_api
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
@@ -32,6 +33,8 @@ class _Forwarder:
 
     def __call__(self, signum: int, frame) -> None:
         sig = signal.Signals(signum)
+        if sig not in FORWARDED:  # SIGHUP / SIGQUIT: torchrun's own behaviour
+            raise SignalException(f"Process {os.getpid()} got signal: {sig}", sigval=sig)
         if sig == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:  # torchrun's own path: SIGINT to the workers, then SIGKILL
@@ -46,6 +49,10 @@ class _Forwarder:
                 pass
 
 
+def _has_signals_to_handle() -> bool:
+    return any("--signals-to-handle" in a.option_strings for a in torchrun.get_args_parser()._actions)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     forward = _Forwarder()
@@ -55,9 +62,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Slurm signals every process of the step, and USR1's default action would kill a worker
     # that is still starting up (the Slurm launcher's stop file carries the request instead).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if _has_signals_to_handle():  # torch >= 2.9: torchrun leaves SIGTERM / SIGINT to us
+        argv = ["--signals-to-handle=SIGHUP,SIGQUIT", *argv]
+    else:  # older torch installs its handler for every signal: route it through ours
+        elastic_mp_api._terminate_process_handler = forward
     try:
-        # torchrun must leave our handlers in place: it handles only the signals listed here.
-        torchrun.main(["--signals-to-handle=SIGHUP,SIGQUIT", *argv])
+        torchrun.main(argv)
     except SignalException as e:
         print(f"[longpo.launch] {e.sigval.name}: workers stopped without saving the current step",
               file=sys.stderr, flush=True)
