@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     except ConfigError as e:  # configuration / start-up check: one clear line, no traceback
         print(f"[longpo] error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops at a step boundary)
+        print("[longpo] interrupted: stopped without saving this step", file=sys.stderr, flush=True)
+        return 130
 
 
 # The guard matters: dist_checkpointing starts spawn-context helpers that re-import __main__.

@@ -4,6 +4,8 @@
 #   -> reference cache on the SHORT contexts -> LongPO training (2 processes, TP=2) -> evaluation -> HF export.
 # Steps whose output exists are skipped, so re-running resumes; extra args go to the trainer,
 # e.g. `bash examples/quickstart.sh --parallel.tensor_model_parallel_size=1 --parallel.context_parallel_size=2`.
+# Training runs under `python -m megatron_longpo.launch` (torchrun options): Ctrl-C saves at the next
+# step and exits 0 (twice: stop now), and re-running resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,7 +21,7 @@ run() { echo; echo "==> $*"; "$@"; }
   --hf-dir $OUT/hf_base --out $OUT/base --dtype fp32 --verify
 [ -f $OUT/ref_cache/meta.json ] || run $PY -m torch.distributed.run --nproc-per-node $NPROC \
   tools/precompute_reference.py --load $OUT/base --data $OUT/data/train --output $OUT/ref_cache --mode longpo
-run $PY -m torch.distributed.run --nproc-per-node $NPROC pretrain_longpo.py --config examples/configs/tiny_cpu.yaml "$@"
+run $PY -m megatron_longpo.launch --nproc-per-node $NPROC pretrain_longpo.py --config examples/configs/tiny_cpu.yaml "$@"
 # Long-context evaluation of the base and the trained policy (docs/evaluation.md); the PNG needs matplotlib.
 PLOT=(); $PY -c "import matplotlib" 2>/dev/null && PLOT=(--plot $OUT/eval.png)
 run $PY -m torch.distributed.run --nproc-per-node $NPROC tools/evaluate.py --load $OUT/base $OUT/ckpt --labels base,longpo \

@@ -34,6 +34,7 @@ from megatron_longpo.checkpoint.format import (
 )
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.fsutil import fsync_path
+from megatron_longpo.runtime.signals import start_checkpoint_helpers
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
         tmp.mkdir()
     _barrier()
+    start_checkpoint_helpers()  # Megatron's writer helper must outlive a preemption signal
     dist_checkpointing.save(sharded_state_dict, str(tmp))  # collective; ends with a barrier
     if _rank() == 0:
         write_text_atomic(tmp / META_FILE, json.dumps(meta.to_json(), indent=2) + "\n")

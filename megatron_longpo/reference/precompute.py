@@ -51,6 +51,7 @@ from megatron_longpo.reference.compute import (
 )
 from megatron_longpo.reference.fingerprint import dataset_identity
 from megatron_longpo.reference.model import effective_model_config, load_reference_model, read_reference_checkpoint
+from megatron_longpo.runtime.signals import StopFlag, write_run_status
 
 PARTIAL_SUFFIX = ".partial"
 STATE_FILE = "state.json"
@@ -91,6 +92,7 @@ class PrecomputeResult:
     seconds: float  # whole call, model loading included
     compute_seconds: float = 0.0  # the forward loop of this rank
     meta: Optional[dict] = None
+    stopped_by_signal: bool = False  # SIGUSR1 / SIGTERM / Ctrl-C / stop file: resumable, exit 0
 
 
 def partial_dir(output: str | Path) -> Path:
@@ -284,12 +286,20 @@ def _versions() -> dict[str, str]:
 
 def precompute(o: PrecomputeOptions, log: Callable[[str], None] = print) -> PrecomputeResult:
     """Run the precompute on every rank of the default process group (initialised if needed)."""
+    t0 = time.time()
+    stop = StopFlag().install()  # SIGUSR1 / SIGTERM / Ctrl-C / stop file: finish this batch, then stop
+    try:
+        return _precompute(o, log, stop, t0)
+    finally:
+        stop.uninstall()
+
+
+def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag, t0: float) -> PrecomputeResult:
     import torch.distributed as dist
 
     from megatron_longpo.data.indexed import PreferenceDataset
     from megatron_longpo.runtime.distributed import init_distributed, init_model_parallel
 
-    t0 = time.time()
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     data_meta, ckpt, model_cfg, parallel = _inputs(o, world)  # step 1, identical on every rank
     init_distributed(parallel)
@@ -336,7 +346,7 @@ def precompute(o: PrecomputeOptions, log: Callable[[str], None] = print) -> Prec
 
         pbar = tqdm(total=my_tokens, unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
                     desc=f"reference {o.mode} (rank 0 of dp={groups.dp_size})")
-    stopped = False
+    stopped = signalled = False
     tokens_done = batches_done = 0
     t_loop = time.time()
     try:
@@ -359,6 +369,9 @@ def precompute(o: PrecomputeOptions, log: Callable[[str], None] = print) -> Prec
             if o.stop_after_batches is not None and j + 1 >= o.stop_after_batches:
                 stopped = True
                 break
+            if stop.requested():  # local check: the part file has every finished batch
+                stopped = signalled = True
+                break
     finally:
         if writer is not None:
             writer.close()
@@ -366,11 +379,19 @@ def precompute(o: PrecomputeOptions, log: Callable[[str], None] = print) -> Prec
             pbar.close()
     loop_s = max(time.time() - t_loop, 1e-9)
     del model
+    signalled = _any_rank(signalled)
     stopped = _any_rank(stopped)
     result = PrecomputeResult(
         complete=False, path=None, batches_total=len(plan), batches_skipped=len(finished),
         batches_here=batches_done, tokens_here=tokens_done, seconds=time.time() - t0, compute_seconds=loop_s,
     )
+    if signalled:
+        result.stopped_by_signal = True
+        say(f"stopped by {stop.describe()}: {batches_done} batches done here; partial results in {pdir}, "
+            f"run the same command again to continue")
+        if is_main:
+            write_run_status("stopped", "signal", True, batches_done_rank0=batches_done)
+        return result
     if stopped:
         say(f"stopped after {o.stop_after_batches} batches per rank (testing hook); partial results in {pdir}")
         return result
@@ -406,6 +427,8 @@ def precompute(o: PrecomputeOptions, log: Callable[[str], None] = print) -> Prec
     dist.barrier()  # every part file is closed
     result.meta = _on_rank0(finalize)
     result.complete, result.path, result.seconds = True, Path(o.output), time.time() - t0
+    if is_main:
+        write_run_status("done", None, False, output=str(o.output))
     say(f"reference cache written to {o.output}: {n} samples, {len(ids)} sequences, {int(lengths.sum()):,} tokens; "
         f"this run {result.seconds:.1f}s, rank 0 {tokens_done / loop_s:,.0f} tok/s (~{tokens_done / loop_s * groups.dp_size:,.0f} "
         f"tok/s over dp={groups.dp_size})")
@@ -464,7 +487,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if rank == 0:
             print(f"precompute_reference.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C
+        if rank == 0:
+            print("precompute_reference.py: interrupted; finished batches are kept, run again to continue",
+                  file=sys.stderr, flush=True)
+        return 130
     finally:
         if dist.is_initialized():
             destroy()
-    return 0 if res.complete else 3
+    return 0 if res.complete or res.stopped_by_signal else 3

@@ -82,6 +82,8 @@ def _build_model(cfg: LongPOConfig):
 
 def train(cfg: LongPOConfig) -> TrainResult:
     t_start = time.time()
+    # Handlers only set a flag, so install them first: a signal during start-up is not lost.
+    stop = StopController.from_env(cfg.training.exit_duration_mins, start_time=t_start).install()
     init_distributed(cfg.parallel)
     world = dist.get_world_size()
     validate(cfg, world)
@@ -98,7 +100,6 @@ def train(cfg: LongPOConfig) -> TrainResult:
     state = _load_or_resume(cfg, model, optimizer, scheduler, groups)
     data.set_consumed_samples(state.consumed_samples)
 
-    stop = StopController(cfg.training.exit_duration_mins, start_time=t_start).install()
     logger = MetricsLogger(cfg.logging, cfg.training.train_iters, _is_rank0(), to_dict(cfg), start_step=state.iteration)
     _print0(
         f"[longpo] world={world} tp={groups.tp_size} cp={groups.cp_size} dp={groups.dp_size} "
@@ -123,6 +124,7 @@ def train(cfg: LongPOConfig) -> TrainResult:
             state.iteration += 1
             state.consumed_samples += cfg.training.global_batch_size
             dt = time.time() - t0
+            stop.note_step(dt)
             metrics = dict(result.metrics)
             metrics["lr"] = lr
             metrics.update(_throughput(cfg, micro, dt, groups, world))
@@ -139,11 +141,15 @@ def train(cfg: LongPOConfig) -> TrainResult:
             save_now = bool(cfg.checkpoint.save and cfg.checkpoint.save_interval
                             and state.iteration % cfg.checkpoint.save_interval == 0)
             stopped_by = stop.should_stop()
+            if state.iteration >= cfg.training.train_iters:
+                stopped_by = None  # the run is complete: a stop request changes nothing (no requeue)
             if not stopped_by and cfg.training.exit_interval and state.iteration % cfg.training.exit_interval == 0 \
                     and state.iteration < cfg.training.train_iters:
                 stopped_by = "exit_interval"
             if (save_now or stopped_by) and cfg.checkpoint.save:
+                t_save = time.time()
                 last_saved = _save(cfg, state, model, optimizer, scheduler, groups)
+                stop.note_save(time.time() - t_save)
             if stopped_by:
                 _print0(f"[longpo] stopping at step {state.iteration} ({stopped_by}); checkpoint: {last_saved}")
                 break
@@ -153,6 +159,7 @@ def train(cfg: LongPOConfig) -> TrainResult:
     finally:
         stop.uninstall()
         logger.close()
+    stop.write_status(stopped_by, state.iteration, str(last_saved) if last_saved else None)
     summary = " ".join(f"{k}={v:.5g}" for k, v in last.items() if k in (
         "loss", "nll_loss", "pref_loss", "rewards/accuracies", "rewards/margins"))
     _print0(f"[longpo] done: step {state.iteration}/{cfg.training.train_iters} {summary} "

@@ -158,6 +158,86 @@ def test_sigterm_saves_and_exits_zero(prepared):
     assert steps[-2:] == [stopped + 1, stopped + 2]
 
 
+def _launch(d, run, **extra):
+    """pretrain_longpo.py under `python -m megatron_longpo.launch` in its own session (as a terminal
+    job / container would be), stdout+stderr captured."""
+    args = [PY, "-m", "megatron_longpo.launch", "--nproc-per-node", "2", "--master-port", str(_port()),
+            "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml", *_overrides(d, run, **extra)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_latest(proc, ckpt: Path, at_least: int, timeout=300):
+    f = ckpt / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if f.exists() and int(f.read_text()) >= at_least:
+            return int(f.read_text())
+        assert proc.poll() is None, proc.stdout.read()[-5000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint >= {at_least} in {ckpt}")
+
+
+def test_sigterm_to_whole_tree_after_a_save_gives_complete_checkpoint(prepared):
+    """As Slurm, `kill -- -PGID` or a container runtime do: SIGTERM to EVERY process (launcher,
+    workers and the checkpoint writer's helper process started by the first save). The helper
+    must survive, so the stop save completes; exit 0 and no traceback."""
+    import psutil
+
+    run = "sigterm_tree"
+    proc = _launch(prepared, run, **{"training.train_iters": 400, "checkpoint.save_interval": 2})
+    ckpt = prepared / run / "ckpt"
+    periodic = _wait_latest(proc, ckpt, 2)
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(tree) >= 4, [p.cmdline() for p in tree]  # launcher, 2 workers, >= 1 helper
+    for p in tree:
+        p.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-5000:]
+    for bad in ("Traceback", "BrokenPipeError", "EOFError"):
+        assert bad not in out, out[-5000:]
+    stopped = int(out.split("stopping at step ")[1].split()[0])
+    assert _wait_latest(proc, ckpt, 0) == stopped > periodic  # a new, complete checkpoint
+    assert (ckpt / f"iter_{stopped:07d}" / "longpo_meta.json").is_file()
+    assert not list(ckpt.glob("*.tmp"))
+
+
+def test_ctrl_c_saves_and_exits_zero_twice_stops_now(prepared):
+    # Ctrl-C = SIGINT to the foreground process group: the launcher's session here.
+    run = "ctrl_c"
+    proc = _launch(prepared, run, **{"training.train_iters": 400, "checkpoint.save_interval": 2})
+    ckpt = prepared / run / "ckpt"
+    periodic = _wait_latest(proc, ckpt, 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-5000:]
+    assert "Ctrl-C again to stop now" in out and "Traceback" not in out, out[-5000:]
+    stopped = int(out.split("stopping at step ")[1].split()[0])
+    assert stopped > periodic and (ckpt / f"iter_{stopped:07d}" / "longpo_meta.json").is_file()
+
+    # Twice: the second Ctrl-C stops without saving, promptly, with one line instead of tracebacks.
+    proc = _launch(prepared, run, **{"training.train_iters": 400, "checkpoint.save_interval": 1000})
+    metrics = prepared / run / "metrics.jsonl"
+    n0 = len(metrics.read_text().splitlines())
+    deadline = time.time() + 300
+    while len(metrics.read_text().splitlines()) < n0 + 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-5000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    t = time.time()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-5000:]
+    assert time.time() - t < 30  # not torchrun's 30 s kill timeout
+    assert "Traceback" not in out, out[-5000:]
+    assert "stopped without saving" in out
+    # A save cut short by the second Ctrl-C may leave iter_N.tmp, never a checkpoint that looks complete.
+    latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert latest >= stopped and (ckpt / f"iter_{latest:07d}" / "longpo_meta.json").is_file()
+
+
 def test_validation_every_eval_interval(prepared):
     run = "valid"
     _train(prepared, run, **{"training.train_iters": 4, "training.eval_interval": 2, "training.eval_iters": 2,

@@ -1,0 +1,125 @@
+"""Keep helper processes out of the way of preemption signals.
+
+Slurm (``scancel --signal``, ``--signal=USR1@T``, preemption, time limit) signals EVERY process of a
+job step, and ``kill -- -PGID`` does the same for a process group. The trainer handles SIGUSR1 /
+SIGTERM / SIGINT itself (save at the next step boundary), but a helper process it started keeps
+the default action of those signals and dies, taking the save with it. The one that matters:
+Megatron's ``dist_checkpointing`` (``strategies/filesystem_async.py``) starts a spawn-context
+``multiprocessing.Manager()`` at the first save and keeps it for the life of the process; every
+later save sends its write results through that Manager's queue, so a dead Manager turns the next
+save into ``BrokenPipeError`` / ``EOFError`` and leaves ``iter_N.tmp``.
+
+A spawned child starts with the signal mask of the thread that forked it (the mask survives
+``exec``; CPython installs handlers only for signals it finds at SIG_DFL and never unblocks), so
+starting a helper with the preemption signals BLOCKED makes it immune for its whole life, while
+the parent only defers (never loses) a signal that arrives meanwhile: it is delivered on unblock.
+Forked write workers inherit the parent's Python handlers (which only set a flag), so they are
+safe already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from multiprocessing import resource_tracker
+from typing import Iterator, Mapping, Optional, Sequence
+
+from megatron_longpo.fsutil import write_text_atomic
+
+PREEMPTION_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def signals_blocked(signals: Sequence[int] = PREEMPTION_SIGNALS) -> Iterator[None]:
+    """Block ``signals`` in this thread; children started inside inherit the block (immune)."""
+    if threading.current_thread() is not threading.main_thread():
+        # Another thread could take a process-directed signal meanwhile; helpers are started from
+        # the main thread in this project, so this is a programming error, not a user error.
+        raise RuntimeError("signals_blocked must be used on the main thread")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # pending signals are delivered here
+
+
+def start_checkpoint_helpers() -> None:
+    """Start dist_checkpointing's long-lived writer helper now, immune to preemption signals.
+
+    Idempotent (Megatron keeps the helper in a module global). Call before the first save; every
+    rank that saves must call it.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async  # heavy: only when saving
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    with signals_blocked():
+        # The spawn context first starts multiprocessing's resource tracker, and CPython UNBLOCKS
+        # SIGINT/SIGTERM after starting it (resource_tracker.ensure_running); start it first, then
+        # block again so the Manager inherits the full block. (The tracker ignores INT/TERM itself
+        # and, started here, has USR1 blocked.)
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+        filesystem_async._get_write_results_queue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher contract (examples/slurm/longpo_launch.sh, docs/slurm.md)
+# ----------------------------------------------------------------------------------------------
+STOP_FILE_ENV = "LONGPO_STOP_FILE"  # exists -> stop at the next boundary (set by the launcher on USR1)
+STATUS_FILE_ENV = "LONGPO_RUN_STATUS"  # where rank 0 says how the run ended (read by the launcher)
+
+
+def stop_file_requested(env: Optional[Mapping[str, str]] = None) -> bool:
+    path = (os.environ if env is None else env).get(STOP_FILE_ENV)
+    return bool(path) and os.path.exists(path)
+
+
+def write_run_status(state: str, reason: Optional[str], requeue: bool, **extra) -> None:
+    """Record how this run ended for a launcher (no-op without LONGPO_RUN_STATUS). Call on rank 0.
+
+    ``requeue`` is true only when the run stopped early AND can resume from what it saved, so a
+    launcher never requeues a finished or crashed run.
+    """
+    path = os.environ.get(STATUS_FILE_ENV)
+    if path:
+        write_text_atomic(path, json.dumps({"state": state, "reason": reason, "requeue": requeue, **extra}) + "\n")
+
+
+class StopFlag:
+    """SIGUSR1 / SIGTERM / SIGINT (or the stop file) -> stop at the next boundary; a second Ctrl-C
+    raises KeyboardInterrupt (stop now). The handler only sets a flag."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self.interrupts = 0
+        self._previous: dict = {}
+
+    def install(self) -> "StopFlag":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers exist only on the main thread (e.g. a library caller's worker)
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt  # second Ctrl-C: stop now
+        if self.received is None:
+            self.received = signum
+
+    def requested(self) -> bool:
+        return self.received is not None or stop_file_requested()
+
+    def describe(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "stop file"
