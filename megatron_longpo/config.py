@@ -145,6 +145,11 @@ class OptimConfig:
     min_lr: float = _f(0.0, "Final learning rate of the decay.")
     lr_decay_style: Literal["cosine", "linear", "constant"] = _f("cosine", "LR decay.")
     lr_warmup_fraction: float = _f(0.1, "Warm-up as a fraction of train_iters.")
+    lr_warmup_steps: Optional[int] = _f(None, "Warm-up steps (absolute); overrides lr_warmup_fraction when set.")
+    scheduler_on_resume: Literal["auto", "checkpoint", "config"] = _f(
+        "auto", "On resume, when the config's LR schedule (lr, min_lr, warm-up, decay steps = train_iters, style) "
+                "differs from the checkpoint's: 'checkpoint' keeps the saved schedule, 'config' continues the step count "
+                "on the config's schedule (e.g. after raising train_iters), 'auto' refuses and names both.")
     weight_decay: float = _f(0.0, "Weight decay.")
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.95, "Adam beta2.")
@@ -181,6 +186,16 @@ class CheckpointConfig:
     save_interval: Optional[int] = _f(None, "Save every N steps (and at the end).")
     keep_last: int = _f(2, "Keep the newest K checkpoints (0 keeps all).")
     finetune: bool = _f(False, "Load weights only (no optimizer, step counter reset).")
+    load_iteration: Optional[int] = _f(
+        None, "Resume / load this iteration of the run directory instead of the newest (e.g. when the newest is damaged).")
+    verify: Literal["full", "size", "none"] = _f(
+        "full", "Check checkpoint files against the size + CRC32 manifest written at save before loading.")
+    allow_data_change: bool = _f(
+        False, "Resume checkpoint.save on a train_data other than the one it was trained on; the new data is read "
+               "from its first sample (the saved position belongs to the old data).")
+    fallback_on_corrupt: bool = _f(
+        True, "When resuming from checkpoint.save and its newest iteration is damaged, resume from the newest intact "
+              "earlier one (and say so) instead of stopping.")
 
 
 @dataclass
@@ -488,5 +503,9 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             "data.pair_layout=shared_prefix cannot run on parallel.attention_backend=te (TE attention "
             "cannot express the branch mask); set parallel.attention_backend to auto, sdpa or flash"
         )
+    if cfg.optim.lr_warmup_steps is not None and not 0 <= cfg.optim.lr_warmup_steps <= max(t.train_iters, 0):
+        errs.append(f"optim.lr_warmup_steps ({cfg.optim.lr_warmup_steps}) must be in [0, training.train_iters]")
+    if cfg.checkpoint.load_iteration is not None and cfg.checkpoint.load_iteration < 0:
+        errs.append(f"checkpoint.load_iteration must be >= 0 (got {cfg.checkpoint.load_iteration})")
     if errs:
         raise ConfigError("; ".join(errs))

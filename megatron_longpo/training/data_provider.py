@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
-import torch
 
 from megatron_longpo.config import LongPOConfig, seq_length_multiple
 from megatron_longpo.data.batch import PairBatch
@@ -63,10 +62,7 @@ class TrainingData:
         samples = [dataset[i] for i in indices]
         batch = build_pair_batch(samples, self.cfg.data.pair_layout, self.pad_multiple, dataset.pad_id,
                                  self.cfg.loss.nll_target)
-        if self.cfg.loss.mode == "sft":
-            zeros = torch.zeros(len(indices), dtype=torch.float64)
-            batch.ref_chosen_logps, batch.ref_rejected_logps = zeros, zeros.clone()
-        else:
+        if self.cfg.loss.mode != "sft":  # sft: no reference, so no reward / ref metrics are logged
             batch.ref_chosen_logps, batch.ref_rejected_logps = reference.logps(indices)
         return batch
 

@@ -29,7 +29,17 @@ from megatron_longpo.runtime.distributed import (
     set_seed,
 )
 from megatron_longpo.training import preflight
-from megatron_longpo.training.checkpointing import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from megatron_longpo.checkpoint import CheckpointError, read_meta
+from megatron_longpo.checkpoint.integrity import remove_leftovers
+from megatron_longpo.data.indexed import load_metadata
+from megatron_longpo.reference.fingerprint import dataset_identity, describe_dataset_mismatch
+from megatron_longpo.training.checkpointing import (
+    TrainState,
+    find_checkpoint,
+    load_checkpoint,
+    resume_with_fallback,
+    save_checkpoint,
+)
 from megatron_longpo.training.data_provider import TrainingData, build_training_data
 from megatron_longpo.training.flops import attended_pairs, train_flops
 from megatron_longpo.training.metrics_log import MetricsLogger
@@ -93,8 +103,13 @@ def train(cfg: LongPOConfig) -> TrainResult:
     ddp = _wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.model, cfg.training.train_iters)
 
-    state = _load_or_resume(cfg, model, optimizer, scheduler, groups)
+    data_id = _data_identity(cfg)
+    state = _load_or_resume(cfg, model, optimizer, scheduler, groups, data_id)
+    start_iteration = state.iteration
     data.set_consumed_samples(state.consumed_samples)
+    if start_iteration >= cfg.training.train_iters:
+        _print0(f"[longpo] nothing to train: the checkpoint is at step {start_iteration} and training.train_iters="
+                f"{cfg.training.train_iters}; raise training.train_iters to continue (the checkpoint is left as it is)")
 
     stop = StopController(cfg.training.exit_duration_mins, start_time=t_start).install()
     logger = MetricsLogger(cfg.logging, cfg.training.train_iters, _is_rank0(), to_dict(cfg), start_step=state.iteration)
@@ -139,13 +154,17 @@ def train(cfg: LongPOConfig) -> TrainResult:
                     and state.iteration < cfg.training.train_iters:
                 stopped_by = "exit_interval"
             if (save_now or stopped_by) and cfg.checkpoint.save:
-                last_saved = _save(cfg, state, model, optimizer, scheduler, groups)
+                last_saved = _save(cfg, state, model, optimizer, scheduler, groups, data_id)
             if stopped_by:
                 _print0(f"[longpo] stopping at step {state.iteration} ({stopped_by}); checkpoint: {last_saved}")
                 break
         else:
-            if cfg.checkpoint.save and (last_saved is None or not last_saved.name.endswith(f"{state.iteration:07d}")):
-                last_saved = _save(cfg, state, model, optimizer, scheduler, groups)
+            # Only a run that trained saves at the end: a rerun of a finished run must leave its
+            # checkpoint (and the reference caches keyed to its fingerprint) byte-identical.
+            trained = state.iteration > start_iteration
+            if cfg.checkpoint.save and trained and (
+                    last_saved is None or not last_saved.name.endswith(f"{state.iteration:07d}")):
+                last_saved = _save(cfg, state, model, optimizer, scheduler, groups, data_id)
     finally:
         stop.uninstall()
         logger.close()
@@ -157,27 +176,84 @@ def train(cfg: LongPOConfig) -> TrainResult:
                        stopped_by, losses)
 
 
-def _save(cfg, state, model, optimizer, scheduler, groups) -> Path:
+def _save(cfg, state, model, optimizer, scheduler, groups, data_id: dict) -> Path:
     t = time.time()
     path = save_checkpoint(cfg.checkpoint.save, dataclasses.replace(state), model, optimizer, scheduler,
                            to_dict(cfg), groups, model_cfg=cfg.model, keep_last=cfg.checkpoint.keep_last,
-                           source_checkpoint=cfg.checkpoint.load)
+                           source_checkpoint=cfg.checkpoint.load, data_identity=data_id)
     _print0(f"[longpo] saved {path} in {time.time() - t:.1f}s")
     return path
 
 
-def _load_or_resume(cfg: LongPOConfig, model, optimizer, scheduler, groups: ParallelGroups) -> TrainState:
+def _data_identity(cfg: LongPOConfig) -> dict:
+    """Fingerprint of data.train_data (from its sidecar: no data file is read)."""
+    return dataset_identity(load_metadata(cfg.data.train_data), cfg.data.train_data)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``section.key old -> new`` for every option that differs between two ``to_dict`` configs."""
+    a, b = _flatten(saved), _flatten(current)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _check_resume(cfg: LongPOConfig, found: Path, data_id: dict) -> bool:
+    """Warn about every config change since the checkpoint; refuse a changed dataset unless allowed.
+    Returns True when the data position must restart at the first sample."""
+    ts = read_meta(found).extra.get("train_state") or {}
+    changes = config_changes(ts.get("config") or {}, to_dict(cfg))
+    if changes:
+        _print0(f"[longpo] WARNING: resuming {found} with {len(changes)} changed option(s): " + "; ".join(changes))
+    saved = ts.get("data")
+    why = describe_dataset_mismatch(saved, data_id) if saved else None
+    if why is None:
+        return False
+    if not cfg.checkpoint.allow_data_change:
+        raise CheckpointError(
+            f"checkpoint.save={cfg.checkpoint.save} was trained on other data than data.train_data="
+            f"{cfg.data.train_data}: {why}. Its data position ({ts.get('consumed_samples')} samples) belongs to "
+            f"{saved.get('prefix')}. Start a new run directory (checkpoint.save=NEW, checkpoint.load="
+            f"{cfg.checkpoint.save} to begin from its weights), or set checkpoint.allow_data_change=true to "
+            "continue this run on the new data from its first sample")
+    _print0(f"[longpo] WARNING: data changed since {found} ({why}); checkpoint.allow_data_change=true: "
+            "reading the new data from its first sample")
+    return True
+
+
+def _load_or_resume(cfg: LongPOConfig, model, optimizer, scheduler, groups: ParallelGroups, data_id: dict) -> TrainState:
     """Resume from checkpoint.save if it holds a checkpoint, else initial load from checkpoint.load."""
-    if cfg.checkpoint.save:
-        found = find_checkpoint(cfg.checkpoint.save)
+    c = cfg.checkpoint
+    if c.save:
+        if _is_rank0():
+            remove_leftovers(c.save)
+        found = find_checkpoint(c.save, c.load_iteration)
         if found is not None:
-            st = load_checkpoint(found, model, optimizer, scheduler, groups, cfg.model)
-            _print0(f"[longpo] resumed from {found} at step {st.iteration} ({st.consumed_samples} samples consumed)")
+            restart_data = _check_resume(cfg, found, data_id)
+
+            def load(d: Path) -> TrainState:
+                return load_checkpoint(d, model, optimizer, scheduler, groups, cfg.model, verify=c.verify,
+                                       scheduler_on_resume=cfg.optim.scheduler_on_resume)
+
+            fallback = c.fallback_on_corrupt and c.load_iteration is None
+            st, used = resume_with_fallback(c.save, found, load, fallback, log=_print0)
+            if restart_data:
+                st.consumed_samples = 0
+            _print0(f"[longpo] resumed from {used} at step {st.iteration} ({st.consumed_samples} samples consumed)")
             return st
-    if cfg.checkpoint.load:
-        st = load_checkpoint(cfg.checkpoint.load, model, optimizer, scheduler, groups, cfg.model,
-                             finetune=cfg.checkpoint.finetune)
-        _print0(f"[longpo] loaded {cfg.checkpoint.load} ({'weights only' if cfg.checkpoint.finetune else 'full state'})")
+    if c.load:
+        src = find_checkpoint(c.load, c.load_iteration) if c.load_iteration is not None else c.load
+        st = load_checkpoint(src, model, optimizer, scheduler, groups, cfg.model, finetune=c.finetune,
+                             verify=c.verify, scheduler_on_resume=cfg.optim.scheduler_on_resume)
+        _print0(f"[longpo] loaded {src} ({'weights only' if c.finetune else 'full state'})")
         return st
     _print0("[longpo] no checkpoint to load: random initialisation")
     return TrainState()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import Mapping, Optional
 
 from megatron_longpo.config import LoggingConfig
+from megatron_longpo.fsutil import write_text_atomic
 
 
 def _hms(seconds: float) -> str:
@@ -35,6 +37,30 @@ def format_line(step: int, total: int, metrics: Mapping[str, float], elapsed: fl
     return " | ".join(parts)
 
 
+def drop_steps_after(path: Path, step: int) -> int:
+    """Remove the lines of a metrics JSONL logged after ``step`` (a resumed run logs them again).
+
+    The file is rewritten atomically; returns the number of lines dropped. Lines that are not
+    JSON (a torn last line of a killed run) are dropped too.
+    """
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(rec.get("step", 0)) > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        write_text_atomic(path, "".join(f"{x}\n" for x in keep))
+    return dropped
+
+
 class MetricsLogger:
     """Console line every ``log_interval`` steps plus TensorBoard / wandb scalars (rank 0 only)."""
 
@@ -51,14 +77,15 @@ class MetricsLogger:
         if not is_rank0:
             return
         if cfg.metrics_jsonl:
-            from pathlib import Path
-
             Path(cfg.metrics_jsonl).parent.mkdir(parents=True, exist_ok=True)
+            drop_steps_after(Path(cfg.metrics_jsonl), start_step)
             self.jsonl = open(cfg.metrics_jsonl, "a")
         if cfg.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
 
-            self.tb = SummaryWriter(log_dir=cfg.tensorboard_dir)
+            # purge_step: events a preempted run logged after its last checkpoint are replayed by
+            # the resumed run; TensorBoard drops the old ones instead of drawing both.
+            self.tb = SummaryWriter(log_dir=cfg.tensorboard_dir, purge_step=start_step + 1 if start_step else None)
         if cfg.wandb_project and cfg.wandb_mode != "disabled":
             try:
                 import wandb
