@@ -174,7 +174,9 @@ class TrainingConfig:
     exit_duration_mins: Optional[float] = _f(None, "Save and exit after this many minutes.")
     exit_interval: Optional[int] = _f(None, "Save and exit when the step number is a multiple of this.")
     eval_interval: Optional[int] = _f(None, "Run validation every N steps.")
-    eval_iters: int = _f(4, "Validation micro-batches per evaluation.")
+    eval_iters: int = _f(
+        4, "Validation GLOBAL batches per evaluation (0: every full global batch of data.valid_data once). Capped at "
+           "the full global batches the set holds, so no sample counts twice.")
 
 
 @dataclass
@@ -503,6 +505,8 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             "data.pair_layout=shared_prefix cannot run on parallel.attention_backend=te (TE attention "
             "cannot express the branch mask); set parallel.attention_backend to auto, sdpa or flash"
         )
+    if t.eval_iters < 0:
+        errs.append(f"training.eval_iters must be >= 0 (0 = the whole validation set), got {t.eval_iters}")
     if cfg.optim.lr_warmup_steps is not None and not 0 <= cfg.optim.lr_warmup_steps <= max(t.train_iters, 0):
         errs.append(f"optim.lr_warmup_steps ({cfg.optim.lr_warmup_steps}) must be in [0, training.train_iters]")
     if cfg.checkpoint.load_iteration is not None and cfg.checkpoint.load_iteration < 0:

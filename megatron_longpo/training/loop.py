@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_longpo.config import LongPOConfig, to_dict, validate
+from megatron_longpo.config import ConfigError, LongPOConfig, to_dict, validate
 from megatron_longpo.runtime.distributed import (
     ParallelGroups,
     destroy,
@@ -113,6 +113,13 @@ def train(cfg: LongPOConfig) -> TrainResult:
 
     stop = StopController(cfg.training.exit_duration_mins, start_time=t_start).install()
     logger = MetricsLogger(cfg.logging, cfg.training.train_iters, _is_rank0(), to_dict(cfg), start_step=state.iteration)
+    if cfg.training.eval_interval and data.has_validation:
+        n_steps, n_samples = data.validation_steps(cfg.training.eval_iters)
+        if n_steps == 0:
+            raise ConfigError(f"data.valid_data={cfg.data.valid_data} has {len(data.valid)} samples, fewer than one "
+                              f"global batch ({cfg.training.global_batch_size}); use a larger validation set")
+        _print0(f"[longpo] validation every {cfg.training.eval_interval} steps: {n_steps} global batch(es) = "
+                f"{n_samples} of {len(data.valid)} samples of {cfg.data.valid_data}")
     _print0(
         f"[longpo] world={world} tp={groups.tp_size} cp={groups.cp_size} dp={groups.dp_size} "
         f"layout={cfg.data.pair_layout} mode={cfg.loss.mode} reference={data.reference_description} "

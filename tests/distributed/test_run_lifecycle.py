@@ -145,3 +145,16 @@ def test_damaged_newest_checkpoint_falls_back_or_is_named(datasets, tmp_path):
     assert out["iteration"] == 6
     steps = [m["step"] for m in _metrics(tmp_path)]
     assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 2: steps 3-4 trained again, logged once
+
+
+def test_validation_never_counts_a_sample_twice(datasets, tmp_path):
+    a, _ = datasets  # 8 samples = 4 global batches of 2
+    valid = {}
+    for iters in (0, 4, 10, 1):
+        run = tmp_path / f"v{iters}"
+        train(a, run, **{"training.train_iters": 1, "training.eval_interval": 1, "training.eval_iters": iters,
+                         "data.valid_data": a})
+        valid[iters] = _metrics(run, "valid")[0]["loss"]
+    # 0 (= all), 4 (= all) and 10 (capped at the 4 full batches, no wrap-around) see the same samples.
+    assert valid[0] == valid[4] == valid[10]
+    assert valid[1] != valid[4]
