@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional
 
+import yaml
+
 from megatron_longpo.config import LoggingConfig
 from megatron_longpo.fsutil import write_text_atomic
 
@@ -86,6 +88,8 @@ class MetricsLogger:
             # purge_step: events a preempted run logged after its last checkpoint are replayed by
             # the resumed run; TensorBoard drops the old ones instead of drawing both.
             self.tb = SummaryWriter(log_dir=cfg.tensorboard_dir, purge_step=start_step + 1 if start_step else None)
+            if run_config:  # the resolved config, next to the curves it produced
+                self.tb.add_text("config", "```yaml\n" + yaml.safe_dump(run_config, sort_keys=False) + "```", start_step)
         if cfg.wandb_project and cfg.wandb_mode != "disabled":
             try:
                 import wandb

@@ -122,6 +122,7 @@ def test_resume_from_earlier_iteration_does_not_repeat_logged_steps(datasets, tm
     ev = EventAccumulator(str(tmp_path / "tb"))
     ev.Reload()
     assert [e.step for e in ev.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert "config/text_summary" in ev.Tags()["tensors"]  # the resolved config is logged with the curves
 
 
 def test_sft_logs_no_reference_metrics(datasets, tmp_path):
