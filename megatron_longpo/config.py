@@ -165,6 +165,9 @@ class TrainingConfig:
     micro_batch_size: int = _f(1, "Pairs per micro-batch.")
     global_batch_size: int = _f(8, "Pairs per optimizer step over all DP ranks.")
     train_iters: int = _f(10, "Optimizer steps.")
+    num_epochs: Optional[float] = _f(
+        None, "Train this many passes over data.train_data instead: train_iters = ceil(num_epochs * samples / "
+              "global_batch_size), set at start-up (the log shows the epoch).")
     seed: int = _f(1234, "Seed for init, data order and RNG trackers.")
     recompute_granularity: Optional[Literal["full", "selective"]] = _f(
         None, "Activation recomputation."
@@ -490,6 +493,8 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             )
     if t.train_iters < 0:
         errs.append("training.train_iters must be >= 0")
+    if t.num_epochs is not None and t.num_epochs <= 0:
+        errs.append(f"training.num_epochs must be > 0 (got {t.num_epochs})")
     if cfg.loss.beta <= 0:
         errs.append(f"loss.beta must be > 0 (got {cfg.loss.beta})")
     if cfg.loss.logprob_chunk_size <= 0:

@@ -99,6 +99,12 @@ def train(cfg: LongPOConfig) -> TrainResult:
     groups = init_model_parallel(cfg.parallel)
     set_seed(cfg.training.seed)
     data = build_training_data(cfg, groups)  # dataset, sampler, reference source (checked)
+    if cfg.training.num_epochs is not None:
+        cfg.training.train_iters = epochs_to_iters(cfg.training.num_epochs, data.num_samples,
+                                                   cfg.training.global_batch_size)
+        _print0(f"[longpo] training.num_epochs={cfg.training.num_epochs}: {data.num_samples} samples -> "
+                f"train_iters={cfg.training.train_iters}")
+        validate(cfg, world)
     model = _build_model(cfg)
     ddp = _wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.model, cfg.training.train_iters)
@@ -145,6 +151,7 @@ def train(cfg: LongPOConfig) -> TrainResult:
             dt = time.time() - t0
             metrics = dict(result.metrics)
             metrics["lr"] = lr
+            metrics["epoch"] = state.consumed_samples / data.num_samples
             metrics.update(_throughput(cfg, micro, dt, groups, world))
             if not math.isfinite(metrics.get("loss", float("nan"))):
                 raise FloatingPointError(f"loss is {metrics.get('loss')} at step {state.iteration}; stopping")
@@ -181,6 +188,12 @@ def train(cfg: LongPOConfig) -> TrainResult:
             f"elapsed {time.time() - t_start:.1f}s checkpoint: {last_saved}")
     return TrainResult(state.iteration, state.consumed_samples, last, str(last_saved) if last_saved else None,
                        stopped_by, losses)
+
+
+def epochs_to_iters(num_epochs: float, num_samples: int, global_batch_size: int) -> int:
+    """Optimizer steps for ``num_epochs`` passes over ``num_samples`` (the last step may cross into
+    the next pass: the sampler concatenates epochs, docs/data.md)."""
+    return max(1, math.ceil(num_epochs * num_samples / global_batch_size))
 
 
 def _save(cfg, state, model, optimizer, scheduler, groups, data_id: dict) -> Path:

@@ -24,6 +24,8 @@ def _hms(seconds: float) -> str:
 def format_line(step: int, total: int, metrics: Mapping[str, float], elapsed: float, eta: float) -> str:
     """One progress line; metric keys use the TRL names (loss, rewards/margins, ...)."""
     parts = [f"step {step}/{total}"]
+    if metrics.get("epoch") is not None:
+        parts.append(f"epoch {metrics['epoch']:.2f}")
     order = [
         ("lr", "lr", "{:.3e}"), ("loss", "loss", "{:.5f}"), ("nll_loss", "nll", "{:.4f}"),
         ("pref_loss", "pref", "{:.5f}"), ("rewards/accuracies", "acc", "{:.3f}"),

@@ -159,3 +159,10 @@ def test_validation_never_counts_a_sample_twice(datasets, tmp_path):
     # 0 (= all), 4 (= all) and 10 (capped at the 4 full batches, no wrap-around) see the same samples.
     assert valid[0] == valid[4] == valid[10]
     assert valid[1] != valid[4]
+
+
+def test_num_epochs_sets_train_iters_and_logs_the_epoch(datasets, tmp_path):
+    a, _ = datasets  # 8 samples, global batch 2
+    out = train(a, tmp_path, **{"training.num_epochs": 1.5, "training.train_iters": 999})
+    assert out["iteration"] == 6
+    assert [m["epoch"] for m in _metrics(tmp_path)] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
