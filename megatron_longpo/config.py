@@ -212,6 +212,9 @@ class LoggingConfig:
     wandb_project: Optional[str] = _f(None, "Weights & Biases project (enables wandb).")
     wandb_mode: Literal["online", "offline", "disabled"] = _f("offline", "wandb mode.")
     wandb_run_name: Optional[str] = _f(None, "wandb run name.")
+    wandb_run_id: Optional[str] = _f(
+        None, "wandb run id; default: one id per checkpoint.save directory (kept in RUN/wandb_run_id), so a resumed "
+              "or requeued run continues the same wandb run.")
     metrics_jsonl: Optional[str] = _f(None, "Append every step's metrics as a JSON line (rank 0).")
 
 

@@ -118,7 +118,8 @@ def train(cfg: LongPOConfig) -> TrainResult:
                 f"{cfg.training.train_iters}; raise training.train_iters to continue (the checkpoint is left as it is)")
 
     stop = StopController(cfg.training.exit_duration_mins, start_time=t_start).install()
-    logger = MetricsLogger(cfg.logging, cfg.training.train_iters, _is_rank0(), to_dict(cfg), start_step=state.iteration)
+    logger = MetricsLogger(cfg.logging, cfg.training.train_iters, _is_rank0(), to_dict(cfg), start_step=state.iteration,
+                           save_dir=cfg.checkpoint.save)
     if cfg.training.eval_interval and data.has_validation:
         n_steps, n_samples = data.validation_steps(cfg.training.eval_iters)
         if n_steps == 0:

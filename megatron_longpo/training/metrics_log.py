@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -65,11 +66,31 @@ def drop_steps_after(path: Path, step: int) -> int:
     return dropped
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(configured: Optional[str], save_dir: Optional[str]) -> Optional[str]:
+    """The wandb run id of this run: ``logging.wandb_run_id``, else the id kept in
+    ``checkpoint.save/wandb_run_id`` (created on first use), else None (wandb picks one).
+    Rank 0 only: the file is written once, atomically."""
+    if configured:
+        return configured
+    if not save_dir:
+        return None
+    f = Path(save_dir) / WANDB_ID_FILE
+    if f.is_file() and f.read_text().strip():
+        return f.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    f.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(f, run_id + "\n")
+    return run_id
+
+
 class MetricsLogger:
     """Console line every ``log_interval`` steps plus TensorBoard / wandb scalars (rank 0 only)."""
 
     def __init__(self, cfg: LoggingConfig, total_steps: int, is_rank0: bool, run_config: Optional[dict] = None,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, save_dir: Optional[str] = None) -> None:
         self.cfg = cfg
         self.total = total_steps
         self.rank0 = is_rank0
@@ -98,8 +119,10 @@ class MetricsLogger:
             except ImportError as e:
                 raise RuntimeError("logging.wandb_project is set but wandb is not installed: "
                                    "pip install 'megatron_longpo[wandb]' or unset logging.wandb_project") from e
+            # resume="allow": a requeued / resumed run appends to the same wandb run (same id).
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, mode=cfg.wandb_mode,
-                                    config=run_config or {})
+                                    config=run_config or {}, id=wandb_run_id(cfg.wandb_run_id, save_dir),
+                                    resume="allow")
 
     def log(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> Optional[str]:
         if not self.rank0:

@@ -1,4 +1,4 @@
-"""tools/plot_run.py: curves read back from metrics JSONL exactly, PNG written for overlaid runs."""
+"""Run logging: plot_run curves read back exactly and drawn as a PNG; the wandb run id kept per run."""
 
 import json
 import subprocess
@@ -47,3 +47,13 @@ def test_cli_overlays_runs_into_a_png(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "tools/plot_run.py"), str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_wandb_run_id_is_kept_per_run_directory(tmp_path):
+    from megatron_longpo.training.metrics_log import wandb_run_id
+
+    first = wandb_run_id(None, str(tmp_path / "run"))
+    assert first and (tmp_path / "run" / "wandb_run_id").read_text().strip() == first
+    assert wandb_run_id(None, str(tmp_path / "run")) == first  # a resumed run continues the same wandb run
+    assert wandb_run_id(None, str(tmp_path / "other")) != first
+    assert wandb_run_id("given", str(tmp_path / "run")) == "given" and wandb_run_id(None, None) is None
