@@ -93,6 +93,8 @@ def _init_rerun_state_machine() -> None:
     """
     from megatron.core import rerun_state_machine as rsm
 
+    if rsm._GLOBAL_RERUN_STATE_MACHINE is not None:  # process-wide singleton: once per process
+        return
     log = logging.getLogger(rsm.__name__)
     level = log.level
     log.setLevel(logging.ERROR)
