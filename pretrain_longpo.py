@@ -6,7 +6,12 @@ All logic lives in megatron_longpo.training.loop; options are documented in docs
 """
 
 import argparse
+import os
 import sys
+
+# Light imports only above main(): --help and config errors answer in a second, before torch and
+# megatron-core are imported (tens of seconds on a busy node).
+from megatron_longpo.config import ConfigError, load_config, validate
 
 
 def parse_args(argv):
@@ -23,16 +28,26 @@ def parse_args(argv):
     return args.config, overrides
 
 
-def main(argv=None) -> int:
-    from megatron_longpo.config import ConfigError
-    from megatron_longpo.training.loop import main as train_main
+def _error(e: BaseException) -> int:
+    """One clear line, from rank 0 only (every rank fails the same check), exit code 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[longpo] error: {e}", file=sys.stderr, flush=True)
+    return 2
 
+
+def main(argv=None) -> int:
     config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+        validate(load_config(config, overrides), world)
+    except ConfigError as e:
+        return _error(e)
+    from megatron_longpo.training.loop import main as train_main  # heavy: torch, megatron-core
+
+    try:
         return train_main(config, overrides)
-    except ConfigError as e:  # configuration / start-up check: one clear line, no traceback
-        print(f"[longpo] error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except ConfigError as e:  # start-up check (files, caches, checkpoints): no traceback
+        return _error(e)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops at a step boundary)
         print("[longpo] interrupted: stopped without saving this step", file=sys.stderr, flush=True)
         return 130

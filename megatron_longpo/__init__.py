@@ -9,3 +9,12 @@ __version__ = "0.1.0"
 # is installed and these warnings do not occur.
 for _msg in (r".*Transformer Engine and Apex are not installed.*", r".*Apex is not installed.*"):
     _warnings.filterwarnings("ignore", message=_msg, category=UserWarning)
+
+# Warnings no user of this package can act on (each names the upstream cause):
+# - megatron-core 0.16.1's TransformerConfig default cuda_graph_scope="full" warns about itself on
+#   every model build (we do not use CUDA graphs);
+# - dist_checkpointing's torch_dist strategy calls torch's deprecated load_state_dict /
+#   ShardedTensor APIs on every save and load.
+for _msg in (r"full scope is deprecated.*", r".*`load_state_dict` is deprecated.*",
+             r".*Please use DTensor instead and we are deprecating ShardedTensor.*"):
+    _warnings.filterwarnings("ignore", message=_msg)

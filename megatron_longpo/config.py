@@ -147,6 +147,11 @@ class OptimConfig:
     min_lr: float = _f(0.0, "Final learning rate of the decay.")
     lr_decay_style: Literal["cosine", "linear", "constant"] = _f("cosine", "LR decay.")
     lr_warmup_fraction: float = _f(0.1, "Warm-up as a fraction of train_iters.")
+    lr_warmup_steps: Optional[int] = _f(None, "Warm-up steps (absolute); overrides lr_warmup_fraction when set.")
+    scheduler_on_resume: Literal["auto", "checkpoint", "config"] = _f(
+        "auto", "On resume, when the config's LR schedule (lr, min_lr, warm-up, decay steps = train_iters, style) "
+                "differs from the checkpoint's: 'checkpoint' keeps the saved schedule, 'config' continues the step count "
+                "on the config's schedule (e.g. after raising train_iters), 'auto' refuses and names both.")
     weight_decay: float = _f(0.0, "Weight decay.")
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.95, "Adam beta2.")
@@ -164,6 +169,9 @@ class TrainingConfig:
     micro_batch_size: int = _f(1, "Pairs per micro-batch.")
     global_batch_size: int = _f(8, "Pairs per optimizer step over all DP ranks.")
     train_iters: int = _f(10, "Optimizer steps.")
+    num_epochs: Optional[float] = _f(
+        None, "Train this many passes over data.train_data instead: train_iters = ceil(num_epochs * samples / "
+              "global_batch_size), set at start-up (the log shows the epoch).")
     seed: int = _f(1234, "Seed for init, data order and RNG trackers.")
     recompute_granularity: Optional[Literal["full", "selective"]] = _f(
         None, "Activation recomputation."
@@ -173,7 +181,9 @@ class TrainingConfig:
     exit_duration_mins: Optional[float] = _f(None, "Save and exit after this many minutes.")
     exit_interval: Optional[int] = _f(None, "Save and exit when the step number is a multiple of this.")
     eval_interval: Optional[int] = _f(None, "Run validation every N steps.")
-    eval_iters: int = _f(4, "Validation micro-batches per evaluation.")
+    eval_iters: int = _f(
+        4, "Validation GLOBAL batches per evaluation (0: every full global batch of data.valid_data once). Capped at "
+           "the full global batches the set holds, so no sample counts twice.")
 
 
 @dataclass
@@ -185,6 +195,16 @@ class CheckpointConfig:
     save_interval: Optional[int] = _f(None, "Save every N steps (and at the end).")
     keep_last: int = _f(2, "Keep the newest K checkpoints (0 keeps all).")
     finetune: bool = _f(False, "Load weights only (no optimizer, step counter reset).")
+    load_iteration: Optional[int] = _f(
+        None, "Resume / load this iteration of the run directory instead of the newest (e.g. when the newest is damaged).")
+    verify: Literal["full", "size", "none"] = _f(
+        "full", "Check checkpoint files against the size + CRC32 manifest written at save before loading.")
+    allow_data_change: bool = _f(
+        False, "Resume checkpoint.save on a train_data other than the one it was trained on; the new data is read "
+               "from its first sample (the saved position belongs to the old data).")
+    fallback_on_corrupt: bool = _f(
+        True, "When resuming from checkpoint.save and its newest iteration is damaged, resume from the newest intact "
+              "earlier one (and say so) instead of stopping.")
 
 
 @dataclass
@@ -196,6 +216,9 @@ class LoggingConfig:
     wandb_project: Optional[str] = _f(None, "Weights & Biases project (enables wandb).")
     wandb_mode: Literal["online", "offline", "disabled"] = _f("offline", "wandb mode.")
     wandb_run_name: Optional[str] = _f(None, "wandb run name.")
+    wandb_run_id: Optional[str] = _f(
+        None, "wandb run id; default: one id per checkpoint.save directory (kept in RUN/wandb_run_id), so a resumed "
+              "or requeued run continues the same wandb run.")
     metrics_jsonl: Optional[str] = _f(None, "Append every step's metrics as a JSON line (rank 0).")
 
 
@@ -494,6 +517,8 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             )
     if t.train_iters < 0:
         errs.append("training.train_iters must be >= 0")
+    if t.num_epochs is not None and t.num_epochs <= 0:
+        errs.append(f"training.num_epochs must be > 0 (got {t.num_epochs})")
     if cfg.loss.beta <= 0:
         errs.append(f"loss.beta must be > 0 (got {cfg.loss.beta})")
     if cfg.loss.logprob_chunk_size <= 0:
@@ -515,6 +540,12 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             "cannot express the branch mask); set parallel.attention_backend to auto, sdpa or flash"
         )
     errs += _evaluation_errors(cfg)
+    if t.eval_iters < 0:
+        errs.append(f"training.eval_iters must be >= 0 (0 = the whole validation set), got {t.eval_iters}")
+    if cfg.optim.lr_warmup_steps is not None and not 0 <= cfg.optim.lr_warmup_steps <= max(t.train_iters, 0):
+        errs.append(f"optim.lr_warmup_steps ({cfg.optim.lr_warmup_steps}) must be in [0, training.train_iters]")
+    if cfg.checkpoint.load_iteration is not None and cfg.checkpoint.load_iteration < 0:
+        errs.append(f"checkpoint.load_iteration must be >= 0 (got {cfg.checkpoint.load_iteration})")
     if errs:
         raise ConfigError("; ".join(errs))
 

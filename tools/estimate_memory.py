@@ -4,12 +4,13 @@
 """
 
 import argparse
+import sys
 
-from megatron_longpo.config import load_config, validate
+from megatron_longpo.config import ConfigError, load_config, validate
 from megatron_longpo.training.memory_model import GiB, estimate_memory, estimate_step_seconds
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--world-size", type=int, required=True)
@@ -17,8 +18,12 @@ def main() -> None:
     ap.add_argument("--tflops-per-gpu", type=float, default=400.0, help="assumed sustained model TFLOP/s")
     ap.add_argument("overrides", nargs="*", help="--section.key=value")
     args, extra = ap.parse_known_args()
-    cfg = load_config(args.config, list(args.overrides) + extra)
-    validate(cfg, args.world_size)
+    try:
+        cfg = load_config(args.config, list(args.overrides) + extra)
+        validate(cfg, args.world_size)
+    except ConfigError as e:
+        print(f"estimate_memory.py: error: {e}", file=sys.stderr)
+        return 2
     est = estimate_memory(cfg, args.world_size)
     p = cfg.parallel
     dp = args.world_size // (p.tensor_model_parallel_size * p.context_parallel_size)
@@ -34,7 +39,8 @@ def main() -> None:
     tokens = cfg.training.global_batch_size * 2 * est.tokens_per_pair
     print(f"  step time at {args.tflops_per_gpu:.0f} model TFLOP/s/GPU: {secs:.1f} s "
           f"({tokens / secs:,.0f} pair tokens/s over {args.world_size} GPUs)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,8 +9,11 @@ An interrupted run continues where it stopped when started again with the same o
 
 import sys
 
-from megatron_longpo.reference.precompute import main
+from megatron_longpo.reference.precompute_args import build_arg_parser
 
 # The guard is required: dist_checkpointing starts a spawn-context helper that re-imports __main__.
 if __name__ == "__main__":
+    build_arg_parser().parse_args()  # --help / option errors answer before torch is imported
+    from megatron_longpo.reference.precompute import main
+
     sys.exit(main())

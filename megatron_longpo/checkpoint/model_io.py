@@ -32,6 +32,7 @@ from megatron_longpo.checkpoint.format import (
     resolve_checkpoint_dir,
     write_text_atomic,
 )
+from megatron_longpo.checkpoint.integrity import check_free_space, verify_checkpoint, write_manifest
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.fsutil import fsync_path
 from megatron_longpo.runtime.signals import start_checkpoint_helpers
@@ -72,13 +73,21 @@ def save_checkpoint(
     final = run / iter_dir_name(iteration)
     tmp = run / f"{final.name}.tmp"
     meta = new_meta(model_cfg, iteration, extra_meta)  # validates extra_meta on every rank first
+    check_free_space(run, sharded_state_dict, iteration)  # before anything is written
     if _rank() == 0:
         run.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
         tmp.mkdir()
     _barrier()
     start_checkpoint_helpers()  # Megatron's writer helper must outlive a preemption signal
-    dist_checkpointing.save(sharded_state_dict, str(tmp))  # collective; ends with a barrier
+    try:
+        dist_checkpointing.save(sharded_state_dict, str(tmp))  # collective; ends with a barrier
+        write_manifest(tmp)  # collective: sizes + CRC32 of every file, verified at load
+    except OSError as e:  # e.g. ENOSPC: leave no partial iteration behind
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"saving iteration {iteration} to {run} failed ({e}); the partial save "
+                              f"{tmp.name} was removed and earlier checkpoints are untouched") from e
     if _rank() == 0:
         write_text_atomic(tmp / META_FILE, json.dumps(meta.to_json(), indent=2) + "\n")
         old = run / f"{final.name}.old"
@@ -159,6 +168,7 @@ def load_model_checkpoint(
     model_cfg: Optional[ModelConfig] = None,
     *,
     strict: bool = True,
+    verify: str = "full",
 ) -> CheckpointMeta:
     """Load weights saved by :func:`save_checkpoint` into ``model`` at the current TP/CP layout.
 
@@ -168,7 +178,8 @@ def load_model_checkpoint(
     the checkpoint lacks (module ``_extra_state`` excepted, so a checkpoint written with the
     local layer spec loads into a Transformer Engine model); extra checkpoint content (optimizer
     state) is always allowed. Values may be stored in another dtype than the model's (e.g. bf16
-    -> fp32); they are cast on load.
+    -> fp32); they are cast on load. ``verify`` (full | size | none) checks the files against the
+    manifest written at save first (collective), naming any damaged file.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -178,6 +189,7 @@ def load_model_checkpoint(
     soft = check_compatible(meta.model, model, model_cfg, str(iter_dir))
     if soft and _rank() == 0:
         log.warning("loading %s into a model that differs in: %s", iter_dir, "; ".join(soft))
+    verify_checkpoint(iter_dir, verify)
     sharded = model.sharded_state_dict()
     # RETURN_UNEXPECTED: keys the model has but the checkpoint lacks come back instead of failing
     # inside DCP; checkpoint content the model does not ask for (optimizer state) is skipped.

@@ -40,24 +40,55 @@ class ReferenceCacheError(ConfigError):
     """A reference cache is missing, stale or damaged; the message says which and how to rebuild it."""
 
 
+def fresh_cache_path(cache: str | Path, data: str, mode: str) -> Path:
+    """A path next to ``cache`` that does not exist yet, named after the dataset and mode."""
+    c = Path(cache)
+    base = c.parent / f"{Path(data).name}.{mode}.ref_cache"
+    cand, n = base, 2
+    while cand.exists() or cand == c:
+        cand, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return cand
+
+
 def rebuild_command(
     cache: str | Path,
     data: str,
     mode: str,
     load: Optional[str] = None,
     rope_theta: Optional[float] = None,
+    *,
+    stale: bool = False,
+    option: str = "reference.cache_path",
 ) -> str:
-    """The command line that (re)builds ``cache`` (N: processes per node, a multiple of --tp)."""
+    """The command line that builds the cache this run needs (N: processes per node, a multiple of --tp).
+
+    An existing ``cache`` is replaced (``--overwrite``) only when ``stale``: it is provably of no
+    use to anyone (damaged files; or built from the very dataset / checkpoint path it names, whose
+    content has changed since). Otherwise it may be valid for another dataset, mode or reference
+    (hours of precompute at 128K), so the command writes a fresh path and says to point ``option``
+    at it.
+    """
+    out = Path(cache)
+    replace = out.exists() and stale
+    if out.exists() and not stale:
+        out = fresh_cache_path(cache, data, mode)
     parts = [
         "torchrun", "--nproc-per-node", "N", "tools/precompute_reference.py",
-        "--load", str(load) if load else "REF_CKPT", "--data", str(data), "--output", str(cache),
+        "--load", str(load) if load else "REF_CKPT", "--data", str(data), "--output", str(out),
         "--mode", mode,
     ]
     if rope_theta is not None:
         parts += ["--rope-theta", repr(float(rope_theta))]
-    if Path(cache).exists():
+    if replace:
         parts.append("--overwrite")
-    return " ".join(p if p in ("N", "REF_CKPT") else shlex.quote(p) for p in parts)
+    cmd = " ".join(p if p in ("N", "REF_CKPT") else shlex.quote(p) for p in parts)
+    if out != Path(cache):
+        cmd += f" (a new path: {cache} may still be valid for its own dataset/mode; then set {option}={out})"
+    return cmd
+
+
+def _same_path(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
 
 
 def _sha256_file(path: Path) -> str:
@@ -161,7 +192,7 @@ class Expectation:
 
 def read_meta(path: Path, exp: Expectation) -> dict[str, Any]:
     """meta.json of a complete cache, or ReferenceCacheError."""
-    rebuild = rebuild_command(path, exp.data, exp.mode, exp.load, exp.rope_theta)
+    rebuild = rebuild_command(path, exp.data, exp.mode, exp.load, exp.rope_theta, option=exp.option)
     where = f"{exp.option}={path}"
     if not path.exists():
         partial = Path(str(path) + ".partial")
@@ -192,7 +223,11 @@ def check_meta(path: Path, meta: dict[str, Any], exp: Expectation) -> None:
     """Mode, sample count, dataset, checkpoint and rope_theta of ``meta`` against the run."""
     load = exp.load or (meta.get("reference_checkpoint") or {}).get("path")
     rope = exp.rope_theta if exp.rope_theta is not None else meta.get("rope_theta_override")
-    rebuild = rebuild_command(path, exp.data, exp.mode, load, rope)
+    rebuild = rebuild_command(path, exp.data, exp.mode, load, rope, option=exp.option)
+    # Built from this very dataset path / checkpoint path, whose content changed since: no input
+    # that could still use the cache exists any more, so replacing it in place is safe.
+    same_data = _same_path((meta.get("dataset") or {}).get("prefix"), exp.data)
+    stale_rebuild = rebuild_command(path, exp.data, exp.mode, load, rope, stale=True, option=exp.option)
     head = f"reference cache {exp.option}={path}"
     if meta.get("mode") != exp.mode:
         raise ReferenceCacheError(
@@ -203,14 +238,18 @@ def check_meta(path: Path, meta: dict[str, Any], exp: Expectation) -> None:
     if n_cache != n_data:
         raise ReferenceCacheError(
             f"{head} holds {n_cache} samples but data {exp.data} has {n_data}: it was built for another "
-            f"dataset ({(meta.get('dataset') or {}).get('prefix')}); rebuild it with: {rebuild}"
+            f"dataset ({(meta.get('dataset') or {}).get('prefix')}); rebuild it with: "
+            f"{stale_rebuild if same_data else rebuild}"
         )
     why = describe_dataset_mismatch(meta.get("dataset") or {}, exp.dataset)
     if why:
-        raise ReferenceCacheError(f"{head} does not match data {exp.data}: {why}; rebuild it with: {rebuild}")
+        raise ReferenceCacheError(f"{head} does not match data {exp.data}: {why}; rebuild it with: "
+                                  f"{stale_rebuild if same_data else rebuild}")
     if exp.checkpoint is not None:
         cached = meta.get("reference_checkpoint") or {}
         if cached.get("fingerprint") != exp.checkpoint["fingerprint"]:
+            if _same_path(cached.get("path"), exp.checkpoint["path"]) and same_data:
+                rebuild = stale_rebuild  # the checkpoint at that path was replaced
             raise ReferenceCacheError(
                 f"{head} was computed from another reference checkpoint: cache has {cached.get('path')} "
                 f"(iteration {cached.get('iteration')}, fingerprint {str(cached.get('fingerprint'))[:12]}...), "
@@ -259,8 +298,10 @@ def open_cache(path: str | Path, exp: Expectation) -> ReferenceCache:
     p = Path(path)
     meta = read_meta(p, exp)
     check_meta(p, meta, exp)
+    # The cache matches this run; its files are damaged: replacing it in place is safe.
     rebuild = rebuild_command(p, exp.data, exp.mode, exp.load or (meta.get("reference_checkpoint") or {}).get("path"),
-                              exp.rope_theta if exp.rope_theta is not None else meta.get("rope_theta_override"))
+                              exp.rope_theta if exp.rope_theta is not None else meta.get("rope_theta_override"),
+                              stale=True, option=exp.option)
     arrays = {k: _open_array(p, k, meta, rebuild) for k in ARRAYS}
     n, t = int(meta["num_samples"]), int(meta["max_turns"])
     for key, shape in (("turns", (n, t, 2)), ("totals", (n, 2)), ("counts", (n, t, 2))):

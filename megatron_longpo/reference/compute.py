@@ -28,12 +28,13 @@ import torch
 from megatron_longpo.data.indexed import FIXED_SEQUENCES, SEQUENCES_PER_TURN
 from megatron_longpo.data.layout import build_reference_batch
 from megatron_longpo.loss.logprobs import segment_logprob_sums
+from megatron_longpo.reference.precompute_args import (  # noqa: F401  (defined with the torch-free CLI)
+    DEFAULT_PAD_MULTIPLE,
+    DEFAULT_TOKENS_PER_BATCH,
+    MODES,
+)
 from megatron_longpo.runtime.distributed import ParallelGroups
 from megatron_longpo.runtime.zigzag import zigzag_slice
-
-MODES = ("longpo", "dpo")
-DEFAULT_TOKENS_PER_BATCH = 32768
-DEFAULT_PAD_MULTIPLE = 64
 
 
 def num_turn_slots(dataset, mode: str) -> int:

@@ -32,6 +32,7 @@ for that.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -103,6 +104,9 @@ def enable() -> bool:
     if _ENABLED:
         return True
 
+    # Megatron's TP layers advise CUDA_DEVICE_MAX_CONNECTIONS=1 on every forward; a CUDA stream
+    # setting means nothing on CPU.
+    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda *a, **k: None  # type: ignore[assignment]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -80,7 +81,27 @@ def init_model_parallel(parallel: ParallelConfig) -> ParallelGroups:
         context_parallel_size=parallel.context_parallel_size,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
+    _init_rerun_state_machine()
     return current_groups()
+
+
+def _init_rerun_state_machine() -> None:
+    """Initialise Megatron's rerun state machine (disabled: we do not re-run steps) explicitly.
+
+    Left implicit, the first schedule call logs "Implicit initialization of Rerun State Machine!"
+    and the mode as WARNINGs on every run; neither is something a user can act on.
+    """
+    from megatron.core import rerun_state_machine as rsm
+
+    if rsm._GLOBAL_RERUN_STATE_MACHINE is not None:  # process-wide singleton: once per process
+        return
+    log = logging.getLogger(rsm.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        rsm.initialize_rerun_state_machine(mode=rsm.RerunMode.DISABLED)
+    finally:
+        log.setLevel(level)
 
 
 def current_groups() -> ParallelGroups:

@@ -34,10 +34,11 @@ from megatron_longpo.checkpoint import (
     save_checkpoint as save_sharded,
     tokenizer_dir,
 )
-from megatron_longpo.checkpoint.format import TOKENIZER_DIR
+from megatron_longpo.checkpoint.format import TOKENIZER_DIR, iter_dir_name
+from megatron_longpo.checkpoint.integrity import CheckpointCorruptError, complete_iterations, verify_checkpoint
 from megatron_longpo.config import ModelConfig
 
-__all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_checkpoint"]
 
 
 @dataclass
@@ -58,18 +59,77 @@ def layout_of(groups) -> dict:
     return {"tp": groups.tp_size, "cp": groups.cp_size, "dp": groups.dp_size, "world": _world()}
 
 
-def find_checkpoint(path: str | Path) -> Optional[Path]:
+def find_checkpoint(path: str | Path, iteration: Optional[int] = None) -> Optional[Path]:
     """The iteration dir to resume from in run dir ``path``, or None if it holds none yet.
 
     A directory with only an interrupted ``iter_N.tmp`` save counts as empty (that save never
-    completed); a latest pointer to a missing iteration is an error.
+    completed); a latest pointer to a missing iteration is an error. ``iteration`` picks one
+    complete iteration instead of the newest (``checkpoint.load_iteration``).
     """
     p = Path(path)
     if not p.is_dir():
         return None
+    if iteration is not None:
+        d = p / iter_dir_name(iteration)
+        if not (d / "longpo_meta.json").is_file():
+            raise CheckpointError(
+                f"checkpoint.load_iteration={iteration}: {d} is not a complete checkpoint; complete iterations "
+                f"in {p}: {complete_iterations(p) or 'none'}")
+        return d
     if latest_iteration(p) is None and not any(p.glob("iter_*/longpo_meta.json")):
         return None
     return resolve_checkpoint_dir(p)
+
+
+SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+
+
+def restore_scheduler(scheduler, saved: dict, mode: str, where: str) -> None:
+    """Load a saved OptimizerParamScheduler state under ``optim.scheduler_on_resume`` = ``mode``.
+
+    The step count always comes from the checkpoint. ``checkpoint`` keeps the saved schedule,
+    ``config`` takes lr / warm-up / decay from the config (Megatron's
+    ``--override-opt_param-scheduler``), ``auto`` refuses when they differ: extending a finished
+    cosine run with the saved schedule would train every new step at min_lr.
+    """
+    fresh = scheduler.state_dict()
+    diffs = [f"{k} {saved.get(k)!r} -> {fresh.get(k)!r}" for k in SCHEDULE_KEYS if saved.get(k) != fresh.get(k)]
+    if diffs and mode == "auto":
+        raise CheckpointError(
+            f"{where}: the config's learning-rate schedule differs from the checkpoint's ({', '.join(diffs)}; "
+            f"lr_decay_steps follows training.train_iters). Set optim.scheduler_on_resume=config to continue from "
+            f"step {saved.get('num_steps')} on the config's schedule, or optim.scheduler_on_resume=checkpoint to keep "
+            f"the saved one (after its lr_decay_steps the rate stays at min_lr={saved.get('min_lr')})")
+    scheduler.override_opt_param_scheduler = mode == "config"
+    scheduler.use_checkpoint_opt_param_scheduler = mode != "config"
+    scheduler.load_state_dict(saved)
+
+
+def resume_with_fallback(
+    run_dir: str | Path,
+    first: Path,
+    load,
+    fallback: bool,
+    log=print,
+) -> tuple[TrainState, Path]:
+    """``load(iter_dir)`` on ``first``; if its files are damaged and ``fallback``, on the newest
+    intact earlier iteration of ``run_dir`` instead, saying what happened. Verification runs
+    before any tensor is read, so a damaged iteration leaves the model untouched."""
+    try:
+        return load(first), first
+    except CheckpointCorruptError as err:
+        if not fallback:
+            raise
+        damaged = err
+    current = int(first.name[len("iter_"):])
+    for it in reversed([i for i in complete_iterations(Path(run_dir)) if i < current]):
+        cand = Path(run_dir) / iter_dir_name(it)
+        log(f"[longpo] WARNING: {damaged}\n[longpo] falling back to the previous complete checkpoint {cand}")
+        try:
+            return load(cand), cand
+        except CheckpointCorruptError as err:
+            damaged = err
+    raise damaged
 
 
 def _rng_object(state: Optional[dict]):
@@ -114,18 +174,20 @@ def save_checkpoint(
     model_cfg: ModelConfig,
     keep_last: int = 2,
     source_checkpoint: Optional[str] = None,
+    data_identity: Optional[dict] = None,
 ) -> Path:
     """Save everything needed to resume at ``state.iteration``; prune to the newest ``keep_last``.
 
     ``source_checkpoint`` (the converted model the run started from) lends its ``source`` /
     ``tokenizer`` metadata and tokenizer files, so the run directory exports back to HF alone.
+    ``data_identity`` (the train_data fingerprint) lets a resume notice a changed dataset.
     """
     sd = {"model": model.sharded_state_dict()}
     sd["optimizer"] = optimizer.sharded_state_dict(sd["model"])
     sd["scheduler"] = scheduler.state_dict()
     sd["rng_state"] = _rng_object(_rng_state())
     extra = {"train_state": {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-                             "layout": layout_of(groups), "config": config}}
+                             "layout": layout_of(groups), "config": config, "data": data_identity}}
     src_tok = None
     if source_checkpoint:
         meta = read_meta(source_checkpoint)
@@ -159,9 +221,12 @@ def load_checkpoint(
     groups,
     model_cfg: ModelConfig,
     finetune: bool = False,
+    verify: str = "full",
+    scheduler_on_resume: str = "checkpoint",
 ) -> TrainState:
     """Load weights (any layout) and, unless ``finetune`` or the checkpoint is model-only, the
-    optimizer, scheduler, RNG and data position. Returns the restored TrainState."""
+    optimizer, scheduler, RNG and data position. Returns the restored TrainState. The files are
+    first checked against their save-time manifest (``verify``: full | size | none)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
@@ -177,6 +242,7 @@ def load_checkpoint(
                 f"{d}: optimizer state was saved with layout {saved} but this run is {now}; resume with the "
                 f"same tp/cp/dp, or set checkpoint.finetune=true to load the weights only into the new layout"
             )
+    verify_checkpoint(d, verify)
     sd = {"model": model.sharded_state_dict()}
     if full:
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True)
@@ -193,6 +259,6 @@ def load_checkpoint(
         return TrainState()
     optimizer.load_state_dict(loaded["optimizer"])
     if "scheduler" in loaded:
-        scheduler.load_state_dict(loaded["scheduler"])
+        restore_scheduler(scheduler, loaded["scheduler"], scheduler_on_resume, str(d))
     _set_rng_state(loaded["rng_state"])
     return TrainState(iteration=int(ts["iteration"]), consumed_samples=int(ts["consumed_samples"]))

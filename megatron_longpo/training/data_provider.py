@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
-import torch
 
 from megatron_longpo.config import LongPOConfig, seq_length_multiple
 from megatron_longpo.data.batch import PairBatch
@@ -63,10 +62,7 @@ class TrainingData:
         samples = [dataset[i] for i in indices]
         batch = build_pair_batch(samples, self.cfg.data.pair_layout, self.pad_multiple, dataset.pad_id,
                                  self.cfg.loss.nll_target)
-        if self.cfg.loss.mode == "sft":
-            zeros = torch.zeros(len(indices), dtype=torch.float64)
-            batch.ref_chosen_logps, batch.ref_rejected_logps = zeros, zeros.clone()
-        else:
+        if self.cfg.loss.mode != "sft":  # sft: no reference, so no reward / ref metrics are logged
             batch.ref_chosen_logps, batch.ref_rejected_logps = reference.logps(indices)
         return batch
 
@@ -75,16 +71,26 @@ class TrainingData:
         assert self._sampler is not None
         return [self._batch(self.dataset, next(self._sampler), self.reference) for _ in range(self.num_micro_batches)]
 
-    def validation_batches(self, num_steps: int) -> list[list[PairBatch]]:
-        """The first ``num_steps`` global batches of the validation set (fixed order)."""
+    def validation_steps(self, eval_iters: int) -> tuple[int, int]:
+        """(global batches, samples) one validation covers: ``eval_iters`` (0 = all) capped at the
+        full global batches of the validation set, so no sample is counted twice."""
         if self.valid is None:
+            return 0, 0
+        full = len(self.valid) // self.cfg.training.global_batch_size
+        steps = full if eval_iters == 0 else min(eval_iters, full)
+        return steps, steps * self.cfg.training.global_batch_size
+
+    def validation_batches(self, eval_iters: int) -> list[list[PairBatch]]:
+        """The first :meth:`validation_steps` global batches of the validation set (fixed order)."""
+        steps, _ = self.validation_steps(eval_iters)
+        if steps == 0:
             return []
         t = self.cfg.training
         sampler = iter(PreferenceSampler(len(self.valid), t.micro_batch_size, self.groups.dp_rank,
                                          self.groups.dp_size, seed=t.seed, shuffle=False))
         ref = self.valid_reference
         return [[self._batch(self.valid, next(sampler), ref) for _ in range(self.num_micro_batches)]
-                for _ in range(num_steps)]
+                for _ in range(steps)]
 
     valid_reference: Any = None
 

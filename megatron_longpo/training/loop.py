@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_longpo.config import LongPOConfig, to_dict, validate
+from megatron_longpo.config import ConfigError, LongPOConfig, to_dict, validate
 from megatron_longpo.evaluation.setup import evaluator_from_config
 from megatron_longpo.runtime.distributed import (
     ParallelGroups,
@@ -30,7 +30,17 @@ from megatron_longpo.runtime.distributed import (
     set_seed,
 )
 from megatron_longpo.training import preflight
-from megatron_longpo.training.checkpointing import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from megatron_longpo.checkpoint import CheckpointError, read_meta
+from megatron_longpo.checkpoint.integrity import remove_leftovers
+from megatron_longpo.data.indexed import load_metadata
+from megatron_longpo.reference.fingerprint import dataset_identity, describe_dataset_mismatch
+from megatron_longpo.training.checkpointing import (
+    TrainState,
+    find_checkpoint,
+    load_checkpoint,
+    resume_with_fallback,
+    save_checkpoint,
+)
 from megatron_longpo.training.data_provider import TrainingData, build_training_data
 from megatron_longpo.training.flops import attended_pairs, train_flops
 from megatron_longpo.training.metrics_log import MetricsLogger
@@ -84,6 +94,13 @@ def train(cfg: LongPOConfig) -> TrainResult:
     t_start = time.time()
     # Handlers only set a flag, so install them first: a signal during start-up is not lost.
     stop = StopController.from_env(cfg.training.exit_duration_mins, start_time=t_start).install()
+    try:
+        return _train(cfg, stop, t_start)
+    finally:
+        stop.uninstall()  # also when start-up fails: the caller's handlers come back
+
+
+def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResult:
     init_distributed(cfg.parallel)
     world = dist.get_world_size()
     validate(cfg, world)
@@ -92,15 +109,34 @@ def train(cfg: LongPOConfig) -> TrainResult:
     groups = init_model_parallel(cfg.parallel)
     set_seed(cfg.training.seed)
     data = build_training_data(cfg, groups)  # dataset, sampler, reference source (checked)
+    if cfg.training.num_epochs is not None:
+        cfg.training.train_iters = epochs_to_iters(cfg.training.num_epochs, data.num_samples,
+                                                   cfg.training.global_batch_size)
+        _print0(f"[longpo] training.num_epochs={cfg.training.num_epochs}: {data.num_samples} samples -> "
+                f"train_iters={cfg.training.train_iters}")
+        validate(cfg, world)
     evaluator = evaluator_from_config(cfg)  # synthetic long-context tasks (None without evaluation.tasks)
     model = _build_model(cfg)
     ddp = _wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.model, cfg.training.train_iters)
 
-    state = _load_or_resume(cfg, model, optimizer, scheduler, groups)
+    data_id = _data_identity(cfg)
+    state = _load_or_resume(cfg, model, optimizer, scheduler, groups, data_id)
+    start_iteration = state.iteration
     data.set_consumed_samples(state.consumed_samples)
+    if start_iteration >= cfg.training.train_iters:
+        _print0(f"[longpo] nothing to train: the checkpoint is at step {start_iteration} and training.train_iters="
+                f"{cfg.training.train_iters}; raise training.train_iters to continue (the checkpoint is left as it is)")
 
-    logger = MetricsLogger(cfg.logging, cfg.training.train_iters, _is_rank0(), to_dict(cfg), start_step=state.iteration)
+    if cfg.training.eval_interval and data.has_validation:
+        n_steps, n_samples = data.validation_steps(cfg.training.eval_iters)
+        if n_steps == 0:
+            raise ConfigError(f"data.valid_data={cfg.data.valid_data} has {len(data.valid)} samples, fewer than one "
+                              f"global batch ({cfg.training.global_batch_size}); use a larger validation set")
+        _print0(f"[longpo] validation every {cfg.training.eval_interval} steps: {n_steps} global batch(es) = "
+                f"{n_samples} of {len(data.valid)} samples of {cfg.data.valid_data}")
+    logger = MetricsLogger(cfg.logging, cfg.training.train_iters, _is_rank0(), to_dict(cfg), start_step=state.iteration,
+                           save_dir=cfg.checkpoint.save)
     _print0(
         f"[longpo] world={world} tp={groups.tp_size} cp={groups.cp_size} dp={groups.dp_size} "
         f"layout={cfg.data.pair_layout} mode={cfg.loss.mode} reference={data.reference_description} "
@@ -127,6 +163,7 @@ def train(cfg: LongPOConfig) -> TrainResult:
             stop.note_step(dt)
             metrics = dict(result.metrics)
             metrics["lr"] = lr
+            metrics["epoch"] = state.consumed_samples / data.num_samples
             metrics.update(_throughput(cfg, micro, dt, groups, world))
             if not math.isfinite(metrics.get("loss", float("nan"))):
                 raise FloatingPointError(f"loss is {metrics.get('loss')} at step {state.iteration}; stopping")
@@ -148,14 +185,18 @@ def train(cfg: LongPOConfig) -> TrainResult:
                 stopped_by = "exit_interval"
             if (save_now or stopped_by) and cfg.checkpoint.save:
                 t_save = time.time()
-                last_saved = _save(cfg, state, model, optimizer, scheduler, groups)
+                last_saved = _save(cfg, state, model, optimizer, scheduler, groups, data_id)
                 stop.note_save(time.time() - t_save)
             if stopped_by:
                 _print0(f"[longpo] stopping at step {state.iteration} ({stopped_by}); checkpoint: {last_saved}")
                 break
         else:
-            if cfg.checkpoint.save and (last_saved is None or not last_saved.name.endswith(f"{state.iteration:07d}")):
-                last_saved = _save(cfg, state, model, optimizer, scheduler, groups)
+            # Only a run that trained saves at the end: a rerun of a finished run must leave its
+            # checkpoint (and the reference caches keyed to its fingerprint) byte-identical.
+            trained = state.iteration > start_iteration
+            if cfg.checkpoint.save and trained and (
+                    last_saved is None or not last_saved.name.endswith(f"{state.iteration:07d}")):
+                last_saved = _save(cfg, state, model, optimizer, scheduler, groups, data_id)
     finally:
         stop.uninstall()
         logger.close()
@@ -168,27 +209,90 @@ def train(cfg: LongPOConfig) -> TrainResult:
                        stopped_by, losses)
 
 
-def _save(cfg, state, model, optimizer, scheduler, groups) -> Path:
+def epochs_to_iters(num_epochs: float, num_samples: int, global_batch_size: int) -> int:
+    """Optimizer steps for ``num_epochs`` passes over ``num_samples`` (the last step may cross into
+    the next pass: the sampler concatenates epochs, docs/data.md)."""
+    return max(1, math.ceil(num_epochs * num_samples / global_batch_size))
+
+
+def _save(cfg, state, model, optimizer, scheduler, groups, data_id: dict) -> Path:
     t = time.time()
     path = save_checkpoint(cfg.checkpoint.save, dataclasses.replace(state), model, optimizer, scheduler,
                            to_dict(cfg), groups, model_cfg=cfg.model, keep_last=cfg.checkpoint.keep_last,
-                           source_checkpoint=cfg.checkpoint.load)
+                           source_checkpoint=cfg.checkpoint.load, data_identity=data_id)
     _print0(f"[longpo] saved {path} in {time.time() - t:.1f}s")
     return path
 
 
-def _load_or_resume(cfg: LongPOConfig, model, optimizer, scheduler, groups: ParallelGroups) -> TrainState:
+def _data_identity(cfg: LongPOConfig) -> dict:
+    """Fingerprint of data.train_data (from its sidecar: no data file is read)."""
+    return dataset_identity(load_metadata(cfg.data.train_data), cfg.data.train_data)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``section.key old -> new`` for every option that differs between two ``to_dict`` configs."""
+    a, b = _flatten(saved), _flatten(current)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _check_resume(cfg: LongPOConfig, found: Path, data_id: dict) -> bool:
+    """Warn about every config change since the checkpoint; refuse a changed dataset unless allowed.
+    Returns True when the data position must restart at the first sample."""
+    ts = read_meta(found).extra.get("train_state") or {}
+    changes = config_changes(ts.get("config") or {}, to_dict(cfg))
+    if changes:
+        _print0(f"[longpo] WARNING: resuming {found} with {len(changes)} changed option(s): " + "; ".join(changes))
+    saved = ts.get("data")
+    why = describe_dataset_mismatch(saved, data_id) if saved else None
+    if why is None:
+        return False
+    if not cfg.checkpoint.allow_data_change:
+        raise CheckpointError(
+            f"checkpoint.save={cfg.checkpoint.save} was trained on other data than data.train_data="
+            f"{cfg.data.train_data}: {why}. Its data position ({ts.get('consumed_samples')} samples) belongs to "
+            f"{saved.get('prefix')}. Start a new run directory (checkpoint.save=NEW, checkpoint.load="
+            f"{cfg.checkpoint.save} to begin from its weights), or set checkpoint.allow_data_change=true to "
+            "continue this run on the new data from its first sample")
+    _print0(f"[longpo] WARNING: data changed since {found} ({why}); checkpoint.allow_data_change=true: "
+            "reading the new data from its first sample")
+    return True
+
+
+def _load_or_resume(cfg: LongPOConfig, model, optimizer, scheduler, groups: ParallelGroups, data_id: dict) -> TrainState:
     """Resume from checkpoint.save if it holds a checkpoint, else initial load from checkpoint.load."""
-    if cfg.checkpoint.save:
-        found = find_checkpoint(cfg.checkpoint.save)
+    c = cfg.checkpoint
+    if c.save:
+        if _is_rank0():
+            remove_leftovers(c.save)
+        found = find_checkpoint(c.save, c.load_iteration)
         if found is not None:
-            st = load_checkpoint(found, model, optimizer, scheduler, groups, cfg.model)
-            _print0(f"[longpo] resumed from {found} at step {st.iteration} ({st.consumed_samples} samples consumed)")
+            restart_data = _check_resume(cfg, found, data_id)
+
+            def load(d: Path) -> TrainState:
+                return load_checkpoint(d, model, optimizer, scheduler, groups, cfg.model, verify=c.verify,
+                                       scheduler_on_resume=cfg.optim.scheduler_on_resume)
+
+            fallback = c.fallback_on_corrupt and c.load_iteration is None
+            st, used = resume_with_fallback(c.save, found, load, fallback, log=_print0)
+            if restart_data:
+                st.consumed_samples = 0
+            _print0(f"[longpo] resumed from {used} at step {st.iteration} ({st.consumed_samples} samples consumed)")
             return st
-    if cfg.checkpoint.load:
-        st = load_checkpoint(cfg.checkpoint.load, model, optimizer, scheduler, groups, cfg.model,
-                             finetune=cfg.checkpoint.finetune)
-        _print0(f"[longpo] loaded {cfg.checkpoint.load} ({'weights only' if cfg.checkpoint.finetune else 'full state'})")
+    if c.load:
+        src = find_checkpoint(c.load, c.load_iteration) if c.load_iteration is not None else c.load
+        st = load_checkpoint(src, model, optimizer, scheduler, groups, cfg.model, finetune=c.finetune,
+                             verify=c.verify, scheduler_on_resume=cfg.optim.scheduler_on_resume)
+        _print0(f"[longpo] loaded {src} ({'weights only' if c.finetune else 'full state'})")
         return st
     _print0("[longpo] no checkpoint to load: random initialisation")
     return TrainState()

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
+from pathlib import Path
 from typing import Mapping, Optional
 
+import yaml
+
 from megatron_longpo.config import LoggingConfig
+from megatron_longpo.fsutil import write_text_atomic
 
 
 def _hms(seconds: float) -> str:
@@ -20,6 +25,8 @@ def _hms(seconds: float) -> str:
 def format_line(step: int, total: int, metrics: Mapping[str, float], elapsed: float, eta: float) -> str:
     """One progress line; metric keys use the TRL names (loss, rewards/margins, ...)."""
     parts = [f"step {step}/{total}"]
+    if metrics.get("epoch") is not None:
+        parts.append(f"epoch {metrics['epoch']:.2f}")
     order = [
         ("lr", "lr", "{:.3e}"), ("loss", "loss", "{:.5f}"), ("nll_loss", "nll", "{:.4f}"),
         ("pref_loss", "pref", "{:.5f}"), ("rewards/accuracies", "acc", "{:.3f}"),
@@ -47,11 +54,55 @@ def format_eval_line(step: int, total: int, metrics: Mapping[str, float]) -> str
     return " | ".join([f"[eval] step {step}/{total}"] + groups)
 
 
+def drop_steps_after(path: Path, step: int) -> int:
+    """Remove the lines of a metrics JSONL logged after ``step`` (a resumed run logs them again).
+
+    The file is rewritten atomically; returns the number of lines dropped. Lines that are not
+    JSON (a torn last line of a killed run) are dropped too.
+    """
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(rec.get("step", 0)) > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        write_text_atomic(path, "".join(f"{x}\n" for x in keep))
+    return dropped
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(configured: Optional[str], save_dir: Optional[str]) -> Optional[str]:
+    """The wandb run id of this run: ``logging.wandb_run_id``, else the id kept in
+    ``checkpoint.save/wandb_run_id`` (created on first use), else None (wandb picks one).
+    Rank 0 only: the file is written once, atomically."""
+    if configured:
+        return configured
+    if not save_dir:
+        return None
+    f = Path(save_dir) / WANDB_ID_FILE
+    if f.is_file() and f.read_text().strip():
+        return f.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    f.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(f, run_id + "\n")
+    return run_id
+
+
 class MetricsLogger:
     """Console line every ``log_interval`` steps plus TensorBoard / wandb scalars (rank 0 only)."""
 
     def __init__(self, cfg: LoggingConfig, total_steps: int, is_rank0: bool, run_config: Optional[dict] = None,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, save_dir: Optional[str] = None) -> None:
         self.cfg = cfg
         self.total = total_steps
         self.rank0 = is_rank0
@@ -63,22 +114,27 @@ class MetricsLogger:
         if not is_rank0:
             return
         if cfg.metrics_jsonl:
-            from pathlib import Path
-
             Path(cfg.metrics_jsonl).parent.mkdir(parents=True, exist_ok=True)
+            drop_steps_after(Path(cfg.metrics_jsonl), start_step)
             self.jsonl = open(cfg.metrics_jsonl, "a")
         if cfg.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
 
-            self.tb = SummaryWriter(log_dir=cfg.tensorboard_dir)
+            # purge_step: events a preempted run logged after its last checkpoint are replayed by
+            # the resumed run; TensorBoard drops the old ones instead of drawing both.
+            self.tb = SummaryWriter(log_dir=cfg.tensorboard_dir, purge_step=start_step + 1 if start_step else None)
+            if run_config:  # the resolved config, next to the curves it produced
+                self.tb.add_text("config", "```yaml\n" + yaml.safe_dump(run_config, sort_keys=False) + "```", start_step)
         if cfg.wandb_project and cfg.wandb_mode != "disabled":
             try:
                 import wandb
             except ImportError as e:
                 raise RuntimeError("logging.wandb_project is set but wandb is not installed: "
                                    "pip install 'megatron_longpo[wandb]' or unset logging.wandb_project") from e
+            # resume="allow": a requeued / resumed run appends to the same wandb run (same id).
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, mode=cfg.wandb_mode,
-                                    config=run_config or {})
+                                    config=run_config or {}, id=wandb_run_id(cfg.wandb_run_id, save_dir),
+                                    resume="allow")
 
     def log(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> Optional[str]:
         if not self.rank0:

@@ -70,14 +70,16 @@ def _use_rmsprop(optimizer, optim: OptimConfig) -> None:
 
 
 def warmup_steps(optim: OptimConfig, train_iters: int) -> int:
+    if optim.lr_warmup_steps is not None:
+        return optim.lr_warmup_steps
     return int(math.ceil(optim.lr_warmup_fraction * train_iters))
 
 
 def build_optimizer(ddp_models: List[torch.nn.Module], optim: OptimConfig, model: ModelConfig, train_iters: int):
     """Return (MegatronOptimizer, OptimizerParamScheduler) for DDP-wrapped model chunks.
 
-    The schedule counts optimizer steps (one increment per step): warm-up over
-    ``ceil(lr_warmup_fraction * train_iters)`` steps from 0, then ``lr_decay_style`` down to
+    The schedule counts optimizer steps (one increment per step): warm-up over ``lr_warmup_steps``
+    or ``ceil(lr_warmup_fraction * train_iters)`` steps from 0, then ``lr_decay_style`` down to
     ``min_lr`` at ``train_iters``. Weight decay is constant.
     """
     optimizer = get_megatron_optimizer(megatron_optimizer_config(optim, model), ddp_models)

@@ -7,9 +7,12 @@ loading a 7B model on hundreds of GPUs.
 
 from __future__ import annotations
 
+import importlib.util
 import uuid
 from pathlib import Path
+
 from megatron_longpo.config import ConfigError, LongPOConfig, ModelConfig
+
 
 class PreflightError(ConfigError):
     """A start-up check failed; the message says what and how to fix it."""
@@ -76,5 +79,9 @@ def check_before_init(cfg: LongPOConfig, world_size: int) -> None:
         raise PreflightError("checkpoint.save_interval must be > 0 (or null to save only at the end)")
     if cfg.logging.tensorboard_dir:
         check_writable(cfg.logging.tensorboard_dir, "logging.tensorboard_dir")
+    lg = cfg.logging
+    if lg.wandb_project and lg.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise PreflightError(f"logging.wandb_project={lg.wandb_project} but wandb is not installed: "
+                             "pip install 'megatron_longpo[wandb]', or unset logging.wandb_project")
     if cfg.training.eval_interval and not d.valid_data and not cfg.evaluation.tasks:
         raise PreflightError("training.eval_interval is set but data.valid_data is not (nor evaluation.tasks)")

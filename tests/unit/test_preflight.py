@@ -111,3 +111,14 @@ def test_eval_without_valid_data(dataset):
 def test_bad_save_interval(dataset):
     _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.save_interval": 0}),
            "checkpoint.save_interval must be > 0")
+
+
+def test_missing_wandb_is_refused_before_any_work(dataset, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "logging.wandb_project": "p"}),
+           "logging.wandb_project=p but wandb is not installed", "megatron_longpo[wandb]")
+    check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "logging.wandb_project": "p",
+                              "logging.wandb_mode": "disabled"}), 1)

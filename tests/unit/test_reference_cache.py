@@ -201,8 +201,11 @@ def test_incomplete_or_not_a_cache(world, tmp_path):
 def test_mode_mismatch(world, tmp_path):
     cache = write_fake_cache(tmp_path / "c", world["data"], world["ckpt"], mode="dpo")
     msg = expect_error(run_cfg(cache, mode="longpo"), world["data"],
-                       "computed for loss.mode=dpo but this run has loss.mode=longpo", "--overwrite")
+                       "computed for loss.mode=dpo but this run has loss.mode=longpo")
     assert f"--load {read_reference_checkpoint(world['ckpt']).identity.path}" in msg  # recorded path reused
+    # The dpo cache is still valid for dpo runs: never suggest destroying it, suggest a new path.
+    fresh = tmp_path / f"{Path(world['data']).name}.longpo.ref_cache"
+    assert "--overwrite" not in msg and f"--output {fresh}" in msg and f"reference.cache_path={fresh}" in msg
 
 
 def test_wrong_sample_count(world, tmp_path):
@@ -212,7 +215,8 @@ def test_wrong_sample_count(world, tmp_path):
 
 def test_other_dataset_ids(world, tmp_path):
     cache = write_fake_cache(tmp_path / "c", world["data_ids"], world["ckpt"])
-    expect_error(run_cfg(cache), world["data"], "the sample ids differ", world["data_ids"])
+    msg = expect_error(run_cfg(cache), world["data"], "the sample ids differ", world["data_ids"])
+    assert "--overwrite" not in msg and f"--output {cache}" not in msg  # it belongs to another dataset
 
 
 def test_other_token_content(world, tmp_path):
@@ -224,7 +228,8 @@ def test_other_tokenizer(world, tmp_path):
     meta = load_metadata(world["data"])
     other = dict(meta, tokenizer=dict(meta["tokenizer"], fingerprint="0" * 64))
     cache = write_fake_cache(tmp_path / "c", world["data"], world["ckpt"], identity=dataset_identity(other, world["data"]))
-    expect_error(run_cfg(cache), world["data"], "the tokenizer differs")
+    # Built from this very dataset path, which was re-tokenized since: provably stale, replaced in place.
+    expect_error(run_cfg(cache), world["data"], "the tokenizer differs", f"--output {cache}", "--overwrite")
 
 
 def test_other_reference_checkpoint(world, tmp_path):
@@ -258,7 +263,7 @@ def test_truncated_missing_and_corrupt_arrays(world, tmp_path):
     expect_error(run_cfg(cache), world["data"], "totals.npy is corrupt (sha256")
     (cache / "totals.npy").write_bytes(good)
     (cache / "counts.npy").unlink()
-    expect_error(run_cfg(cache), world["data"], "counts.npy is missing")
+    expect_error(run_cfg(cache), world["data"], "counts.npy is missing", f"--output {cache}", "--overwrite")
 
 
 def test_rebuild_command_is_runnable_shape():

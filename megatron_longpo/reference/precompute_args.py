@@ -1,0 +1,37 @@
+"""Command line of tools/precompute_reference.py, importable without torch or megatron-core
+(``--help`` and option errors answer at once; the precompute itself lives in precompute.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+MODES = ("longpo", "dpo")
+DEFAULT_TOKENS_PER_BATCH = 32768
+DEFAULT_PAD_MULTIPLE = 64
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="precompute_reference.py",
+        description="Compute the reference log-prob cache of a preprocessed LongPO dataset (see docs/reference_cache.md). "
+        "Run with torchrun; ranks are split into TP groups of --tp and data-parallel over the rest.",
+    )
+    p.add_argument("--load", required=True, help="reference checkpoint (run or iteration directory); its own model config is used")
+    p.add_argument("--data", required=True, help="dataset prefix written by tools/preprocess_data.py")
+    p.add_argument("--output", required=True, help="cache directory to create (set reference.cache_path to it)")
+    p.add_argument("--mode", choices=MODES, default="longpo",
+                   help="longpo: per-turn responses on the SHORT contexts (default); dpo: responses of the long sequences S_w / S_l")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the reference model")
+    p.add_argument("--tokens-per-batch", type=int, default=DEFAULT_TOKENS_PER_BATCH,
+                   help="padded tokens per forward (rows x padded length); longer sequences run alone")
+    p.add_argument("--pad-to-multiple", type=int, default=DEFAULT_PAD_MULTIPLE, help="row length multiple (shape bucketing)")
+    p.add_argument("--rope-theta", type=float, default=None,
+                   help="override the checkpoint's RoPE base (rare: LongPO's reference keeps the original one)")
+    p.add_argument("--params-dtype", choices=["fp32", "bf16"], default=None, help="override the checkpoint's dtype")
+    p.add_argument("--attention-backend", choices=["auto", "te", "sdpa", "flash"], default="auto")
+    p.add_argument("--logprob-chunk-size", type=int, default=4096, help="positions per chunk of the vocab-parallel log-prob")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --output")
+    p.add_argument("--restart", action="store_true", help="discard the partial results of an interrupted run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stop-after-batches", type=int, default=None, help=argparse.SUPPRESS)  # testing: simulate a kill
+    return p

@@ -1,0 +1,168 @@
+"""The life of a run around its steps: extend, rerun, change data, resume logs, damaged checkpoints.
+
+Each scenario runs ``training.loop.train`` in a pooled gloo worker (one rank, tiny model, sft so
+no reference cache is needed) exactly as ``pretrain_longpo.py`` would, on real checkpoints.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_longpo.testing.distributed import DistributedTestError, run_distributed
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    from megatron_longpo.reference.testing import make_dataset, synthetic_records
+
+    d = tmp_path_factory.mktemp("lifecycle")
+    return (make_dataset(d / "data_a", synthetic_records(8, seed=1), max_seq_length=1024),
+            make_dataset(d / "data_b", synthetic_records(8, seed=2), max_seq_length=1024))
+
+
+def _cfg(data: str, run: Path, **over):
+    from megatron_longpo.config import load_config
+
+    o = {
+        "parallel.tensor_model_parallel_size": 1, "data.train_data": data, "data.max_seq_length": 1024,
+        "loss.mode": "sft", "reference.cache_path": "null", "reference.load": "null", "checkpoint.load": "null",
+        "checkpoint.save": run / "ckpt", "checkpoint.finetune": "false", "logging.tensorboard_dir": run / "tb",
+        "logging.metrics_jsonl": run / "metrics.jsonl", "training.global_batch_size": 2, "training.train_iters": 4,
+        "optim.lr_warmup_fraction": 0.25, **over,
+    }
+    return load_config(ROOT / "examples/configs/tiny_cpu.yaml", [f"--{k}={v}" for k, v in o.items()])
+
+
+def _train(data, run, **over):
+    from megatron_longpo.training.loop import train
+
+    r = train(_cfg(data, Path(run), **over))
+    return {"iteration": r.iteration, "consumed": r.consumed_samples, "checkpoint": r.checkpoint}
+
+
+def train(data, run, **over):
+    return run_distributed(_train, 1, args=(data, str(run)), kwargs=over, timeout=300)[0]
+
+
+def _metrics(run: Path, split: str = "train") -> list[dict]:
+    return [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if m["split"] == split]
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _fails(fn, *needles):
+    with pytest.raises(DistributedTestError) as e:
+        fn()
+    for n in needles:
+        assert n in str(e.value), str(e.value)[-3000:]
+    return str(e.value)
+
+
+def test_extend_finished_run_refuses_then_follows_the_chosen_schedule(datasets, tmp_path):
+    a, _ = datasets
+    train(a, tmp_path)
+    assert _metrics(tmp_path)[-1]["step"] == 4
+    # The saved cosine ended at step 4: continuing on it would train at lr 0. Refused, naming the option.
+    _fails(lambda: train(a, tmp_path, **{"training.train_iters": 8}), "optim.scheduler_on_resume=config",
+           "lr_decay_steps 4 -> 8")
+    train(a, tmp_path, **{"training.train_iters": 8, "optim.scheduler_on_resume": "config"})
+    new = [m for m in _metrics(tmp_path) if m["step"] > 4]
+    assert [m["step"] for m in new] == [5, 6, 7, 8]
+    assert all(m["lr"] > 0 for m in new), [m["lr"] for m in new]
+    # The config schedule over 8 steps is what a fresh 8-step run uses at the same steps.
+    train(a, tmp_path / "fresh8", **{"training.train_iters": 8})
+    fresh = {m["step"]: m["lr"] for m in _metrics(tmp_path / "fresh8")}
+    for m in new:
+        assert m["lr"] == pytest.approx(fresh[m["step"]], rel=1e-12)
+
+
+def test_keep_checkpoint_schedule_and_absolute_warmup(datasets, tmp_path):
+    a, _ = datasets
+    train(a, tmp_path, **{"optim.lr_warmup_steps": 2})
+    lrs = [m["lr"] for m in _metrics(tmp_path)]
+    assert lrs[0] == 0.0 and 0 < lrs[1] < lrs[2]  # 2 warm-up steps from 0, then cosine
+    train(a, tmp_path, **{"optim.lr_warmup_steps": 2, "training.train_iters": 6, "optim.scheduler_on_resume": "checkpoint"})
+    assert [m["lr"] for m in _metrics(tmp_path) if m["step"] > 4] == [0.0, 0.0]  # min_lr after the saved decay
+
+
+def test_noop_rerun_leaves_checkpoint_byte_identical(datasets, tmp_path):
+    a, _ = datasets
+    train(a, tmp_path, **{"training.train_iters": 2})
+    before = _snapshot(tmp_path / "ckpt")
+    out = train(a, tmp_path, **{"training.train_iters": 2, "loss.nll_weight": 0.5})
+    assert out["checkpoint"] is None and out["iteration"] == 2
+    assert _snapshot(tmp_path / "ckpt") == before
+
+
+def test_resume_on_other_data_is_refused_unless_allowed(datasets, tmp_path):
+    a, b = datasets
+    train(a, tmp_path, **{"training.train_iters": 2})
+    _fails(lambda: train(b, tmp_path), "checkpoint.allow_data_change=true", "sample ids differ", str(tmp_path / "ckpt"))
+    out = train(b, tmp_path, **{"checkpoint.allow_data_change": "true", "optim.scheduler_on_resume": "config"})
+    assert out["iteration"] == 4 and out["consumed"] == 4  # 2 steps x 2 pairs of the NEW data, from its start
+
+
+def test_resume_from_earlier_iteration_does_not_repeat_logged_steps(datasets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    a, _ = datasets
+    train(a, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.keep_last": 0})
+    (tmp_path / "ckpt" / "iter_0000009.tmp").mkdir()  # leftover of a save killed mid-write
+    train(a, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.load_iteration": 2})
+    assert not (tmp_path / "ckpt" / "iter_0000009.tmp").exists()
+    steps = [m["step"] for m in _metrics(tmp_path)]
+    assert steps == [1, 2, 3, 4]
+    ev = EventAccumulator(str(tmp_path / "tb"))
+    ev.Reload()
+    assert [e.step for e in ev.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert "config/text_summary" in ev.Tags()["tensors"]  # the resolved config is logged with the curves
+
+
+def test_sft_logs_no_reference_metrics(datasets, tmp_path):
+    a, _ = datasets
+    train(a, tmp_path, **{"training.train_iters": 1})
+    m = _metrics(tmp_path)[0]
+    assert "nll_loss" in m and "logps/chosen" in m
+    assert not [k for k in m if k.startswith(("rewards/", "logps/ref_")) or k == "pref_loss"], m
+
+
+def test_damaged_newest_checkpoint_falls_back_or_is_named(datasets, tmp_path):
+    a, _ = datasets
+    train(a, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.keep_last": 0})
+    shard = sorted((tmp_path / "ckpt" / "iter_0000004").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    msg = _fails(lambda: train(a, tmp_path, **{"training.train_iters": 6, "checkpoint.fallback_on_corrupt": "false",
+                                                "optim.scheduler_on_resume": "config"}),
+                 str(shard), "truncated", "checkpoint.load_iteration=2")
+    assert "Traceback" in msg  # the worker's; the message itself is the CheckpointError's
+    out = train(a, tmp_path, **{"training.train_iters": 6, "optim.scheduler_on_resume": "config"})
+    assert out["iteration"] == 6
+    steps = [m["step"] for m in _metrics(tmp_path)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 2: steps 3-4 trained again, logged once
+
+
+def test_validation_never_counts_a_sample_twice(datasets, tmp_path):
+    a, _ = datasets  # 8 samples = 4 global batches of 2
+    valid = {}
+    for iters in (0, 4, 10, 1):
+        run = tmp_path / f"v{iters}"
+        train(a, run, **{"training.train_iters": 1, "training.eval_interval": 1, "training.eval_iters": iters,
+                         "data.valid_data": a})
+        valid[iters] = _metrics(run, "valid")[0]["loss"]
+    # 0 (= all), 4 (= all) and 10 (capped at the 4 full batches, no wrap-around) see the same samples.
+    assert valid[0] == valid[4] == valid[10]
+    assert valid[1] != valid[4]
+
+
+def test_num_epochs_sets_train_iters_and_logs_the_epoch(datasets, tmp_path):
+    a, _ = datasets  # 8 samples, global batch 2
+    out = train(a, tmp_path, **{"training.num_epochs": 1.5, "training.train_iters": 999})
+    assert out["iteration"] == 6
+    assert [m["epoch"] for m in _metrics(tmp_path)] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
