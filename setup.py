@@ -37,7 +37,7 @@ setup(
         # transformer-engine and flash-attn compile against the cluster's CUDA/torch; apex is
         # built from source (docs/install.md).
         "gpu": ["transformer-engine[pytorch]>=2.9", "flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "matplotlib"],  # the PNG outputs are tested
         # self-evolution data generation at scale (tools/generate_longpo_data.py --backend vllm)
         "vllm": ["vllm>=0.8"],
     },

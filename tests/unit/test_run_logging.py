@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from megatron_longpo.training.plot_run import read_curves
 
@@ -36,7 +35,6 @@ def test_curves_keep_last_value_per_step_and_skip_torn_lines(tmp_path):
 
 
 def test_cli_overlays_runs_into_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     _write(tmp_path / "a" / "metrics.jsonl", _records(1.0))
     _write(tmp_path / "b" / "metrics.jsonl", _records(2.0))
     out = tmp_path / "curves.png"
