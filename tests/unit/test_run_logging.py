@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from megatron_longpo.training.plot_run import read_curves
 
 ROOT = Path(__file__).resolve().parents[2]
