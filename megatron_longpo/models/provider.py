@@ -31,7 +31,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_longpo.config import ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_longpo.config import ConfigError, ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_longpo.gpu_rules import fp8_device_errors
 from megatron_longpo.models.norm import RMSNorm
 from megatron_longpo.models.rope import rope_from_module
 
@@ -58,6 +59,40 @@ def resolve_transformer_impl(model: ModelConfig) -> str:
     return model.transformer_impl
 
 
+def grad_accum_fusion_available() -> bool:
+    """Megatron's local output layer needs apex's fused_weight_gradient_mlp_cuda for this fusion."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401  (optional apex extension)
+    except ImportError:
+        return False
+    return True
+
+
+def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext: bool) -> dict[str, bool]:
+    """Megatron fusion flags valid for this run (pure; tests/unit/test_gpu_rules.py).
+
+    - bias_activation_fusion (bias-SwiGLU) and bias_dropout_fusion: torch-compiled kernels, valid
+      on any CUDA run; CPU keeps the unfused path (same math) so tests run the reference ops.
+    - apply_rope_fusion: TE's fused RoPE kernel, only with the TE spec AND TE attention; the project
+      attention passes per-row angles [s, b, 1, d] (shared-prefix positions), which the fused
+      kernel does not take.
+    - gradient_accumulation_fusion: TE linears accumulate wgrad into main_grad natively, but
+      GPTModel's output layer is a local ColumnParallelLinear, which refuses the flag without
+      apex's extension; so on when CUDA + TE + that extension.
+    - masked_softmax_fusion / persist_layer_norm: only used by Megatron's local
+      DotProductAttention / apex LayerNorm, which this project never builds: off.
+    """
+    te = on_cuda and impl == "transformer_engine"
+    return dict(
+        bias_activation_fusion=on_cuda,
+        bias_dropout_fusion=on_cuda,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=te and te_attention,
+        gradient_accumulation_fusion=te and grad_accum_ext,
+    )
+
+
 def params_dtype(model: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if model.params_dtype == "bf16" else torch.float32
 
@@ -69,10 +104,16 @@ def transformer_config(
     recompute_granularity: Optional[str] = None,
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
+    impl: str = "local",
+    te_attention: bool = False,
 ) -> TransformerConfig:
-    """Megatron TransformerConfig for this model on this parallel layout."""
+    """Megatron TransformerConfig for this model on this parallel layout.
+
+    ``impl`` (resolved layer implementation) and ``te_attention`` select the valid fusions.
+    """
     dtype = params_dtype(model)
     on_cpu = not torch.cuda.is_available()
+    fusions = fusion_settings(not on_cpu, impl, te_attention, (not on_cpu) and grad_accum_fusion_available())
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -96,13 +137,7 @@ def transformer_config(
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
-        # Fusions need apex/TE CUDA kernels; the unfused paths compute the same math.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusions,
         use_cpu_initialization=on_cpu,
         perform_initialization=True,
         cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
@@ -112,7 +147,18 @@ def transformer_config(
         if recompute_granularity == "full":
             kwargs.update(recompute_method=recompute_method, recompute_num_layers=recompute_num_layers)
     if parallel.fp8:
-        kwargs.update(fp8=parallel.fp8, fp8_recipe="delayed")
+        if impl != "transformer_engine":
+            raise ConfigError(
+                "parallel.fp8 needs the Transformer Engine layer spec but this run resolved "
+                "model.transformer_impl to local; install Transformer Engine or set parallel.fp8=null"
+            )
+        errs = fp8_device_errors(parallel, None if on_cpu else torch.cuda.get_device_capability())
+        if errs:
+            raise ConfigError("; ".join(errs))
+        kwargs.update(fp8=parallel.fp8, fp8_recipe=parallel.fp8_recipe)
+        if parallel.fp8_recipe == "delayed":
+            kwargs.update(fp8_amax_history_len=parallel.fp8_amax_history_len,
+                          fp8_amax_compute_algo=parallel.fp8_amax_compute_algo)
     return TransformerConfig(**kwargs)
 
 
@@ -222,6 +268,8 @@ def build_model(
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
+        impl=impl,
+        te_attention=core_attention is None,
     )
     if not initialize:
         cfg = dataclasses.replace(cfg, use_cpu_initialization=True, perform_initialization=False)
