@@ -9,6 +9,8 @@ counts them by name on any device.
 Calls made inside the *host phase* functions listed in ``HOST_PHASE`` are not counted: they take
 only host (CPU) tensors (``plan_rows`` refuses device tensors), so they cannot block a GPU.
 Anything else that reads a tensor back is a sync on a GPU and is counted with its call site.
+``.to(device)`` is not counted: on a CPU run its target is the CPU whether or not the GPU code
+would copy back; the GPU check catches those (and blocking copies) with :func:`cuda_sync_warnings`.
 :func:`cuda_sync_warnings` is the GPU-side check (PyTorch's own sync debug mode).
 """
 
@@ -55,10 +57,7 @@ class SyncCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _name(func)
-        is_sync = name in SYNC_METHODS or (
-            name == "to" and any(str(a) == "cpu" for a in list(args[1:]) + [kwargs.get("device")])
-        )
-        if is_sync:
+        if name in SYNC_METHODS:
             site = self._site()
             if site is not None:
                 self.sites[f"{name} at {site}"] += 1
