@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_longpo.config import ConfigError, ModelConfig, ParallelConfig, padded_vocab_size
 from megatron_longpo.gpu_rules import fp8_device_errors
 from megatron_longpo.models.norm import RMSNorm
-from megatron_longpo.models.rope import rope_from_module
+from megatron_longpo.models.rope import install_bounded_rope_cache, rope_from_module
 
 
 def te_available() -> bool:
@@ -192,8 +192,14 @@ class LongPOGPTModel(GPTModel):
     explicit_rope: bool = False
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
-        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
-        if self.explicit_rope and position_ids is not None and out[1] is not None:
+        explicit = self.explicit_rope and position_ids is not None
+        table = getattr(self.rotary_pos_emb, "forward", None)
+        if explicit and hasattr(table, "bypass"):
+            with table.bypass():  # our angles replace Megatron's table: do not build it
+                out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        else:
+            out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        if explicit and hasattr(self, "rotary_pos_emb"):
             if position_ids.shape[1:] != input_ids.shape[1:] or position_ids.shape[0] not in (1, input_ids.shape[0]):
                 raise ValueError(
                     f"position_ids {tuple(position_ids.shape)} do not match input_ids {tuple(input_ids.shape)}: "
@@ -289,4 +295,5 @@ def build_model(
         rope_scaling_factor=float(model.rope_scaling.get("factor", 8.0)) if rope_scaling else 8.0,
     )
     gpt.explicit_rope = isinstance(core_attention, type) and issubclass(core_attention, ContextParallelAttention)
+    install_bounded_rope_cache(gpt.rotary_pos_emb)
     return gpt.to(device()) if initialize else gpt
