@@ -79,15 +79,17 @@ class SyncCounter(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def cuda_sync_warnings() -> Iterator[list]:
-    """On CUDA: collect PyTorch's "called a synchronizing CUDA operation" warnings in the block."""
+def cuda_sync_warnings() -> Iterator[Counter]:
+    """On CUDA: count PyTorch's "called a synchronizing CUDA operation" warnings by call site."""
     prev = torch.cuda.get_sync_debug_mode()
+    sites: Counter = Counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
-        out: list = []
         try:
-            yield out
+            yield sites
         finally:
             torch.cuda.set_sync_debug_mode(prev)
-            out.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    sites[f"{w.filename}:{w.lineno}"] += 1
