@@ -22,4 +22,4 @@ gpu-test: setup
 .PHONY: gpu-check
 # The prepared one-shot GPU check (docs/scaling.md); GPU_CHECK_ARGS=--smoke runs it at toy size on the CPU.
 gpu-check:
-	$(PY) tools/gpu_check.py --out gpu_check.json $(GPU_CHECK_ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) tools/gpu_check.py --out gpu_check.json $(GPU_CHECK_ARGS)
