@@ -420,6 +420,7 @@ def section_train(sizes: Sizes, smoke: bool) -> dict:
     from megatron_longpo.testing.pairs import synthetic_pair_batch
     from megatron_longpo.training.flops import attended_pairs, train_flops
     from megatron_longpo.training.loop import _build_model, _wrap_ddp
+    from megatron_longpo.training.memory_model import estimate_memory
     from megatron_longpo.training.optimizer import build_optimizer
     from megatron_longpo.training.step import train_step
 
@@ -445,25 +446,30 @@ def section_train(sizes: Sizes, smoke: bool) -> dict:
             step = lambda: train_step(ddp, optimizer, micro, groups, cfg.loss, cfg.model.vocab_size, False)  # noqa: E731
             _free()
             _peak_reset()
-            step()  # warm-up (allocator, kernels)
+            step()  # warm-up (allocator, kernels, torch.compile of the fused activations)
             _sync()
-            times, syncs, sites = [], [], {}
+            res, n_sync, sites = _count_syncs(step)  # untimed: the sync debug mode adds work
+            _sync()
+            times = []
             for _ in range(sizes.train_steps):
                 t0 = time.perf_counter()
-                res, n_sync, sites = _count_syncs(step)
+                res = step()
                 _sync()
                 times.append(time.perf_counter() - t0)
-                syncs.append(n_sync)
             dt = min(times)
             n_logit = int(((batch.response_segment >= 0) | (batch.nll_segment >= 0)).sum())
             flops = train_flops(cfg.model, batch.num_tokens(), attended_pairs(batch.branch_ids), n_logit)
             # full recompute runs the forward a second time: hardware FLOPs are 4/3 of the model's
             tflops = flops / dt / 1e12
+            est = estimate_memory(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pair_layout=layout)),
+                                  1, seq_tokens=batch.seq_len)
             results["runs"][f"{layout}@{tokens}"] = {
                 "pair_tokens": tokens, "rows": batch.tokens.shape[0], "seq_len": batch.seq_len,
                 "tokens_processed": batch.num_tokens(), "step_seconds": dt, "pair_tokens_per_s": tokens / dt,
-                "model_tflops": tflops, "mfu": tflops / PEAK_BF16_TFLOPS, "peak_memory_gib": _peak_gib(),
-                "host_syncs_per_step": min(syncs), "sync_sites": sites, "loss": res.metrics.get("loss"),
+                "model_tflops": tflops, "hardware_tflops_with_recompute": tflops * 4 / 3,
+                "mfu": tflops / PEAK_BF16_TFLOPS, "peak_memory_gib": _peak_gib(),
+                "estimated_memory_gib": est.total / 2**30,
+                "host_syncs_per_step": n_sync, "sync_sites": sites, "loss": res.metrics.get("loss"),
             }
         a, b = results["runs"][f"shared_prefix@{tokens}"], results["runs"][f"two_sequences@{tokens}"]
         results["ratios"][str(tokens)] = {
@@ -614,7 +620,8 @@ def summary(report: dict) -> str:
                 lines.append(f"   {r['parameters'] / 1e9:.3f}B params, ddp {r['ddp']}, recompute {r['recompute']}")
             for k, v in (r.get("runs") or {}).items():
                 lines.append(f"   {k}: {_fmt(v['pair_tokens_per_s'])} pair tok/s, {_fmt(v['model_tflops'])} TFLOP/s, "
-                             f"MFU {_fmt(v['mfu'])}, peak {_fmt(v['peak_memory_gib'])} GiB, "
+                             f"MFU {_fmt(v['mfu'])}, peak {_fmt(v['peak_memory_gib'])} GiB "
+                             f"(estimate {_fmt(v['estimated_memory_gib'])}), "
                              f"host syncs/step {v['host_syncs_per_step']}, step {_fmt(v['step_seconds'])}s")
             for k, v in (r.get("ratios") or {}).items():
                 lines.append(f"   {k} tokens: shared_prefix/two_sequences time {_fmt(v['time_shared_over_two'])}, "
