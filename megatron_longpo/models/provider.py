@@ -68,7 +68,8 @@ def grad_accum_fusion_available() -> bool:
     return True
 
 
-def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext: bool) -> dict[str, bool]:
+def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext: bool,
+                    ddp: bool = True) -> dict[str, bool]:
     """Megatron fusion flags valid for this run (pure; tests/unit/test_gpu_rules.py).
 
     - bias_activation_fusion (bias-SwiGLU) and bias_dropout_fusion: torch-compiled kernels, valid
@@ -78,7 +79,8 @@ def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext
       kernel does not take.
     - gradient_accumulation_fusion: TE linears accumulate wgrad into main_grad natively, but
       GPTModel's output layer is a local ColumnParallelLinear, which refuses the flag without
-      apex's extension; so on when CUDA + TE + that extension.
+      apex's extension; so on when CUDA + TE + that extension, and only for a model that Megatron
+      DDP wraps (``ddp``): the fused wgrad writes into ``param.main_grad``, which DDP creates.
     - masked_softmax_fusion / persist_layer_norm: only used by Megatron's local
       DotProductAttention / apex LayerNorm, which this project never builds: off.
     """
@@ -89,7 +91,7 @@ def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=te and te_attention,
-        gradient_accumulation_fusion=te and grad_accum_ext,
+        gradient_accumulation_fusion=te and grad_accum_ext and ddp,
     )
 
 
@@ -106,14 +108,16 @@ def transformer_config(
     recompute_num_layers: Optional[int] = None,
     impl: str = "local",
     te_attention: bool = False,
+    ddp: bool = False,
 ) -> TransformerConfig:
     """Megatron TransformerConfig for this model on this parallel layout.
 
-    ``impl`` (resolved layer implementation) and ``te_attention`` select the valid fusions.
+    ``impl`` (resolved layer implementation), ``te_attention`` and ``ddp`` (the model will be
+    wrapped in Megatron DDP) select the valid fusions.
     """
     dtype = params_dtype(model)
     on_cpu = not torch.cuda.is_available()
-    fusions = fusion_settings(not on_cpu, impl, te_attention, (not on_cpu) and grad_accum_fusion_available())
+    fusions = fusion_settings(not on_cpu, impl, te_attention, (not on_cpu) and grad_accum_fusion_available(), ddp)
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -250,13 +254,16 @@ def build_model(
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
     initialize: bool = True,
+    ddp: bool = False,
 ) -> LongPOGPTModel:
     """Build the model on the current Megatron parallel state (call after init_model_parallel).
 
     ``core_attention`` overrides the attention module; by default it follows
     ``parallel.attention_backend`` for ``pair_layout`` (``data.pair_layout``), failing here when the
     chosen backend cannot run on this machine. ``initialize=False`` leaves the parameters
-    uninitialised on the CPU (checkpoint conversion fills them tensor by tensor).
+    uninitialised on the CPU (checkpoint conversion fills them tensor by tensor). ``ddp=True``
+    (the trainer, which wraps the model in Megatron DDP) also enables gradient-accumulation fusion
+    where it is valid (:func:`fusion_settings`).
     """
     from megatron_longpo.models.attention import (
         ContextParallelAttention,
@@ -276,6 +283,7 @@ def build_model(
         recompute_num_layers=recompute_num_layers,
         impl=impl,
         te_attention=core_attention is None,
+        ddp=ddp,
     )
     if not initialize:
         cfg = dataclasses.replace(cfg, use_cpu_initialization=True, perform_initialization=False)

@@ -235,6 +235,9 @@ def test_fusions_on_cuda_with_te():
     f = fusion_settings(on_cuda=True, impl="transformer_engine", te_attention=True, grad_accum_ext=True)
     assert f["bias_activation_fusion"] and f["bias_dropout_fusion"] and f["apply_rope_fusion"]
     assert f["gradient_accumulation_fusion"]
+    # the fused wgrad writes param.main_grad, which only Megatron DDP creates
+    assert not fusion_settings(on_cuda=True, impl="transformer_engine", te_attention=True, grad_accum_ext=True,
+                               ddp=False)["gradient_accumulation_fusion"]
     f = fusion_settings(on_cuda=True, impl="transformer_engine", te_attention=False, grad_accum_ext=False)
     assert not f["apply_rope_fusion"] and not f["gradient_accumulation_fusion"]
     f = fusion_settings(on_cuda=False, impl="local", te_attention=False, grad_accum_ext=False)
