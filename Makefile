@@ -18,3 +18,8 @@ test-fast: setup
 
 gpu-test: setup
 	$(PY) -m pytest -q tests/gpu
+
+.PHONY: gpu-check
+# The prepared one-shot GPU check (docs/scaling.md); GPU_CHECK_ARGS=--smoke runs it at toy size on the CPU.
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PY) tools/gpu_check.py --out gpu_check.json $(GPU_CHECK_ARGS)

@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from megatron_longpo.gpu_rules import fp8_alignment, fp8_rule_errors, te_context_parallel_errors
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the option and the fix."""
@@ -79,6 +81,11 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size; only 1 is supported now.")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs TP > 1).")
     fp8: Optional[Literal["hybrid", "e4m3"]] = _f(None, "Transformer Engine FP8 recipe format.")
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = _f(
+        "delayed", "FP8 scaling: delayed (amax history), tensorwise (current scaling), mxfp8 (Blackwell), blockwise."
+    )
+    fp8_amax_history_len: int = _f(1024, "Delayed scaling: amax history length (TE's recipe default).")
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = _f("max", "Delayed scaling: amax from the history.")
     attention_backend: Literal["auto", "te", "sdpa", "flash"] = _f(
         "auto", "Core attention: TE (CUDA), the project's CP attention with SDPA or flash-attn."
     )
@@ -411,8 +418,9 @@ def seq_length_multiple(parallel: ParallelConfig) -> int:
     if parallel.sequence_parallel:
         m *= tp
     if parallel.fp8:
-        # TE FP8 GEMMs need each rank's token count to be a multiple of 16.
-        m = _lcm(m, 16 * (2 * cp if cp > 1 else 1) * (tp if parallel.sequence_parallel else 1))
+        # TE FP8 GEMMs need each rank's token count to be a multiple of 16 (32 for mxfp8).
+        a = fp8_alignment(getattr(parallel, "fp8_recipe", "delayed"))
+        m = _lcm(m, a * (2 * cp if cp > 1 else 1) * (tp if parallel.sequence_parallel else 1))
     return m
 
 
@@ -497,7 +505,7 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
     if cfg.data.max_seq_length % mult:
         what = "2*cp" + ("*tp (sequence parallel)" if p.sequence_parallel else "")
         if p.fp8:
-            what += ", 16 per CP rank (fp8)"
+            what += f", {fp8_alignment(p.fp8_recipe)} per CP rank (fp8)"
         errs.append(
             f"data.max_seq_length ({cfg.data.max_seq_length}) must be a multiple of {mult} "
             f"({what}): rule max_seq_length % {mult} == 0"
@@ -527,13 +535,13 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
         errs.append(f"loss.lam ({cfg.loss.lam}) and loss.nll_weight ({cfg.loss.nll_weight}) must be >= 0")
     if cfg.loss.mode == "sft" and cfg.loss.nll_weight == 0:
         errs.append("loss.mode=sft with loss.nll_weight=0 trains nothing; set loss.nll_weight > 0")
-    if p.fp8 and cfg.model.params_dtype != "bf16":
-        errs.append("parallel.fp8 needs model.params_dtype=bf16")
     if cfg.optim.optimizer == "rmsprop" and cfg.optim.use_distributed_optimizer:
         errs.append(
             "optim.optimizer=rmsprop needs optim.use_distributed_optimizer: false (Megatron-Core 0.16.1's "
             "distributed optimizer keeps Adam moments only)"
         )
+    errs += fp8_rule_errors(cfg.model, p)  # FP8 needs TE layers, bf16 and aligned GEMM dims
+    errs += te_context_parallel_errors(cfg.model, p, cfg.data.pair_layout)
     if cfg.data.pair_layout == "shared_prefix" and p.attention_backend == "te":
         errs.append(
             "data.pair_layout=shared_prefix cannot run on parallel.attention_backend=te (TE attention "

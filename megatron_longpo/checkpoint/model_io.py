@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_longpo.checkpoint.format import (
     LATEST_FILE,
@@ -119,6 +120,34 @@ def _is_extra_state(key: str) -> bool:
     return key.endswith("_extra_state")
 
 
+def load_sharded(sharded_state_dict: dict, iter_dir: str | Path) -> tuple[dict, list[str]]:
+    """``dist_checkpointing.load`` that tolerates module ``_extra_state`` in either direction.
+
+    Returns (loaded state, keys the request has but the checkpoint lacks, ``_extra_state``
+    excepted). Checkpoint content the request does not ask for is skipped (a TE checkpoint's FP8
+    metadata into a local-spec model, optimizer state into a model-only load), and requested keys
+    the checkpoint lacks are removed from the request before reading instead of failing inside
+    DCP (a local-spec checkpoint into a TE model: TE's FP8 metadata starts fresh, which is what
+    a new run needs). Every failure, including torch DCP's ``CheckpointException`` (a
+    BaseException, which ``except Exception`` misses), becomes a CheckpointError naming the path.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    try:
+        loaded, _, absent = dist_checkpointing.load(
+            sharded_state_dict, str(iter_dir), strict=StrictHandling.RETURN_UNEXPECTED
+        )
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with the path
+        raise CheckpointError(f"cannot load {iter_dir}: {type(e).__name__}: {_first_line(e)}") from e
+    return loaded, sorted(k for k in absent if not _is_extra_state(k))
+
+
+def _first_line(e: BaseException, limit: int = 2000) -> str:
+    text = str(e)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def model_fields(model: torch.nn.Module) -> dict[str, Any]:
     """Structural fields readable from a built GPTModel (vocab_size is the padded one)."""
     c = model.config
@@ -181,9 +210,6 @@ def load_model_checkpoint(
     -> fp32); they are cast on load. ``verify`` (full | size | none) checks the files against the
     manifest written at save first (collective), naming any damaged file.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     iter_dir = resolve_checkpoint_dir(ckpt_dir)
     meta = read_meta(iter_dir)
     soft = check_compatible(meta.model, model, model_cfg, str(iter_dir))
@@ -191,10 +217,7 @@ def load_model_checkpoint(
         log.warning("loading %s into a model that differs in: %s", iter_dir, "; ".join(soft))
     verify_checkpoint(iter_dir, verify)
     sharded = model.sharded_state_dict()
-    # RETURN_UNEXPECTED: keys the model has but the checkpoint lacks come back instead of failing
-    # inside DCP; checkpoint content the model does not ask for (optimizer state) is skipped.
-    loaded, _, absent = dist_checkpointing.load(sharded, str(iter_dir), strict=StrictHandling.RETURN_UNEXPECTED)
-    absent_tensors = sorted(k for k in absent if not _is_extra_state(k))
+    loaded, absent_tensors = load_sharded(sharded, iter_dir)
     if absent_tensors and strict:
         raise CheckpointError(
             f"checkpoint {iter_dir} lacks {len(absent_tensors)} tensor(s) the model has, e.g. "
@@ -210,6 +233,6 @@ def load_model_checkpoint(
 
 
 __all__ = [
-    "CheckpointError", "check_compatible", "load_model_checkpoint",
+    "CheckpointError", "check_compatible", "load_model_checkpoint", "load_sharded",
     "save_checkpoint", "save_model_checkpoint", "STRUCTURAL_FIELDS", "SOFT_FIELDS", "LATEST_FILE",
 ]

@@ -47,11 +47,10 @@ def convert_megatron_to_hf(
     progress: bool = True,
 ) -> ExportResult:
     """Export checkpoint ``megatron_dir`` (run or iteration dir) as an HF model directory ``out``."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
     from tqdm import tqdm
 
     from megatron_longpo.checkpoint import read_meta, resolve_checkpoint_dir
+    from megatron_longpo.checkpoint.model_io import load_sharded
     from megatron_longpo.checkpoint import tokenizer_dir as ckpt_tokenizer_dir
     from megatron_longpo.convert.megatron_model import empty_model, fresh_load_request, row_slice, single_process_runtime
     from megatron_longpo.convert.verify import verify as run_verify
@@ -83,9 +82,10 @@ def convert_megatron_to_hf(
         if progress:
             print(f"loading {iter_dir} ...", flush=True)
         # Parameters of the empty model stay untouched; the load fills new tensors.
-        loaded = dist_checkpointing.load(
-            fresh_load_request(empty_model(cfg)), str(iter_dir), strict=StrictHandling.RAISE_UNEXPECTED
-        )
+        # Either layer spec's checkpoint: module _extra_state (TE FP8 metadata) is not exported.
+        loaded, absent = load_sharded(fresh_load_request(empty_model(cfg)), iter_dir)
+        if absent:
+            raise ConversionError(f"{iter_dir} lacks {len(absent)} tensor(s) of the model, e.g. {absent[:4]}")
         writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes)
         try:
             for unit in tqdm(all_units, desc="Megatron -> HF", unit="unit", disable=not progress):

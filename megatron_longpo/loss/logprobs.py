@@ -137,11 +137,13 @@ def vocab_parallel_target_logprobs(
     vocab_size: int,
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_targets: bool = True,
 ) -> torch.Tensor:
     """Target log-probs [N] (fp32, fp64 for fp64 inputs) over the true vocabulary.
 
     The rows' gradient is partial per vocab shard: wrap ``rows`` in a TP mapping whose backward
-    sums over TP (see :func:`segment_logprob_sums`) when tp > 1.
+    sums over TP (see :func:`segment_logprob_sums`) when tp > 1. ``check_targets=False`` skips
+    the id range check (two host syncs on a GPU) when the caller checked the ids on the host.
     """
     _, tp_size = _rank_size(tp_group)
     if rows.dim() != 2 or weight.dim() != 2 or rows.shape[1] != weight.shape[1]:
@@ -155,7 +157,7 @@ def vocab_parallel_target_logprobs(
             f"vocab_size {vocab_size} must be in (0, {weight.shape[0] * tp_size}] (padded vocabulary "
             f"= {weight.shape[0]} rows x tp {tp_size})"
         )
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+    if check_targets and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
         raise ValueError(
             f"target ids must lie in [0, {vocab_size}) at every position that has a segment; got "
             f"[{int(targets.min())}, {int(targets.max())}] (is model.vocab_size smaller than the tokenizer's?)"
@@ -205,6 +207,61 @@ def _tp_layout(hidden: torch.Tensor, tp_group, tp_size: int, sequence_parallel: 
 
 
 @dataclass
+class RowPlan:
+    """Which positions need a log-prob, planned on the host (no device synchronisation)."""
+
+    idx: torch.Tensor  # [N] int64 flat (position-major) indices of the needed positions
+    targets: torch.Tensor  # [N] int64 target ids there
+    sets: list[torch.Tensor]  # K x [N] int64: segment id in set k, or num_segments[k] if none
+
+
+def plan_rows(target_ids: torch.Tensor, segment_ids: Sequence[torch.Tensor], num_segments: Sequence[int],
+              vocab_size: int) -> RowPlan:
+    """Check ids and select the needed positions; runs on the host tensors of the batch.
+
+    Everything data-dependent (id range checks, ``nonzero``) happens here, where it costs no
+    GPU synchronisation; the device phase only gathers and scatters with these indices.
+    """
+    for t in (target_ids, *segment_ids):
+        if t.device.type != "cpu":
+            raise ValueError(
+                "plan_rows takes the host (CPU) target/segment ids: on a GPU every check here would "
+                "synchronise the device; pass the PairBatch tensors before .to(device)"
+            )
+    if len(segment_ids) != len(num_segments):
+        raise ValueError(f"{len(segment_ids)} segment sets but {len(num_segments)} segment counts")
+    for k, (seg, n) in enumerate(zip(segment_ids, num_segments)):
+        if seg.shape != target_ids.shape:
+            raise ValueError(f"segment set {k} has shape {tuple(seg.shape)}, expected {tuple(target_ids.shape)}")
+        if seg.numel() and int(seg.max()) >= n:
+            raise ValueError(f"segment set {k} has id {int(seg.max())} >= its segment count {n}")
+    # Position-major flattening, matching hidden.reshape(s*b, h).
+    flat_sets = [seg.t().reshape(-1) for seg in segment_ids]  # K x [s*b]
+    need = torch.zeros(target_ids.numel(), dtype=torch.bool)
+    for seg in flat_sets:
+        need |= seg >= 0
+    idx = need.nonzero().squeeze(1)  # [N]
+    targets = target_ids.t().reshape(-1).index_select(0, idx)
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+        raise ValueError(
+            f"target ids must lie in [0, {vocab_size}) at every position that has a segment; got "
+            f"[{int(targets.min())}, {int(targets.max())}] (is model.vocab_size smaller than the tokenizer's?)"
+        )
+    sets = []
+    for seg, n in zip(flat_sets, num_segments):
+        sel = seg.index_select(0, idx)
+        sets.append(torch.where(sel >= 0, sel, torch.full_like(sel, n)))  # id n = "not in this set", dropped
+    return RowPlan(idx=idx, targets=targets, sets=sets)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without blocking the host (pinned + non_blocking on CUDA)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclass
 class SegmentSums:
     """Sums of target log-probs per segment and the number of tokens in each segment."""
 
@@ -215,8 +272,8 @@ class SegmentSums:
 def segment_logprob_sums(
     hidden: torch.Tensor,  # [s_local, b, h], or [s_local/tp, b, h] with sequence parallelism
     output_weight: torch.Tensor,  # [V_pad/tp, h] vocab-parallel output layer weight
-    target_ids: torch.Tensor,  # [b, s_local] int64
-    segment_ids: Sequence[torch.Tensor],  # K tensors [b, s_local] int64: segment id or -1
+    target_ids: torch.Tensor,  # [b, s_local] int64, on the host (CPU) for a sync-free GPU step
+    segment_ids: Sequence[torch.Tensor],  # K tensors [b, s_local] int64: segment id or -1 (host)
     num_segments: Sequence[int],  # K segment counts: ids of set k lie in [0, num_segments[k])
     *,
     vocab_size: int,
@@ -229,6 +286,8 @@ def segment_logprob_sums(
 
     Token log-probs are computed once at the union of positions any set needs. With ``cp_group``
     the results are the sums over the whole (un-split) sequences, identical on every CP rank.
+    Ids are checked and the needed positions selected on the host (:func:`plan_rows`), so with
+    host ids the device work has no host synchronisation; device ids are copied back once.
     """
     _, tp_size = _rank_size(tp_group)
     if hidden.dim() != 3:
@@ -243,37 +302,30 @@ def segment_logprob_sums(
             f"hidden shape {tuple(hidden.shape)} does not match target_ids [b={b}, s={s}]"
             + (f" with sequence parallelism (expected [{s}/{tp_size}, {b}, h])" if sp else f" (expected [{s}, {b}, h])")
         )
-    if len(segment_ids) != len(num_segments):
-        raise ValueError(f"{len(segment_ids)} segment sets but {len(num_segments)} segment counts")
-    for k, (seg, n) in enumerate(zip(segment_ids, num_segments)):
-        if seg.shape != target_ids.shape:
-            raise ValueError(f"segment set {k} has shape {tuple(seg.shape)}, expected {tuple(target_ids.shape)}")
-        if seg.numel() and int(seg.max()) >= n:
-            raise ValueError(f"segment set {k} has id {int(seg.max())} >= its segment count {n}")
+    if target_ids.device.type == "cpu":
+        plan = plan_rows(target_ids, segment_ids, num_segments, vocab_size)
+    else:  # device ids: same plan, with the host syncs of copying them back once
+        plan = plan_rows(target_ids.cpu(), [seg.cpu() for seg in segment_ids], num_segments, vocab_size)
+    dev = hidden.device
+    idx = host_to_device(plan.idx, dev)
+    targets = host_to_device(plan.targets, dev)
 
     hidden = _tp_layout(hidden, tp_group, tp_size, sp)  # [s, b, h]
     h = hidden.shape[-1]
-    # Position-major flattening, matching hidden.reshape(s*b, h).
-    flat_sets = [seg.t().reshape(-1) for seg in segment_ids]  # K x [s*b]
-    need = torch.zeros(s * b, dtype=torch.bool, device=target_ids.device)
-    for seg in flat_sets:
-        need |= seg >= 0
-    idx = need.nonzero().squeeze(1)  # [N]
     rows = hidden.reshape(s * b, h).index_select(0, idx)  # [N, h]
-    targets = target_ids.t().reshape(-1).index_select(0, idx)  # [N]
     # Also with N = 0 (nothing needed on this CP rank): the graph stays connected to hidden and
     # the weight (zero gradients), so the backward still runs through the model on this rank.
     logp = vocab_parallel_target_logprobs(
-        rows, output_weight, targets, vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size
+        rows, output_weight, targets, vocab_size=vocab_size, tp_group=tp_group, chunk_size=chunk_size,
+        check_targets=False,
     )  # [N]
     logp64 = logp.to(torch.float64)  # [N]
 
     parts = []
-    for seg, n in zip(flat_sets, num_segments):
-        sel = seg.index_select(0, idx)
-        sel = torch.where(sel >= 0, sel, torch.full_like(sel, n))  # id n = "not in this set", dropped
+    for sel_host, n in zip(plan.sets, num_segments):
+        sel = host_to_device(sel_host, dev)
         sums = logp64.new_zeros(n + 1).index_add(0, sel, logp64)[:n]
-        counts = torch.zeros(n + 1, dtype=torch.float64, device=sel.device).index_add_(
+        counts = torch.zeros(n + 1, dtype=torch.float64, device=dev).index_add_(
             0, sel, torch.ones_like(sel, dtype=torch.float64)
         )[:n]
         parts += [sums, counts]

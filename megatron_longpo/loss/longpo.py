@@ -71,9 +71,12 @@ def nll_term(
         if token_normalizer is None:
             norm = c.sum().clamp(min=1.0)
         else:
+            if isinstance(token_normalizer, (int, float)):  # checked on the host: no device sync
+                if not token_normalizer > 0:
+                    raise ValueError(f"token_normalizer must be > 0, got {token_normalizer}")
+            elif not bool(token_normalizer > 0):
+                raise ValueError(f"token_normalizer must be > 0, got {float(token_normalizer)}")
             norm = torch.as_tensor(token_normalizer, dtype=torch.float64, device=s.device)
-            if not bool(norm > 0):
-                raise ValueError(f"token_normalizer must be > 0, got {float(norm)}")
         return s.sum() / norm
     raise ValueError(f"loss.nll_reduction={reduction!r}; expected 'sequence_mean' or 'token_mean'")
 

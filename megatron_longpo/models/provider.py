@@ -31,9 +31,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_longpo.config import ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_longpo.config import ConfigError, ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_longpo.gpu_rules import fp8_device_errors
 from megatron_longpo.models.norm import RMSNorm
-from megatron_longpo.models.rope import rope_from_module
+from megatron_longpo.models.rope import install_bounded_rope_cache, rope_from_module
 
 
 def te_available() -> bool:
@@ -58,6 +59,42 @@ def resolve_transformer_impl(model: ModelConfig) -> str:
     return model.transformer_impl
 
 
+def grad_accum_fusion_available() -> bool:
+    """Megatron's local output layer needs apex's fused_weight_gradient_mlp_cuda for this fusion."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401  (optional apex extension)
+    except ImportError:
+        return False
+    return True
+
+
+def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext: bool,
+                    ddp: bool = True) -> dict[str, bool]:
+    """Megatron fusion flags valid for this run (pure; tests/unit/test_gpu_rules.py).
+
+    - bias_activation_fusion (bias-SwiGLU) and bias_dropout_fusion: torch-compiled kernels, valid
+      on any CUDA run; CPU keeps the unfused path (same math) so tests run the reference ops.
+    - apply_rope_fusion: TE's fused RoPE kernel, only with the TE spec AND TE attention; the project
+      attention passes per-row angles [s, b, 1, d] (shared-prefix positions), which the fused
+      kernel does not take.
+    - gradient_accumulation_fusion: TE linears accumulate wgrad into main_grad natively, but
+      GPTModel's output layer is a local ColumnParallelLinear, which refuses the flag without
+      apex's extension; so on when CUDA + TE + that extension, and only for a model that Megatron
+      DDP wraps (``ddp``): the fused wgrad writes into ``param.main_grad``, which DDP creates.
+    - masked_softmax_fusion / persist_layer_norm: only used by Megatron's local
+      DotProductAttention / apex LayerNorm, which this project never builds: off.
+    """
+    te = on_cuda and impl == "transformer_engine"
+    return dict(
+        bias_activation_fusion=on_cuda,
+        bias_dropout_fusion=on_cuda,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=te and te_attention,
+        gradient_accumulation_fusion=te and grad_accum_ext and ddp,
+    )
+
+
 def params_dtype(model: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if model.params_dtype == "bf16" else torch.float32
 
@@ -69,10 +106,18 @@ def transformer_config(
     recompute_granularity: Optional[str] = None,
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
+    impl: str = "local",
+    te_attention: bool = False,
+    ddp: bool = False,
 ) -> TransformerConfig:
-    """Megatron TransformerConfig for this model on this parallel layout."""
+    """Megatron TransformerConfig for this model on this parallel layout.
+
+    ``impl`` (resolved layer implementation), ``te_attention`` and ``ddp`` (the model will be
+    wrapped in Megatron DDP) select the valid fusions.
+    """
     dtype = params_dtype(model)
     on_cpu = not torch.cuda.is_available()
+    fusions = fusion_settings(not on_cpu, impl, te_attention, (not on_cpu) and grad_accum_fusion_available(), ddp)
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -96,13 +141,7 @@ def transformer_config(
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
-        # Fusions need apex/TE CUDA kernels; the unfused paths compute the same math.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusions,
         use_cpu_initialization=on_cpu,
         perform_initialization=True,
         cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
@@ -112,7 +151,18 @@ def transformer_config(
         if recompute_granularity == "full":
             kwargs.update(recompute_method=recompute_method, recompute_num_layers=recompute_num_layers)
     if parallel.fp8:
-        kwargs.update(fp8=parallel.fp8, fp8_recipe="delayed")
+        if impl != "transformer_engine":
+            raise ConfigError(
+                "parallel.fp8 needs the Transformer Engine layer spec but this run resolved "
+                "model.transformer_impl to local; install Transformer Engine or set parallel.fp8=null"
+            )
+        errs = fp8_device_errors(parallel, None if on_cpu else torch.cuda.get_device_capability())
+        if errs:
+            raise ConfigError("; ".join(errs))
+        kwargs.update(fp8=parallel.fp8, fp8_recipe=parallel.fp8_recipe)
+        if parallel.fp8_recipe == "delayed":
+            kwargs.update(fp8_amax_history_len=parallel.fp8_amax_history_len,
+                          fp8_amax_compute_algo=parallel.fp8_amax_compute_algo)
     return TransformerConfig(**kwargs)
 
 
@@ -146,8 +196,14 @@ class LongPOGPTModel(GPTModel):
     explicit_rope: bool = False
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
-        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
-        if self.explicit_rope and position_ids is not None and out[1] is not None:
+        explicit = self.explicit_rope and position_ids is not None
+        table = getattr(self.rotary_pos_emb, "forward", None)
+        if explicit and hasattr(table, "bypass"):
+            with table.bypass():  # our angles replace Megatron's table: do not build it
+                out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        else:
+            out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        if explicit and hasattr(self, "rotary_pos_emb"):
             if position_ids.shape[1:] != input_ids.shape[1:] or position_ids.shape[0] not in (1, input_ids.shape[0]):
                 raise ValueError(
                     f"position_ids {tuple(position_ids.shape)} do not match input_ids {tuple(input_ids.shape)}: "
@@ -198,13 +254,16 @@ def build_model(
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
     initialize: bool = True,
+    ddp: bool = False,
 ) -> LongPOGPTModel:
     """Build the model on the current Megatron parallel state (call after init_model_parallel).
 
     ``core_attention`` overrides the attention module; by default it follows
     ``parallel.attention_backend`` for ``pair_layout`` (``data.pair_layout``), failing here when the
     chosen backend cannot run on this machine. ``initialize=False`` leaves the parameters
-    uninitialised on the CPU (checkpoint conversion fills them tensor by tensor).
+    uninitialised on the CPU (checkpoint conversion fills them tensor by tensor). ``ddp=True``
+    (the trainer, which wraps the model in Megatron DDP) also enables gradient-accumulation fusion
+    where it is valid (:func:`fusion_settings`).
     """
     from megatron_longpo.models.attention import (
         ContextParallelAttention,
@@ -222,6 +281,9 @@ def build_model(
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
+        impl=impl,
+        te_attention=core_attention is None,
+        ddp=ddp,
     )
     if not initialize:
         cfg = dataclasses.replace(cfg, use_cpu_initialization=True, perform_initialization=False)
@@ -241,4 +303,5 @@ def build_model(
         rope_scaling_factor=float(model.rope_scaling.get("factor", 8.0)) if rope_scaling else 8.0,
     )
     gpt.explicit_rope = isinstance(core_attention, type) and issubclass(core_attention, ContextParallelAttention)
+    install_bounded_rope_cache(gpt.rotary_pos_emb)
     return gpt.to(device()) if initialize else gpt

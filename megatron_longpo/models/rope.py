@@ -17,7 +17,9 @@ values.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from collections import OrderedDict
+from typing import Iterator, Optional
 
 import torch
 
@@ -52,3 +54,56 @@ def rope_from_module(rotary: torch.nn.Module, position_ids: torch.Tensor) -> tor
         interpolation_factor=getattr(rotary, "seq_len_interpolation_factor", None),
         interleaved=bool(getattr(rotary, "rotary_interleaved", False)),
     )
+
+
+# Rotary tables a model keeps (distinct padded lengths in flight: the current and the previous).
+ROPE_CACHE_ENTRIES = 2
+
+
+class BoundedRopeTable:
+    """Per-module LRU of Megatron rotary tables, replacing ``RotaryEmbedding.forward``'s cache.
+
+    Megatron-Core 0.16 decorates ``RotaryEmbedding.forward`` with a class-wide
+    ``functools.lru_cache(maxsize=32)`` keyed by sequence length: with variable padded lengths a
+    long-context run keeps up to 32 [S, 1, 1, d] fp32 tables on the GPU (GiBs at 512K) that are
+    never freed. Installed as the module's ``forward``, this computes the same table with the
+    undecorated function and keeps at most ``entries``. ``bypass()`` makes the call return None,
+    for the project attention path, which computes its angles from position ids (rope_angles)
+    and would otherwise build and discard a full table per micro-batch.
+    """
+
+    def __init__(self, rotary: torch.nn.Module, entries: int = ROPE_CACHE_ENTRIES) -> None:
+        fn = type(rotary).forward
+        self._fn = getattr(fn, "__wrapped__", fn)  # the function under lru_cache
+        self._rotary = rotary
+        self.entries = entries
+        self.cache: OrderedDict = OrderedDict()
+        self._bypass = False
+
+    def __call__(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        if self._bypass:
+            return None
+        key = (max_seq_len, offset, packed_seq, id(cp_group) if cp_group is not None else None)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        table = self._fn(self._rotary, max_seq_len, offset, packed_seq, cp_group)
+        self.cache[key] = table
+        while len(self.cache) > self.entries:
+            self.cache.popitem(last=False)
+        return table
+
+    @contextlib.contextmanager
+    def bypass(self) -> Iterator[None]:
+        self._bypass, prev = True, self._bypass
+        try:
+            yield
+        finally:
+            self._bypass = prev
+
+
+def install_bounded_rope_cache(rotary: torch.nn.Module, entries: int = ROPE_CACHE_ENTRIES) -> BoundedRopeTable:
+    """Give ``rotary`` (a Megatron RotaryEmbedding) a bounded table cache; returns it."""
+    table = BoundedRopeTable(rotary, entries)
+    rotary.forward = table  # instance attribute: nn.Module.__call__ dispatches to it
+    return table

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_longpo.config import ParallelConfig
 from megatron_longpo.runtime import cpu_compat
+from megatron_longpo.runtime.gpu_env import check_process_environment
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,18 @@ def device() -> torch.device:
 
 
 def init_distributed(parallel: ParallelConfig) -> None:
-    """Initialise the default process group from torchrun env vars (or a single process)."""
+    """Initialise the default process group from torchrun env vars (or a single process).
+
+    Refuses (ConfigError) before any collective a local world size larger than the visible GPUs
+    and bad NVTE_* values, and sets CUDA_DEVICE_MAX_CONNECTIONS=1 for TP/CP (runtime/gpu_env.py).
+    """
     cpu_compat.enable()
     if dist.is_initialized():
         return
     backend = parallel.distributed_backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    check_process_environment(parallel, backend=backend)
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("parallel.distributed_backend=nccl needs CUDA; use gloo (or auto) on CPU")
     rank = int(os.environ.get("RANK", "0"))

@@ -36,6 +36,7 @@ from megatron_longpo.checkpoint import (
 )
 from megatron_longpo.checkpoint.format import TOKENIZER_DIR, iter_dir_name
 from megatron_longpo.checkpoint.integrity import CheckpointCorruptError, complete_iterations, verify_checkpoint
+from megatron_longpo.checkpoint.model_io import load_sharded
 from megatron_longpo.config import ModelConfig
 
 __all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_checkpoint"]
@@ -227,9 +228,6 @@ def load_checkpoint(
     """Load weights (any layout) and, unless ``finetune`` or the checkpoint is model-only, the
     optimizer, scheduler, RNG and data position. Returns the restored TrainState. The files are
     first checked against their save-time manifest (``verify``: full | size | none)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     d = resolve_checkpoint_dir(ckpt)
     meta = read_meta(d)
     check_compatible(meta.model, model, model_cfg, str(d))
@@ -247,10 +245,13 @@ def load_checkpoint(
     if full:
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True)
         sd["rng_state"] = _rng_object(None)
-    try:
-        loaded = dist_checkpointing.load(sd, str(d), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise CheckpointError(f"cannot load {d} into this model: {e}") from e
+    # Module _extra_state may be absent either way (local-spec checkpoint into a TE model and back).
+    loaded, absent = load_sharded(sd, d)
+    if absent:
+        raise CheckpointError(
+            f"{d} lacks {len(absent)} entr(ies) this run needs, e.g. {absent[:4]}; it was saved by a different "
+            "model or optimizer setup (set checkpoint.finetune=true to load the weights only)"
+        )
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:

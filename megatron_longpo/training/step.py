@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_longpo.config import LossConfig
 from megatron_longpo.data.batch import PairBatch
-from megatron_longpo.loss.logprobs import segment_logprob_sums
+from megatron_longpo.loss.logprobs import host_to_device, segment_logprob_sums
 from megatron_longpo.loss.longpo import longpo_loss
 from megatron_longpo.models.attention import attention_inputs
 from megatron_longpo.runtime.distributed import ParallelGroups
@@ -106,9 +106,11 @@ def microbatch_forward(
             "data.pair_layout=shared_prefix needs the project attention (parallel.attention_backend="
             "auto|sdpa|flash and build_model(..., pair_layout='shared_prefix'))"
         )
-    local = {n: zigzag_slice(getattr(batch, n).to(dev), groups.cp_rank, groups.cp_size, dim=1)
+    # Ids stay on the host: segment_logprob_sums plans on them without device syncs.
+    local = {n: zigzag_slice(getattr(batch, n), groups.cp_rank, groups.cp_size, dim=1)
              for n in ("target_ids", "response_segment", "nll_segment")}
-    hidden = model(inp.tokens.to(dev), inp.position_ids.to(dev), inp.attention_mask, return_hidden=True)
+    hidden = model(host_to_device(inp.tokens, dev), host_to_device(inp.position_ids, dev), inp.attention_mask,
+                   return_hidden=True)
     b = batch.num_pairs
     resp, nll = segment_logprob_sums(
         hidden,  # [s_local(/tp), rows, h]
@@ -122,8 +124,8 @@ def microbatch_forward(
         sequence_parallel=sequence_parallel,
         chunk_size=loss_cfg.logprob_chunk_size,
     )
-    ref_w = batch.ref_chosen_logps.to(dev) if batch.ref_chosen_logps is not None else None
-    ref_l = batch.ref_rejected_logps.to(dev) if batch.ref_rejected_logps is not None else None
+    ref_w = host_to_device(batch.ref_chosen_logps, dev) if batch.ref_chosen_logps is not None else None
+    ref_l = host_to_device(batch.ref_rejected_logps, dev) if batch.ref_rejected_logps is not None else None
     return longpo_loss(
         resp.sums[:b],  # P_w [B]
         resp.sums[b:],  # P_l [B]
@@ -170,9 +172,13 @@ def average_metrics(per_microbatch: Sequence[Mapping[str, torch.Tensor]], dp_gro
     for m in per_microbatch:
         if list(m) != keys:
             raise ValueError(f"micro-batches report different metrics: {keys} vs {list(m)}")
-    local = torch.tensor(
-        [sum(float(m[k]) for m in per_microbatch) for k in keys] + [float(len(per_microbatch))], dtype=torch.float64
-    )
+    # One stacked tensor: a single device->host copy per step (not one per metric per micro-batch).
+    dev = next((v.device for m in per_microbatch for v in m.values() if isinstance(v, torch.Tensor)),
+               torch.device("cpu"))
+    stacked = torch.stack([torch.stack([torch.as_tensor(m[k], dtype=torch.float64, device=dev).detach().reshape(())
+                                        for k in keys]) for m in per_microbatch])  # [M, K]
+    count = torch.tensor([float(len(per_microbatch))], dtype=torch.float64, device=dev)
+    local = torch.cat([stacked.sum(0), count])
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         local = local.to(_collective_device(dp_group))
         dist.all_reduce(local, group=dp_group)

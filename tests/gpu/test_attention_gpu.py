@@ -135,3 +135,33 @@ def test_bf16_model_shared_prefix_matches_two_sequences(single_process_groups):
     for name, g in ref_g.items():
         err = (got_g[name] - g).norm() / g.norm()
         assert err < 5e-2, f"{name}: relative gradient error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gqa_never_reaches_the_math_kernel(dtype):
+    """fp32 + GQA used to fall back to math ([b, h, S, S] scores); choose_sdpa expands K/V instead.
+
+    Asserts on the GPU what tests/unit/test_gpu_rules.py checks of the pure choice: the ops that
+    ran are fused ones, and the peak memory is far below one dense score matrix.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_longpo.models.attention.kernels import choose_sdpa
+
+    seq, h, g, d = 8192, 8, 2, 64
+    torch.manual_seed(0)
+    q = torch.randn(1, h, seq, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(1, g, seq, d, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(1, g, seq, d, device="cuda", dtype=dtype, requires_grad=True)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = attend_local(q, k, v, [(seq // 3, seq // 2)], 0, 1, scale=d ** -0.5)
+        out.float().sum().backward()
+        torch.cuda.synchronize()
+    ops = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+    assert not any("math" in o for o in ops), ops
+    assert any("flash" in o or "efficient" in o for o in ops), ops
+    dense = h * seq * seq * 4
+    assert torch.cuda.max_memory_allocated() - base < dense / 4
+    assert choose_sdpa("cuda", dtype, True, True, d).backends  # the choice the kernels used
