@@ -58,6 +58,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointSaveError(CheckpointError, OSError):
+    """Writing a checkpoint failed (an OSError such as a full disk), said in one line."""
+
+
 def save_checkpoint(
     ckpt_dir: str | Path,
     sharded_state_dict: dict,
@@ -84,11 +88,10 @@ def save_checkpoint(
     try:
         dist_checkpointing.save(sharded_state_dict, str(tmp))  # collective; ends with a barrier
         write_manifest(tmp)  # collective: sizes + CRC32 of every file, verified at load
-    except OSError as e:  # e.g. ENOSPC: leave no partial iteration behind
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"saving iteration {iteration} to {run} failed ({e}); the partial save "
-                              f"{tmp.name} was removed and earlier checkpoints are untouched") from e
+    except OSError as e:  # e.g. ENOSPC mid-write; other ranks may still be writing, so no clean-up here
+        raise CheckpointSaveError(
+            f"saving iteration {iteration} to {run} failed ({e}); earlier checkpoints are untouched and the partial "
+            f"{tmp.name} is never loaded (it is removed at the next start)") from e
     if _rank() == 0:
         write_text_atomic(tmp / META_FILE, json.dumps(meta.to_json(), indent=2) + "\n")
         old = run / f"{final.name}.old"

@@ -140,7 +140,7 @@ def _load_broken(run_dir):
 
     mcfg, g, model, _, opt, sched = _build(False, seed=5)
     try:
-        load_checkpoint(run_dir, model, opt, sched, g, mcfg)
+        load_checkpoint(run_dir, model, opt, sched, g, mcfg, verify="none")  # reach torch DCP itself
     except CheckpointError as e:
         return str(e)
     return None
