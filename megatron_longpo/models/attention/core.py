@@ -79,6 +79,11 @@ def row_layouts(attention_mask: Optional[torch.Tensor], batch: int) -> list[RowL
 # ----------------------------------------------------------------------------------------------
 
 
+# torch 2.13 deprecates reduce_scatter_tensor for reduce_scatter_single (same arguments); older
+# torch (the GPU images: 2.11) has only the former.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _AllGatherSeq(torch.autograd.Function):
     """All-gather along dim 0 over ``group``; backward reduce-scatters (sums) the gradient."""
 
@@ -94,7 +99,7 @@ class _AllGatherSeq(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # [cp*s, ...] -> [s, ...]
         size = dist.get_world_size(ctx.group)
         out = grad.new_empty((grad.shape[0] // size,) + tuple(grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        _reduce_scatter(out, grad.contiguous(), group=ctx.group)
         return out, None
 
 
