@@ -69,8 +69,10 @@ def test_distributed_optimizer_save_and_exact_resume(gpu_prepared):
               "optim.use_distributed_optimizer": True, "checkpoint.save_interval": 2}
     _run(_torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
                    *_overrides(gpu_prepared, "gpu_full", **common, **{"training.train_iters": 4})))
+    # The same 4-step schedule, stopped after step 2 (a 2-step run would have another LR schedule).
     _run(_torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
-                   *_overrides(gpu_prepared, "gpu_part", **common, **{"training.train_iters": 2})))
+                   *_overrides(gpu_prepared, "gpu_part", **common, **{"training.train_iters": 4,
+                                                                       "training.exit_interval": 2})))
     p = _run(_torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
                        *_overrides(gpu_prepared, "gpu_part", **common, **{"training.train_iters": 4})))
     assert "resumed from" in p.stdout
