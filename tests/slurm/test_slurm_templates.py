@@ -189,7 +189,9 @@ def test_usr1_after_a_save_and_during_a_save_then_time_limit_requeue_and_resume_
     uninterrupted run."""
     cluster, d, job_env = env
     ckpt = d / "preempt" / "ckpt"
-    j = _submit(cluster, job_env, CPU_NODE, TRAIN, _train_args(d, "preempt"), LONGPO_STOP_SAFETY_S="100")
+    # Safety 115 s: with the 2-minute limit of slot 3 the budget is spent after its first step whatever the
+    # machine's speed (a fast machine otherwise finishes all steps first); 10-minute slots are unaffected.
+    j = _submit(cluster, job_env, CPU_NODE, TRAIN, _train_args(d, "preempt"), LONGPO_STOP_SAFETY_S="115")
     _wait_for(lambda: _latest(ckpt) >= SAVE_EVERY, what="the first periodic save", job=(cluster, j))
     cluster.signal(j, "USR1", "--full")
     _requeued(cluster, j, restarts=1)
