@@ -26,6 +26,7 @@ from megatron_longpo.data.schema import DataError, InvalidRecord, LongPORecord, 
 from megatron_longpo.data.sequences import (
     DEFAULT_SEPARATOR,
     OVERLONG_CHOICES,
+    OVERLONG_ERROR,
     TEMPLATE_ERROR,
     BuildResult,
     OverlongError,
@@ -107,8 +108,8 @@ def _build(record) -> BuildResult:
             record, tok, template, max_seq_length=kw["max_seq_length"], overlong=kw["overlong"],
             separator=kw["separator"], drop_identical=kw["drop_identical"],
         )
-    except OverlongError:
-        raise
+    except OverlongError as e:  # --overlong error: counted here, reported for every record at the end
+        return BuildResult(None, OVERLONG_ERROR, str(e), two_sequences_length=e.length)
     except DataError as e:  # the template cannot render this conversation
         if not skip_invalid:
             raise
@@ -220,6 +221,17 @@ class _Stats:
         }
 
 
+def _overlong_report(too_long: list[tuple[str, int]], read: int, max_seq_length: Optional[int]) -> str:
+    """Every record over the bound at once (not one per run), with the length that would fit them all."""
+    longest = max(n for _, n in too_long)
+    worst = sorted(too_long, key=lambda x: -x[1])[:5]
+    shown = ", ".join(f"{where} ({n} tokens)" for where, n in worst)
+    return (f"{len(too_long)} of {read} records need more than --max-seq-length {max_seq_length} tokens (longest of "
+            f"chosen/rejected sequence; longest {longest}): {shown}{' ...' if len(too_long) > 5 else ''}. Nothing "
+            f"was written: pass --overlong drop or --overlong truncate_document, or raise --max-seq-length to "
+            f">= {longest}")
+
+
 def _fmt_rejected(c: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "none"
 
@@ -302,6 +314,7 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
     rej_final = rejected_path(o.output_prefix)
     rej_tmp = writer.tmp + ".rejected.jsonl"
     stats = _Stats()
+    too_long: list[tuple[str, int]] = []  # (FILE:LINE 'id', tokens) of records over --max-seq-length (--overlong error)
     results = _ordered_results(read_records(o.inputs), o.workers, (o.tokenizer, o.chat_template, kwargs))
     try:
         with open(rej_tmp, "w", encoding="utf-8") as rej:
@@ -311,6 +324,8 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
                     stats.rejected[rec.reason] += 1
                     rej.write(json.dumps({"source": rec.source, "reason": rec.reason, "message": rec.message,
                                           "record": raw}) + "\n")
+                elif res.drop_reason == OVERLONG_ERROR:
+                    too_long.append((f"{rec.source} {rec.id!r}", res.two_sequences_length))
                 else:
                     stats.add(rec, res)
                     if res.sample is not None:
@@ -324,6 +339,8 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
                                      refresh=False)
         if pbar is not None:
             pbar.close()
+        if too_long:
+            raise DataError(_overlong_report(too_long, stats.records_read, o.max_seq_length))
         if stats.written == 0:
             raise DataError(
                 f"no record was written ({stats.records_read} read; dropped: {_fmt_rejected(dict(stats.rejected))})"

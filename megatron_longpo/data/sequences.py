@@ -40,6 +40,13 @@ TEMPLATE_ERROR = "template_error"
 class OverlongError(DataError):
     """A record is longer than --max-seq-length and --overlong is error."""
 
+    def __init__(self, message: str, length: int = 0) -> None:
+        super().__init__(message)
+        self.length = length  # tokens of the longer policy sequence
+
+
+OVERLONG_ERROR = "overlong_error"  # reason of a record over the bound under --overlong error (never written)
+
 
 @dataclass(frozen=True)
 class Conversations:
@@ -299,7 +306,8 @@ def build_sample(
                f"--max-seq-length {max_seq_length}")
         if overlong == "error":
             raise OverlongError(
-                f"{msg}; pass --overlong drop or --overlong truncate_document, or raise --max-seq-length"
+                f"{msg}; pass --overlong drop or --overlong truncate_document, or raise --max-seq-length",
+                length=full_len,
             )
         if overlong == "drop":
             return BuildResult(None, OVERLONG, msg, **kw)

@@ -2,6 +2,7 @@
 atomic writes, counts and rejected records, start-up checks for the trainer."""
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def test_int32_tokens_for_large_vocabularies(tmp_path):
 def test_failure_leaves_no_dataset(tmp_path, workers):
     recs = [longpo(i) for i in range(5)] + [longpo(9, doc_words=2000)] + [longpo(i) for i in range(10, 14)]
     inp = write_jsonl(tmp_path / "in.jsonl", recs)
-    with pytest.raises(DataError, match=r"in.jsonl:6: record 'r9' needs \d+ tokens"):
+    with pytest.raises(DataError, match=r"1 of 10 records need more .*in.jsonl:6 'r9' \(\d+ tokens\)"):
         run(tmp_path, [inp], max_seq_length=512, workers=workers)
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # no final files, no temp files
 
@@ -193,6 +194,21 @@ def test_overlong_counts(tmp_path):
     assert "truncated documents: 1 records" in log
     with pytest.raises(DataError, match="--overlong drop needs --max-seq-length"):
         run(tmp_path, [inp], name="x", max_seq_length=None, overlong="drop")
+
+
+def test_overlong_error_reports_every_record_at_once_and_writes_nothing(tmp_path):
+    recs = [longpo(0), longpo(1, doc_words=600), longpo(2), longpo(3, doc_words=900)]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    with pytest.raises(DataError) as e:
+        run(tmp_path, [inp], max_seq_length=300, overlong="error")
+    msg = str(e.value)
+    # Both offenders, longest first, with the bound that would fit them; not just the first one met.
+    lengths = [int(x) for x in re.findall(r"\((\d+) tokens\)", msg)]
+    assert "2 of 4 records need more than --max-seq-length 300" in msg and "'r3'" in msg and "'r1'" in msg
+    assert msg.index("'r3'") < msg.index("'r1'") and f"to >= {max(lengths)}" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing written
+    res, _ = run(tmp_path, [inp], max_seq_length=max(lengths), overlong="error")  # the suggested bound fits all
+    assert res.meta["counts"]["records_written"] == 4
 
 
 def test_mode_checks_for_the_trainer(tmp_path):
