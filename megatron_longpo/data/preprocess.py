@@ -43,6 +43,7 @@ class PreprocessOptions:
     output_prefix: str
     max_seq_length: Optional[int] = None  # bound on max(len S_w, len S_l); None: no bound
     overlong: str = "error"  # error | drop | truncate_document
+    pair_layout: str = "two_sequences"  # the training layout whose row --max-seq-length bounds
     workers: int = 1
     chat_template: str = "auto"  # auto | tokenizer | mistral | chatml
     skip_invalid: bool = False
@@ -68,6 +69,8 @@ def _check_options(o: PreprocessOptions) -> None:
             raise DataError(f"--input {p}: file does not exist")
     if o.max_seq_length is not None and o.max_seq_length <= 0:
         raise DataError(f"--max-seq-length must be > 0 (got {o.max_seq_length})")
+    if o.pair_layout not in ("two_sequences", "shared_prefix"):
+        raise DataError(f"--pair-layout {o.pair_layout!r} is not one of ['two_sequences', 'shared_prefix']")
     if o.overlong not in OVERLONG_CHOICES:
         raise DataError(f"--overlong {o.overlong!r} is not one of {list(OVERLONG_CHOICES)}")
     if o.overlong != "error" and o.max_seq_length is None:
@@ -106,6 +109,7 @@ def _build(record) -> BuildResult:
     try:
         return build_sample(
             record, tok, template, max_seq_length=kw["max_seq_length"], overlong=kw["overlong"],
+            pair_layout=kw["pair_layout"],
             separator=kw["separator"], drop_identical=kw["drop_identical"],
         )
     except OverlongError as e:  # --overlong error: counted here, reported for every record at the end
@@ -226,8 +230,8 @@ def _overlong_report(too_long: list[tuple[str, int]], read: int, max_seq_length:
     longest = max(n for _, n in too_long)
     worst = sorted(too_long, key=lambda x: -x[1])[:5]
     shown = ", ".join(f"{where} ({n} tokens)" for where, n in worst)
-    return (f"{len(too_long)} of {read} records need more than --max-seq-length {max_seq_length} tokens (longest of "
-            f"chosen/rejected sequence; longest {longest}): {shown}{' ...' if len(too_long) > 5 else ''}. Nothing "
+    return (f"{len(too_long)} of {read} records need more than --max-seq-length {max_seq_length} tokens "
+            f"(longest {longest}): {shown}{' ...' if len(too_long) > 5 else ''}. Nothing "
             f"was written: pass --overlong drop or --overlong truncate_document, or raise --max-seq-length to "
             f">= {longest}")
 
@@ -305,7 +309,7 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
         from tqdm import tqdm
 
         pbar = tqdm(total=total, unit="rec", desc="preprocess", dynamic_ncols=True, file=sys.stderr)
-    kwargs = dict(max_seq_length=o.max_seq_length, overlong=o.overlong, separator=o.separator,
+    kwargs = dict(max_seq_length=o.max_seq_length, overlong=o.overlong, pair_layout=o.pair_layout, separator=o.separator,
                   drop_identical=o.drop_identical, skip_invalid=o.skip_invalid)
     # megatron.core (and torch) are imported only once the input is known to be valid.
     from megatron_longpo.data.indexed import PreferenceDatasetWriter
@@ -351,7 +355,8 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
             "template": template.describe(),
             "options": {
                 "inputs": [str(Path(p).resolve()) for p in o.inputs],
-                "max_seq_length": o.max_seq_length, "overlong": o.overlong, "separator": o.separator,
+                "max_seq_length": o.max_seq_length, "overlong": o.overlong, "pair_layout": o.pair_layout,
+                "separator": o.separator,
                 "skip_invalid": o.skip_invalid, "drop_identical": o.drop_identical,
             },
             "counts": stats.counts(),
@@ -396,6 +401,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="longest allowed max(len chosen sequence, len rejected sequence), in tokens")
     p.add_argument("--overlong", choices=OVERLONG_CHOICES, default="error",
                    help="longer records: fail (default), drop them, or cut the middle of the document")
+    p.add_argument("--pair-layout", choices=["two_sequences", "shared_prefix"], default="two_sequences",
+                   help="the training layout (data.pair_layout) whose row --max-seq-length bounds; shared_prefix rows "
+                        "[document | chosen | rejected] are the longer ones")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output identical for any value)")
     p.add_argument("--chat-template", choices=TEMPLATE_CHOICES, default="auto",
                    help="auto: the tokenizer's own template if it has one, else mistral")
@@ -413,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_arg_parser().parse_args(argv)
     opts = PreprocessOptions(
         inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
-        max_seq_length=args.max_seq_length, overlong=args.overlong, workers=args.workers,
+        max_seq_length=args.max_seq_length, overlong=args.overlong, pair_layout=args.pair_layout, workers=args.workers,
         chat_template=args.chat_template, skip_invalid=args.skip_invalid, drop_identical=args.drop_identical,
         separator=args.separator, overwrite=args.overwrite, progress=not args.no_progress,
     )

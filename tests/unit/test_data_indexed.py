@@ -276,3 +276,21 @@ def test_check_dataset_files_names_the_option(tmp_path):
     os.remove(tmp_path / "ds.idx")
     with pytest.raises(ConfigError, match=r"data.train_data=.*ds: dataset .*ds.idx is missing; re-run"):
         check_dataset_files(str(tmp_path / "ds"))
+
+
+def test_max_seq_length_bounds_the_shared_prefix_row_when_asked(tmp_path):
+    recs = [longpo(i) for i in range(3)] + [longpo(3, doc_words=240)]
+    recs[3]["turns"][0]["short_context"] = " ".join(recs[3]["document"].split()[100:120])  # grounded: truncatable
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    two, _ = run(tmp_path, [inp], name="two", max_seq_length=None)
+    lens = two.meta["lengths"]
+    bound = int(lens["two_sequences"]["max"])  # fits every two_sequences row, not the longest shared_prefix row
+    assert lens["shared_prefix"]["max"] > bound
+    res, _ = run(tmp_path, [inp], name="a", max_seq_length=bound)
+    assert res.meta["counts"]["records_written"] == 4  # two_sequences bound: all fit
+    res, _ = run(tmp_path, [inp], name="b", max_seq_length=bound, pair_layout="shared_prefix", overlong="truncate_document")
+    # The same bound on the shared_prefix row: records over it are truncated to fit the layout the trainer uses.
+    assert res.meta["lengths"]["shared_prefix"]["max"] <= bound and res.meta["counts"]["truncated_records"] >= 1
+    assert res.meta["options"]["pair_layout"] == "shared_prefix"
+    with pytest.raises(DataError, match=r"need more than --max-seq-length"):
+        run(tmp_path, [inp], name="c", max_seq_length=bound, pair_layout="shared_prefix")
