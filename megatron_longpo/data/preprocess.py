@@ -174,6 +174,9 @@ class _Stats:
         self.tokens_written = 0
         self.len: dict[str, list[int]] = collections.defaultdict(list)
         self.ignored_keys: collections.Counter = collections.Counter()
+        self.unk_id: Optional[int] = None  # the tokenizer's unknown token (text it cannot represent)
+        self.unk_tokens = 0
+        self.unk_records = 0
 
     def add(self, record, res: BuildResult) -> None:
         self.ignored_keys.update(record.ignored_keys)
@@ -197,6 +200,11 @@ class _Stats:
 
     def add_lengths(self, s) -> None:
         ref_lens = [len(x) for x, _ in s.reference_sequences()]
+        if self.unk_id is not None:
+            seqs = [s.prefix, s.chosen_branch, s.rejected_branch] + [x for x, _ in s.reference_sequences()]
+            n = sum(int((np.asarray(x) == self.unk_id).sum()) for x in seqs)
+            self.unk_tokens += n
+            self.unk_records += int(n > 0)
         self.tokens_written += s.prefix_length + len(s.chosen_branch) + len(s.rejected_branch) + sum(ref_lens)
         self.len["two_sequences"].append(s.two_sequences_length)
         self.len["shared_prefix"].append(s.shared_prefix_length)
@@ -222,6 +230,8 @@ class _Stats:
             "chosen_equals_rejected_turns": self.identical_turns,
             "tokens_written": self.tokens_written,
             "ignored_keys": dict(sorted(self.ignored_keys.items())),
+            "unk_tokens": self.unk_tokens,
+            "unk_records": self.unk_records,
         }
 
 
@@ -256,6 +266,9 @@ def _summary(meta: dict, seconds: float, workers: int, prefix: str, had_rejected
         f"shared_prefix: max {L['shared_prefix']['max']} mean {L['shared_prefix']['mean']}; "
         f"reference: max {L['reference']['max']}",
     ]
+    if c.get("unk_tokens"):
+        lines.append(f"  WARNING: {c['unk_tokens']} tokens in {c['unk_records']} records are the tokenizer's unknown "
+                     "token (text it cannot represent: wrong tokenizer for this data, or unusual characters)")
     if c.get("ignored_keys"):
         lines.append("  ignored keys (not part of any conversation): "
                      + ", ".join(f"{k} in {n} records" for k, n in c["ignored_keys"].items()))
@@ -318,6 +331,7 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
     rej_final = rejected_path(o.output_prefix)
     rej_tmp = writer.tmp + ".rejected.jsonl"
     stats = _Stats()
+    stats.unk_id = tok.unk_id
     too_long: list[tuple[str, int]] = []  # (FILE:LINE 'id', tokens) of records over --max-seq-length (--overlong error)
     results = _ordered_results(read_records(o.inputs), o.workers, (o.tokenizer, o.chat_template, kwargs))
     try:

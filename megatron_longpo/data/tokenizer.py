@@ -85,6 +85,7 @@ class Tokenizer:
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
         self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else None
+        self.unk_id = sp.unk_id() if sp.unk_id() >= 0 else None
         self.chat_template = None
         self._special = np.zeros(self.vocab_size, dtype=bool)
         for i in range(self.vocab_size):
@@ -137,6 +138,7 @@ class Tokenizer:
         self.bos_id = tok.bos_token_id
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id
+        self.unk_id = tok.unk_token_id
         self.chat_template = getattr(tok, "chat_template", None) or None
         special_ids = set(tok.all_special_ids)
         for i, t in tok.added_tokens_decoder.items():

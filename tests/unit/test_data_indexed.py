@@ -294,3 +294,34 @@ def test_max_seq_length_bounds_the_shared_prefix_row_when_asked(tmp_path):
     assert res.meta["options"]["pair_layout"] == "shared_prefix"
     with pytest.raises(DataError, match=r"need more than --max-seq-length"):
         run(tmp_path, [inp], name="c", max_seq_length=bound, pair_layout="shared_prefix")
+
+
+def _ascii_only_sentencepiece(path, with_brackets: bool):
+    """A tokenizer WITHOUT byte fallback that has seen only ASCII letters (and brackets if asked)."""
+    import sentencepiece as spm
+
+    lines = [random_text(40, seed=i) + (" [INST] [/INST]" if with_brackets else "") for i in range(60)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(path), vocab_size=300,
+                                   model_type="bpe", byte_fallback=False, character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=3, minloglevel=2, num_threads=1)
+    return str(path) + ".model"
+
+
+def test_unknown_tokens_are_counted_and_unexpressible_markers_refused(tmp_path):
+    tok = _ascii_only_sentencepiece(tmp_path / "ascii", with_brackets=True)
+    recs = [longpo(0), longpo(1), dict(longpo(2), document="Tokyo is 東京 and München.")]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    logs = []
+    res = preprocess(PreprocessOptions(inputs=[str(inp)], tokenizer=tok, output_prefix=str(tmp_path / "u"),
+                                       chat_template="mistral", progress=False), log=logs.append)
+    c = res.meta["counts"]
+    base = preprocess(PreprocessOptions(inputs=[str(write_jsonl(tmp_path / "in0.jsonl", recs[:2]))], tokenizer=tok,
+                                        output_prefix=str(tmp_path / "u0"), chat_template="mistral", progress=False),
+                      log=lambda *_: None).meta["counts"]
+    assert c["unk_tokens"] >= base["unk_tokens"] + 3  # 東, 京 and ü have no piece and no byte fallback
+    assert c["unk_records"] == base["unk_records"] + 1
+    assert f"WARNING: {c['unk_tokens']} tokens in {c['unk_records']} records" in logs[0] and "unknown token" in logs[0]
+    no_brackets = _ascii_only_sentencepiece(tmp_path / "nob", with_brackets=False)
+    with pytest.raises(DataError, match=r"turns the mistral template marker '\[INST\]' into its unknown token"):
+        preprocess(PreprocessOptions(inputs=[str(inp)], tokenizer=no_brackets, output_prefix=str(tmp_path / "v"),
+                                     chat_template="mistral", progress=False), log=logs.append)
