@@ -49,6 +49,8 @@ class PreprocessOptions:
     skip_invalid: bool = False
     drop_identical: bool = False
     separator: str = DEFAULT_SEPARATOR
+    auto_id: bool = False  # records without "id" get their source (FILE:LINE / FILE:row N) as id
+    split: str = "train"  # split of a datasets.save_to_disk DatasetDict input
     overwrite: bool = False
     progress: bool = True
 
@@ -63,10 +65,10 @@ class PreprocessResult:
 
 def _check_options(o: PreprocessOptions) -> None:
     if not o.inputs:
-        raise DataError("--input: give at least one JSONL or JSON file")
+        raise DataError("--input: give at least one JSONL / JSON / parquet file or dataset directory")
     for p in o.inputs:
-        if not Path(p).is_file():
-            raise DataError(f"--input {p}: file does not exist")
+        if not Path(p).exists():
+            raise DataError(f"--input {p}: does not exist")
     if o.max_seq_length is not None and o.max_seq_length <= 0:
         raise DataError(f"--max-seq-length must be > 0 (got {o.max_seq_length})")
     if o.pair_layout not in ("two_sequences", "shared_prefix"):
@@ -289,7 +291,7 @@ def _summary(meta: dict, seconds: float, workers: int, prefix: str, had_rejected
 def _validate_pass(o: PreprocessOptions) -> tuple[int, int]:
     """Pass 1: count records; raise listing the invalid ones unless skip_invalid."""
     total, errors, messages = 0, 0, []
-    records = read_records(o.inputs)
+    records = read_records(o.inputs, o.auto_id, o.split)
     if o.progress:
         from tqdm import tqdm
 
@@ -333,7 +335,7 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
     stats = _Stats()
     stats.unk_id = tok.unk_id
     too_long: list[tuple[str, int]] = []  # (FILE:LINE 'id', tokens) of records over --max-seq-length (--overlong error)
-    results = _ordered_results(read_records(o.inputs), o.workers, (o.tokenizer, o.chat_template, kwargs))
+    results = _ordered_results(read_records(o.inputs, o.auto_id, o.split), o.workers, (o.tokenizer, o.chat_template, kwargs))
     try:
         with open(rej_tmp, "w", encoding="utf-8") as rej:
             for rec, raw, res in results:
@@ -368,7 +370,7 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
             "tokenizer": tok.describe(),
             "template": template.describe(),
             "options": {
-                "inputs": [str(Path(p).resolve()) for p in o.inputs],
+                "inputs": [str(Path(p).resolve()) for p in o.inputs], "auto_id": o.auto_id,
                 "max_seq_length": o.max_seq_length, "overlong": o.overlong, "pair_layout": o.pair_layout,
                 "separator": o.separator,
                 "skip_invalid": o.skip_invalid, "drop_identical": o.drop_identical,
@@ -408,7 +410,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Tokenize LongPO / preference-pair records (JSONL or JSON array) into an indexed "
         "binary dataset for megatron_longpo (see docs/data.md).",
     )
-    p.add_argument("--input", nargs="+", required=True, help="JSONL or JSON-array file(s); ids unique over all")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="JSONL or JSON-array file(s), parquet file(s), directories of parquet files, or a "
+                        "datasets.save_to_disk directory (one record per row); ids unique over all")
+    p.add_argument("--auto-id", action="store_true",
+                   help="records without an 'id' (TRL-style files) get their source FILE:LINE / FILE:row N as id")
+    p.add_argument("--split", default="train", help="split of a DatasetDict directory (default: train)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file or HF tokenizer directory")
     p.add_argument("--output-prefix", required=True, help="DIR/NAME: writes NAME.bin/.idx/.ids.json/.json")
     p.add_argument("--max-seq-length", type=int, required=True,
@@ -436,6 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = PreprocessOptions(
         inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
         max_seq_length=args.max_seq_length, overlong=args.overlong, pair_layout=args.pair_layout, workers=args.workers,
+        auto_id=args.auto_id, split=args.split,
         chat_template=args.chat_template, skip_invalid=args.skip_invalid, drop_identical=args.drop_identical,
         separator=args.separator, overwrite=args.overwrite, progress=not args.no_progress,
     )

@@ -325,3 +325,34 @@ def test_unknown_tokens_are_counted_and_unexpressible_markers_refused(tmp_path):
     with pytest.raises(DataError, match=r"turns the mistral template marker '\[INST\]' into its unknown token"):
         preprocess(PreprocessOptions(inputs=[str(inp)], tokenizer=no_brackets, output_prefix=str(tmp_path / "v"),
                                      chat_template="mistral", progress=False), log=logs.append)
+
+
+def test_parquet_and_save_to_disk_inputs_with_auto_ids_equal_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = [longpo(i) for i in range(4)]
+    pairs = [{"prompt": "Doc. Q?", "chosen": "Yes.", "rejected": "No.", "short_prompt": "Q?"},
+             {"prompt": "Doc two. Q?", "chosen": "Sure.", "rejected": "Nope.", "short_prompt": "Q?"}]
+    ref, _ = run(tmp_path, [write_jsonl(tmp_path / "in.jsonl", recs)], name="ref")
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist(recs[:2]), tmp_path / "pq" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(recs[2:]), tmp_path / "pq" / "b.parquet")
+    got, _ = run(tmp_path, [tmp_path / "pq"], name="got")
+    assert got.meta["bin_sha256"] == ref.meta["bin_sha256"]  # the same samples, token for token
+    # A TRL-style file without ids: refused, or ids from the source with --auto-id.
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "trl.parquet")
+    with pytest.raises(DataError, match=r"trl.parquet:row 0.*'id'"):
+        run(tmp_path, [tmp_path / "trl.parquet"], name="x")
+    res, _ = run(tmp_path, [tmp_path / "trl.parquet"], name="trl", auto_id=True)
+    ids = json.loads((tmp_path / "trl.ids.json").read_text())
+    assert res.meta["counts"]["records_written"] == 2 and ids == [f"{tmp_path / 'trl.parquet'}:row {i}" for i in (0, 1)]
+    # A datasets.save_to_disk directory (arrow stream + state.json), as HF `datasets` writes it.
+    d = tmp_path / "disk"
+    d.mkdir()
+    with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as f, \
+            pa.ipc.new_stream(f, pa.Table.from_pylist(recs).schema) as w:
+        w.write_table(pa.Table.from_pylist(recs))
+    (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    disk, _ = run(tmp_path, [d], name="disk")
+    assert disk.meta["bin_sha256"] == ref.meta["bin_sha256"]
