@@ -263,7 +263,7 @@ def _summary(meta: dict, seconds: float, workers: int, prefix: str, had_rejected
         f"  chosen == rejected: {c['chosen_equals_rejected_records']} records, {c['chosen_equals_rejected_turns']} turns"
         + (" (kept; they add nothing to the preference term)" if c["chosen_equals_rejected_records"] and
            not meta["options"]["drop_identical"] else ""),
-        f"  tokens: {c['tokens_written']} written ({c['tokens_written'] / max(seconds, 1e-9):,.0f} tokens/s, {workers} workers)",
+        f"  tokens: {c['tokens_written']} written ({meta['tokens_per_second']:,.0f} tokens/s while tokenizing, {workers} workers)",
         f"  pair length two_sequences: max {L['two_sequences']['max']} mean {L['two_sequences']['mean']}; "
         f"shared_prefix: max {L['shared_prefix']['max']} mean {L['shared_prefix']['mean']}; "
         f"reference: max {L['reference']['max']}",
@@ -334,11 +334,14 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
     rej_tmp = writer.tmp + ".rejected.jsonl"
     stats = _Stats()
     stats.unk_id = tok.unk_id
+    t_first: Optional[float] = None
     too_long: list[tuple[str, int]] = []  # (FILE:LINE 'id', tokens) of records over --max-seq-length (--overlong error)
     results = _ordered_results(read_records(o.inputs, o.auto_id, o.split), o.workers, (o.tokenizer, o.chat_template, kwargs))
     try:
         with open(rej_tmp, "w", encoding="utf-8") as rej:
             for rec, raw, res in results:
+                if t_first is None:  # tokens/s counts from the first result: not validation, not pool start-up
+                    t_first = time.perf_counter()
                 stats.records_read += 1
                 if res is None:
                     stats.rejected[rec.reason] += 1
@@ -355,7 +358,7 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
                                               "message": res.message, "record": raw}) + "\n")
                 if pbar is not None:
                     pbar.update(1)
-                    pbar.set_postfix(tok_s=f"{stats.tokens_written / max(time.perf_counter() - t0, 1e-9):,.0f}",
+                    pbar.set_postfix(tok_s=f"{stats.tokens_written / max(time.perf_counter() - t_first, 1e-9):,.0f}",
                                      refresh=False)
         if pbar is not None:
             pbar.close()
@@ -377,7 +380,7 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
             },
             "counts": stats.counts(),
             "lengths": {k: _stats(v) for k, v in sorted(stats.len.items())},
-            "tokens_per_second": round(stats.tokens_written / max(seconds, 1e-9), 1),
+            "tokens_per_second": round(stats.tokens_written / max(time.perf_counter() - (t_first or t0), 1e-9), 1),
             "workers": o.workers,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
