@@ -109,6 +109,8 @@ class DataConfig:
         "two_sequences", "Chosen/rejected as two sequences, or one [prefix|chosen|rejected]."
     )
     shuffle: bool = _f(True, "Shuffle samples each epoch (seeded).")
+    check_tokenizer: bool = _f(
+        True, "Refuse data whose tokenizer splits text differently from the tokenizer of the model checkpoint.")
 
 
 @dataclass

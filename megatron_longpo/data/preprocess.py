@@ -26,6 +26,7 @@ from megatron_longpo.data.schema import DataError, InvalidRecord, LongPORecord, 
 from megatron_longpo.data.sequences import (
     DEFAULT_SEPARATOR,
     OVERLONG_CHOICES,
+    OVERLONG_ERROR,
     TEMPLATE_ERROR,
     BuildResult,
     OverlongError,
@@ -42,11 +43,14 @@ class PreprocessOptions:
     output_prefix: str
     max_seq_length: Optional[int] = None  # bound on max(len S_w, len S_l); None: no bound
     overlong: str = "error"  # error | drop | truncate_document
+    pair_layout: str = "two_sequences"  # the training layout whose row --max-seq-length bounds
     workers: int = 1
     chat_template: str = "auto"  # auto | tokenizer | mistral | chatml
     skip_invalid: bool = False
     drop_identical: bool = False
     separator: str = DEFAULT_SEPARATOR
+    auto_id: bool = False  # records without "id" get their source (FILE:LINE / FILE:row N) as id
+    split: str = "train"  # split of a datasets.save_to_disk DatasetDict input
     overwrite: bool = False
     progress: bool = True
 
@@ -61,12 +65,14 @@ class PreprocessResult:
 
 def _check_options(o: PreprocessOptions) -> None:
     if not o.inputs:
-        raise DataError("--input: give at least one JSONL or JSON file")
+        raise DataError("--input: give at least one JSONL / JSON / parquet file or dataset directory")
     for p in o.inputs:
-        if not Path(p).is_file():
-            raise DataError(f"--input {p}: file does not exist")
+        if not Path(p).exists():
+            raise DataError(f"--input {p}: does not exist")
     if o.max_seq_length is not None and o.max_seq_length <= 0:
         raise DataError(f"--max-seq-length must be > 0 (got {o.max_seq_length})")
+    if o.pair_layout not in ("two_sequences", "shared_prefix"):
+        raise DataError(f"--pair-layout {o.pair_layout!r} is not one of ['two_sequences', 'shared_prefix']")
     if o.overlong not in OVERLONG_CHOICES:
         raise DataError(f"--overlong {o.overlong!r} is not one of {list(OVERLONG_CHOICES)}")
     if o.overlong != "error" and o.max_seq_length is None:
@@ -105,10 +111,11 @@ def _build(record) -> BuildResult:
     try:
         return build_sample(
             record, tok, template, max_seq_length=kw["max_seq_length"], overlong=kw["overlong"],
+            pair_layout=kw["pair_layout"],
             separator=kw["separator"], drop_identical=kw["drop_identical"],
         )
-    except OverlongError:
-        raise
+    except OverlongError as e:  # --overlong error: counted here, reported for every record at the end
+        return BuildResult(None, OVERLONG_ERROR, str(e), two_sequences_length=e.length)
     except DataError as e:  # the template cannot render this conversation
         if not skip_invalid:
             raise
@@ -169,6 +176,9 @@ class _Stats:
         self.tokens_written = 0
         self.len: dict[str, list[int]] = collections.defaultdict(list)
         self.ignored_keys: collections.Counter = collections.Counter()
+        self.unk_id: Optional[int] = None  # the tokenizer's unknown token (text it cannot represent)
+        self.unk_tokens = 0
+        self.unk_records = 0
 
     def add(self, record, res: BuildResult) -> None:
         self.ignored_keys.update(record.ignored_keys)
@@ -192,6 +202,11 @@ class _Stats:
 
     def add_lengths(self, s) -> None:
         ref_lens = [len(x) for x, _ in s.reference_sequences()]
+        if self.unk_id is not None:
+            seqs = [s.prefix, s.chosen_branch, s.rejected_branch] + [x for x, _ in s.reference_sequences()]
+            n = sum(int((np.asarray(x) == self.unk_id).sum()) for x in seqs)
+            self.unk_tokens += n
+            self.unk_records += int(n > 0)
         self.tokens_written += s.prefix_length + len(s.chosen_branch) + len(s.rejected_branch) + sum(ref_lens)
         self.len["two_sequences"].append(s.two_sequences_length)
         self.len["shared_prefix"].append(s.shared_prefix_length)
@@ -217,7 +232,20 @@ class _Stats:
             "chosen_equals_rejected_turns": self.identical_turns,
             "tokens_written": self.tokens_written,
             "ignored_keys": dict(sorted(self.ignored_keys.items())),
+            "unk_tokens": self.unk_tokens,
+            "unk_records": self.unk_records,
         }
+
+
+def _overlong_report(too_long: list[tuple[str, int]], read: int, max_seq_length: Optional[int]) -> str:
+    """Every record over the bound at once (not one per run), with the length that would fit them all."""
+    longest = max(n for _, n in too_long)
+    worst = sorted(too_long, key=lambda x: -x[1])[:5]
+    shown = ", ".join(f"{where} ({n} tokens)" for where, n in worst)
+    return (f"{len(too_long)} of {read} records need more than --max-seq-length {max_seq_length} tokens "
+            f"(longest {longest}): {shown}{' ...' if len(too_long) > 5 else ''}. Nothing "
+            f"was written: pass --overlong drop or --overlong truncate_document, or raise --max-seq-length to "
+            f">= {longest}")
 
 
 def _fmt_rejected(c: dict[str, int]) -> str:
@@ -235,11 +263,14 @@ def _summary(meta: dict, seconds: float, workers: int, prefix: str, had_rejected
         f"  chosen == rejected: {c['chosen_equals_rejected_records']} records, {c['chosen_equals_rejected_turns']} turns"
         + (" (kept; they add nothing to the preference term)" if c["chosen_equals_rejected_records"] and
            not meta["options"]["drop_identical"] else ""),
-        f"  tokens: {c['tokens_written']} written ({c['tokens_written'] / max(seconds, 1e-9):,.0f} tokens/s, {workers} workers)",
+        f"  tokens: {c['tokens_written']} written ({meta['tokens_per_second']:,.0f} tokens/s while tokenizing, {workers} workers)",
         f"  pair length two_sequences: max {L['two_sequences']['max']} mean {L['two_sequences']['mean']}; "
         f"shared_prefix: max {L['shared_prefix']['max']} mean {L['shared_prefix']['mean']}; "
         f"reference: max {L['reference']['max']}",
     ]
+    if c.get("unk_tokens"):
+        lines.append(f"  WARNING: {c['unk_tokens']} tokens in {c['unk_records']} records are the tokenizer's unknown "
+                     "token (text it cannot represent: wrong tokenizer for this data, or unusual characters)")
     if c.get("ignored_keys"):
         lines.append("  ignored keys (not part of any conversation): "
                      + ", ".join(f"{k} in {n} records" for k, n in c["ignored_keys"].items()))
@@ -260,7 +291,7 @@ def _summary(meta: dict, seconds: float, workers: int, prefix: str, had_rejected
 def _validate_pass(o: PreprocessOptions) -> tuple[int, int]:
     """Pass 1: count records; raise listing the invalid ones unless skip_invalid."""
     total, errors, messages = 0, 0, []
-    records = read_records(o.inputs)
+    records = read_records(o.inputs, o.auto_id, o.split)
     if o.progress:
         from tqdm import tqdm
 
@@ -293,7 +324,7 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
         from tqdm import tqdm
 
         pbar = tqdm(total=total, unit="rec", desc="preprocess", dynamic_ncols=True, file=sys.stderr)
-    kwargs = dict(max_seq_length=o.max_seq_length, overlong=o.overlong, separator=o.separator,
+    kwargs = dict(max_seq_length=o.max_seq_length, overlong=o.overlong, pair_layout=o.pair_layout, separator=o.separator,
                   drop_identical=o.drop_identical, skip_invalid=o.skip_invalid)
     # megatron.core (and torch) are imported only once the input is known to be valid.
     from megatron_longpo.data.indexed import PreferenceDatasetWriter
@@ -302,15 +333,22 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
     rej_final = rejected_path(o.output_prefix)
     rej_tmp = writer.tmp + ".rejected.jsonl"
     stats = _Stats()
-    results = _ordered_results(read_records(o.inputs), o.workers, (o.tokenizer, o.chat_template, kwargs))
+    stats.unk_id = tok.unk_id
+    t_first: Optional[float] = None
+    too_long: list[tuple[str, int]] = []  # (FILE:LINE 'id', tokens) of records over --max-seq-length (--overlong error)
+    results = _ordered_results(read_records(o.inputs, o.auto_id, o.split), o.workers, (o.tokenizer, o.chat_template, kwargs))
     try:
         with open(rej_tmp, "w", encoding="utf-8") as rej:
             for rec, raw, res in results:
+                if t_first is None:  # tokens/s counts from the first result: not validation, not pool start-up
+                    t_first = time.perf_counter()
                 stats.records_read += 1
                 if res is None:
                     stats.rejected[rec.reason] += 1
                     rej.write(json.dumps({"source": rec.source, "reason": rec.reason, "message": rec.message,
                                           "record": raw}) + "\n")
+                elif res.drop_reason == OVERLONG_ERROR:
+                    too_long.append((f"{rec.source} {rec.id!r}", res.two_sequences_length))
                 else:
                     stats.add(rec, res)
                     if res.sample is not None:
@@ -320,10 +358,12 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
                                               "message": res.message, "record": raw}) + "\n")
                 if pbar is not None:
                     pbar.update(1)
-                    pbar.set_postfix(tok_s=f"{stats.tokens_written / max(time.perf_counter() - t0, 1e-9):,.0f}",
+                    pbar.set_postfix(tok_s=f"{stats.tokens_written / max(time.perf_counter() - t_first, 1e-9):,.0f}",
                                      refresh=False)
         if pbar is not None:
             pbar.close()
+        if too_long:
+            raise DataError(_overlong_report(too_long, stats.records_read, o.max_seq_length))
         if stats.written == 0:
             raise DataError(
                 f"no record was written ({stats.records_read} read; dropped: {_fmt_rejected(dict(stats.rejected))})"
@@ -333,13 +373,14 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
             "tokenizer": tok.describe(),
             "template": template.describe(),
             "options": {
-                "inputs": [str(Path(p).resolve()) for p in o.inputs],
-                "max_seq_length": o.max_seq_length, "overlong": o.overlong, "separator": o.separator,
+                "inputs": [str(Path(p).resolve()) for p in o.inputs], "auto_id": o.auto_id,
+                "max_seq_length": o.max_seq_length, "overlong": o.overlong, "pair_layout": o.pair_layout,
+                "separator": o.separator,
                 "skip_invalid": o.skip_invalid, "drop_identical": o.drop_identical,
             },
             "counts": stats.counts(),
             "lengths": {k: _stats(v) for k, v in sorted(stats.len.items())},
-            "tokens_per_second": round(stats.tokens_written / max(seconds, 1e-9), 1),
+            "tokens_per_second": round(stats.tokens_written / max(time.perf_counter() - (t_first or t0), 1e-9), 1),
             "workers": o.workers,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -372,13 +413,21 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Tokenize LongPO / preference-pair records (JSONL or JSON array) into an indexed "
         "binary dataset for megatron_longpo (see docs/data.md).",
     )
-    p.add_argument("--input", nargs="+", required=True, help="JSONL or JSON-array file(s); ids unique over all")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="JSONL or JSON-array file(s), parquet file(s), directories of parquet files, or a "
+                        "datasets.save_to_disk directory (one record per row); ids unique over all")
+    p.add_argument("--auto-id", action="store_true",
+                   help="records without an 'id' (TRL-style files) get their source FILE:LINE / FILE:row N as id")
+    p.add_argument("--split", default="train", help="split of a DatasetDict directory (default: train)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file or HF tokenizer directory")
     p.add_argument("--output-prefix", required=True, help="DIR/NAME: writes NAME.bin/.idx/.ids.json/.json")
     p.add_argument("--max-seq-length", type=int, required=True,
                    help="longest allowed max(len chosen sequence, len rejected sequence), in tokens")
     p.add_argument("--overlong", choices=OVERLONG_CHOICES, default="error",
                    help="longer records: fail (default), drop them, or cut the middle of the document")
+    p.add_argument("--pair-layout", choices=["two_sequences", "shared_prefix"], default="two_sequences",
+                   help="the training layout (data.pair_layout) whose row --max-seq-length bounds; shared_prefix rows "
+                        "[document | chosen | rejected] are the longer ones")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output identical for any value)")
     p.add_argument("--chat-template", choices=TEMPLATE_CHOICES, default="auto",
                    help="auto: the tokenizer's own template if it has one, else mistral")
@@ -396,7 +445,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_arg_parser().parse_args(argv)
     opts = PreprocessOptions(
         inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
-        max_seq_length=args.max_seq_length, overlong=args.overlong, workers=args.workers,
+        max_seq_length=args.max_seq_length, overlong=args.overlong, pair_layout=args.pair_layout, workers=args.workers,
+        auto_id=args.auto_id, split=args.split,
         chat_template=args.chat_template, skip_invalid=args.skip_invalid, drop_identical=args.drop_identical,
         separator=args.separator, overwrite=args.overwrite, progress=not args.no_progress,
     )

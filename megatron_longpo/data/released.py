@@ -30,13 +30,13 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from megatron_longpo.data.paths import dataset_files, rejected_path
 from megatron_longpo.data.preprocess import _fmt_rejected, _stats, _Stats
 from megatron_longpo.data.sample import PreferenceSample, ReferenceTurn
 from megatron_longpo.data.schema import DataError
 from megatron_longpo.data.sequences import split_shared_prefix
+from megatron_longpo.data.tables import find_tables, open_table
 from megatron_longpo.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -63,64 +63,6 @@ class ImportOptions:
 # ----------------------------------------------------------------------------------------------
 # Finding and reading the tables
 # ----------------------------------------------------------------------------------------------
-
-
-def _arrow_files(directory: Path, split: str) -> list[Path]:
-    """Arrow files of a ``datasets.save_to_disk`` directory (a Dataset, or a DatasetDict split)."""
-    if (directory / "dataset_dict.json").is_file():
-        splits = json.loads((directory / "dataset_dict.json").read_text()).get("splits", [])
-        if split not in splits:
-            raise DataError(f"--input {directory}: a DatasetDict without split {split!r} (it has {splits}); pass --split")
-        directory = directory / split
-    state = directory / "state.json"
-    if not state.is_file():
-        raise DataError(f"--input {directory}: no state.json, so not a datasets.save_to_disk directory")
-    files = [directory / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
-    if not files:
-        raise DataError(f"--input {directory}: state.json lists no data files")
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"--input {directory}: {f.name} listed in state.json is missing")
-    return files
-
-
-def find_tables(inputs: Sequence[str], split: str = "train") -> list[Path]:
-    """Parquet / arrow files of the inputs, in a stable order."""
-    out: list[Path] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_file():
-            if p.suffix not in (".parquet", ".arrow"):
-                raise DataError(f"--input {p}: expected a .parquet or .arrow file")
-            out.append(p)
-        elif p.is_dir():
-            if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
-                out += _arrow_files(p, split)
-            else:
-                found = sorted(p.rglob("*.parquet"))
-                if not found:
-                    raise DataError(f"--input {p}: no .parquet files and not a datasets.save_to_disk directory")
-                out += found
-        else:
-            raise DataError(f"--input {p} does not exist")
-    return out
-
-
-def _open(path: Path):
-    """(column names, number of rows or None, iterator of pyarrow RecordBatches)."""
-    if path.suffix == ".parquet":
-        try:
-            f = pq.ParquetFile(path)
-        except Exception as e:
-            raise DataError(f"{path}: not a readable parquet file ({e})") from e
-        return f.schema_arrow.names, f.metadata.num_rows, lambda cols: f.iter_batches(batch_size=8, columns=cols)
-    try:
-        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-    except pa.ArrowInvalid:
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
-        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        return reader.schema.names, None, lambda cols: (b.select(cols) for b in batches)
-    return reader.schema.names, None, lambda cols: (b.select(cols) for b in reader)
 
 
 def _check_columns(path: Path, names: Sequence[str]) -> tuple[list[str], Optional[str]]:
@@ -197,6 +139,8 @@ def row_to_sample(row: dict, sample_id: str, where: str, vocab_size: int) -> Pre
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -218,7 +162,7 @@ def _column_rows(col) -> list:
 
 def _rows(tables: list[Path], split_cols: dict) -> Iterator[tuple[str, int, dict]]:
     for path in tables:
-        names, _, batches = _open(path)
+        names, _, batches = open_table(path)
         cols, _ = split_cols[path]
         row_no = 0
         for batch in batches(cols):
@@ -237,7 +181,7 @@ def import_released(o: ImportOptions, log=print) -> dict[str, Any]:
     tok = Tokenizer(o.tokenizer)
     columns, total = {}, 0
     for path in tables:  # every schema is checked before anything is written
-        names, n, _ = _open(path)
+        names, n, _ = open_table(path)
         columns[path] = _check_columns(path, names)
         total += n or 0
     from megatron_longpo.data.indexed import PreferenceDatasetWriter  # torch / megatron.core: only now

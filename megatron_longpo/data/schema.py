@@ -33,9 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-
-class DataError(ValueError):
-    """Invalid input data or options; the message names the file:line / option and the fix."""
+from megatron_longpo.data.errors import DataError
+from megatron_longpo.data.tables import find_tables, is_table_input, iter_table_rows
 
 
 # Reasons a record is rejected (keys of the summary counts and of NAME.rejected.jsonl).
@@ -394,14 +393,30 @@ def _iter_array(path: Path) -> Iterator[RawRecord]:
         pos += 1
 
 
-def read_records(paths: list[Union[str, Path]]) -> Iterator[tuple[Union[Record, InvalidRecord], Any]]:
-    """(validated record or InvalidRecord, decoded JSON value) of all input files in order.
+def iter_input(path: Union[str, Path], split: str = "train") -> Iterator[RawRecord]:
+    """Raw records of one input: JSONL / JSON array (FILE:LINE), or a table (parquet file, a
+    directory of them, or a ``datasets.save_to_disk`` directory: one record per row, FILE:row N)."""
+    if not is_table_input(path):
+        yield from iter_raw(path)
+        return
+    for table in find_tables([str(path)], split):
+        for row, value in iter_table_rows(table):
+            yield RawRecord(f"{table}:row {row}", value)
+
+
+def read_records(paths: list[Union[str, Path]], auto_id: bool = False,
+                 split: str = "train") -> Iterator[tuple[Union[Record, InvalidRecord], Any]]:
+    """(validated record or InvalidRecord, decoded value) of all inputs in order.
 
     Ids must be unique over all files: a repeated id makes the later record an InvalidRecord.
+    ``auto_id`` gives a record without ``id`` (TRL-style files) its source, ``FILE:LINE`` or
+    ``FILE:row N``, as id: unique and traceable.
     """
     seen: dict[str, str] = {}
     for path in paths:
-        for raw in iter_raw(path):
+        for raw in iter_input(path, split):
+            if auto_id and raw.error is None and isinstance(raw.value, dict) and raw.value.get("id") in (None, ""):
+                raw = RawRecord(raw.source, {**raw.value, "id": raw.source})
             if raw.error is not None:
                 yield InvalidRecord(raw.source, MALFORMED_JSON, f"{raw.source}: {raw.error}", raw.value), raw.value
                 continue

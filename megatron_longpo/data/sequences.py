@@ -37,8 +37,22 @@ IDENTICAL = "chosen_equals_rejected"
 TEMPLATE_ERROR = "template_error"
 
 
+def shared_prefix_row_length(len_w: int, len_l: int, mask_w: np.ndarray) -> int:
+    """Row length of the pair in the shared_prefix layout: both sequences minus the prefix P they
+    share (P = first response token - 1, as :func:`split_shared_prefix` cuts it)."""
+    p = int(np.argmax(mask_w)) - 1 if mask_w.any() else 0
+    return len_w + len_l - max(p, 0)
+
+
 class OverlongError(DataError):
     """A record is longer than --max-seq-length and --overlong is error."""
+
+    def __init__(self, message: str, length: int = 0) -> None:
+        super().__init__(message)
+        self.length = length  # tokens of the longer policy sequence
+
+
+OVERLONG_ERROR = "overlong_error"  # reason of a record over the bound under --overlong error (never written)
 
 
 @dataclass(frozen=True)
@@ -267,11 +281,13 @@ def build_sample(
     overlong: str = "error",
     separator: str = DEFAULT_SEPARATOR,
     drop_identical: bool = False,
+    pair_layout: str = "two_sequences",
 ) -> BuildResult:
     """Tokenize one record into a PreferenceSample (or a drop decision).
 
     Every sequence is the tokenizer's own tokenization of the whole rendered conversation.
-    ``max_seq_length`` bounds max(len S_w, len S_l), the two_sequences row; over it ``overlong``
+    ``max_seq_length`` bounds the row of ``pair_layout``: max(len S_w, len S_l) for two_sequences,
+    len S_w + len S_l - shared prefix for shared_prefix (always the longer); over it ``overlong``
     decides: ``error`` raises DataError, ``drop`` drops, ``truncate_document`` removes document
     tokens outside every turn's short context (token-exact, never a response or template token)
     or drops the record when that cannot fit or a short context cannot be located.
@@ -294,16 +310,19 @@ def build_sample(
     ids_w, mask_w, ids_l, mask_l = enc_w.ids, enc_w.response, enc_l.ids, enc_l.response
     truncated = 0
     kw = dict(identical=identical, identical_turns=n_same, two_sequences_length=full_len)
-    if max_seq_length is not None and full_len > max_seq_length:
-        msg = (f"{where} needs {full_len} tokens (longest of chosen/rejected sequence), more than "
-               f"--max-seq-length {max_seq_length}")
+    # Removing k document tokens (inside the shared prefix) shortens either layout's row by k.
+    row_len = full_len if pair_layout == "two_sequences" else shared_prefix_row_length(len(ids_w), len(ids_l), mask_w)
+    if max_seq_length is not None and row_len > max_seq_length:
+        what = "longest of chosen/rejected sequence" if pair_layout == "two_sequences" else "shared_prefix row"
+        msg = f"{where} needs {row_len} tokens ({what}), more than --max-seq-length {max_seq_length}"
         if overlong == "error":
             raise OverlongError(
-                f"{msg}; pass --overlong drop or --overlong truncate_document, or raise --max-seq-length"
+                f"{msg}; pass --overlong drop or --overlong truncate_document, or raise --max-seq-length",
+                length=row_len,
             )
         if overlong == "drop":
             return BuildResult(None, OVERLONG, msg, **kw)
-        excess = full_len - max_seq_length
+        excess = row_len - max_seq_length
         if enc_w.document is None:
             return BuildResult(None, OVERLONG_UNTRUNCATABLE, f"{msg}, and it has no document to truncate", **kw)
         a, b = enc_w.document

@@ -89,6 +89,12 @@ class MistralTemplate(ChatTemplate):
     def __init__(self, tok: Tokenizer):
         if tok.eos_id is None:
             raise DataError(f"tokenizer {tok.path} has no EOS token; the mistral template needs one")
+        for marker in ("[INST]", "[/INST]"):
+            if tok.unk_id is not None and tok.unk_id in tok.encode(marker):
+                raise DataError(
+                    f"tokenizer {tok.path} turns the mistral template marker {marker!r} into its unknown token: it "
+                    "cannot express this format (the model would never see the marker); use the tokenizer's own "
+                    "template (--chat-template auto) or chatml")
         self.tok = tok
 
     def definition(self) -> str:

@@ -9,6 +9,7 @@ special tokens come from the chat template. ``decode`` keeps special tokens.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,6 +22,16 @@ from megatron_longpo.data.schema import DataError
 _HF_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
+)
+
+
+# Plain text whose ids show how a tokenizer splits text: spaces, newlines, tabs, digits, case,
+# punctuation, code and non-Latin scripts. No special-token markers: a sentencepiece file and the
+# HF tokenizer wrapping it read those differently by design, and must still compare equal.
+BEHAVIOUR_PROBE = (
+    "The quick brown fox jumps over the lazy dog. 1234567890 3.14159 1,000,000\n\n"
+    "  Indented line\twith a tab; UPPER lower MiXeD, punctuation?! (brackets) [x] {y} <z> a--b\n"
+    "Unicode: naïve café, Straße, 東京, Москва, مرحبا, 😀.\ndef f(x):\n    return x ** 2  # comment\n"
 )
 
 
@@ -74,6 +85,7 @@ class Tokenizer:
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
         self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else None
+        self.unk_id = sp.unk_id() if sp.unk_id() >= 0 else None
         self.chat_template = None
         self._special = np.zeros(self.vocab_size, dtype=bool)
         for i in range(self.vocab_size):
@@ -126,6 +138,7 @@ class Tokenizer:
         self.bos_id = tok.bos_token_id
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id
+        self.unk_id = tok.unk_token_id
         self.chat_template = getattr(tok, "chat_template", None) or None
         special_ids = set(tok.all_special_ids)
         for i, t in tok.added_tokens_decoder.items():
@@ -236,8 +249,15 @@ class Tokenizer:
         ids = self.encode(text)
         return int(ids[0]) if len(ids) == 1 else None
 
+    def behaviour_fingerprint(self) -> str:
+        """sha256 of the ids of :data:`BEHAVIOUR_PROBE`: equal for tokenizers that split text the
+        same way, whatever their file format (sentencepiece ``.model`` or HF directory)."""
+        ids = [int(i) for i in self.encode(BEHAVIOUR_PROBE)]
+        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
     def describe(self) -> dict:
         return {
+            "behaviour": self.behaviour_fingerprint(),
             "path": str(self.path.resolve()),
             "kind": self.kind,
             "fingerprint": self.fingerprint,

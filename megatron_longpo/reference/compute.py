@@ -27,6 +27,7 @@ import torch
 
 from megatron_longpo.data.indexed import FIXED_SEQUENCES, SEQUENCES_PER_TURN
 from megatron_longpo.data.layout import build_reference_batch
+from megatron_longpo.loss.forward import unwrap_model
 from megatron_longpo.loss.logprobs import segment_logprob_sums
 from megatron_longpo.reference.precompute_args import (  # noqa: F401  (defined with the torch-free CLI)
     DEFAULT_PAD_MULTIPLE,
@@ -136,8 +137,6 @@ def sequence_logprob_sums(
     Collective over the TP and CP groups (every rank of them passes the same sequences).
     ``pad_to_multiple`` must be a multiple of ``config.seq_length_multiple`` of the model's layout.
     """
-    from megatron_longpo.training.step import unwrap_model
-
     batch = build_reference_batch(sequences, pad_to_multiple, pad_id)
     inner = unwrap_model(model)
     weight = inner.output_weight()  # [V_pad/tp, h]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import uuid
 from pathlib import Path
+from typing import Optional
 
 from megatron_longpo.config import ConfigError, LongPOConfig, ModelConfig
 
@@ -45,6 +46,44 @@ def check_checkpoint_compatible(path: str, model: ModelConfig, option: str, shap
         raise PreflightError(str(e)) from e
 
 
+def _model_tokenizer_dir(cfg: LongPOConfig) -> Optional[tuple[str, Path]]:
+    """(checkpoint, its tokenizer directory) of the model this run trains: the run being resumed
+    (checkpoint.save) if it has a checkpoint, else checkpoint.load; None when neither ships one."""
+    from megatron_longpo.checkpoint import CheckpointError, tokenizer_dir
+
+    for path in (cfg.checkpoint.save, cfg.checkpoint.load):
+        if not path or not Path(path).exists():
+            continue
+        try:
+            tdir = tokenizer_dir(path)
+        except CheckpointError:
+            continue  # not (yet) a checkpoint: an empty save directory
+        if tdir is not None:
+            return path, tdir
+    return None
+
+
+def check_tokenizer_matches_model(cfg: LongPOConfig) -> None:
+    """The data was tokenized the way the model reads text (its checkpoint's tokenizer)."""
+    from megatron_longpo.data.indexed import load_metadata
+    from megatron_longpo.data.tokenizer import Tokenizer
+
+    if not cfg.data.check_tokenizer:
+        return
+    found = _model_tokenizer_dir(cfg)
+    want = (load_metadata(cfg.data.train_data).get("tokenizer") or {})
+    if found is None or not want.get("behaviour"):
+        return  # nothing to compare: no tokenizer shipped, or data preprocessed before the check existed
+    ckpt, tdir = found
+    if Tokenizer(tdir).behaviour_fingerprint() != want["behaviour"]:
+        raise PreflightError(
+            f"data.train_data={cfg.data.train_data} was tokenized with {want.get('path')} but the model "
+            f"checkpoint {ckpt} ships the tokenizer {tdir}, which splits text differently: the model would be "
+            f"trained on ids it does not read that way (and the export would ship the wrong tokenizer). "
+            f"Re-run tools/preprocess_data.py with --tokenizer {tdir}, or set data.check_tokenizer=false if you "
+            "know the two agree")
+
+
 def check_before_init(cfg: LongPOConfig, world_size: int) -> None:
     """Every check that needs no process group: files present, checkpoint fits, outputs writable."""
     d = cfg.data
@@ -56,6 +95,7 @@ def check_before_init(cfg: LongPOConfig, world_size: int) -> None:
     check_dataset_files(d.train_data, "data.train_data")
     if d.valid_data:
         check_dataset_files(d.valid_data, "data.valid_data")
+    check_tokenizer_matches_model(cfg)
     r = cfg.reference
     if cfg.loss.mode != "sft":
         if r.source == "cache":

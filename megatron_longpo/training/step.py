@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_longpo.config import LossConfig
 from megatron_longpo.data.batch import PairBatch
+from megatron_longpo.loss.forward import unwrap_model
 from megatron_longpo.loss.logprobs import host_to_device, segment_logprob_sums
 from megatron_longpo.loss.longpo import longpo_loss
 from megatron_longpo.models.attention import attention_inputs
@@ -31,15 +32,6 @@ from megatron_longpo.runtime.zigzag import zigzag_slice
 
 _SEQ_FIELDS = ("tokens", "position_ids", "target_ids", "response_segment", "nll_segment")
 
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The LongPOGPTModel inside DDP / Float16Module wrappers."""
-    m = model
-    while not hasattr(m, "output_weight") and hasattr(m, "module"):
-        m = m.module
-    if not hasattr(m, "output_weight"):
-        raise TypeError(f"{type(model).__name__} does not wrap a LongPOGPTModel (no output_weight())")
-    return m
 
 
 def validate_batch(batch: PairBatch, groups: ParallelGroups, sequence_parallel: bool, loss_cfg: LossConfig) -> None:

@@ -2,6 +2,7 @@
 atomic writes, counts and rejected records, start-up checks for the trainer."""
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def test_int32_tokens_for_large_vocabularies(tmp_path):
 def test_failure_leaves_no_dataset(tmp_path, workers):
     recs = [longpo(i) for i in range(5)] + [longpo(9, doc_words=2000)] + [longpo(i) for i in range(10, 14)]
     inp = write_jsonl(tmp_path / "in.jsonl", recs)
-    with pytest.raises(DataError, match=r"in.jsonl:6: record 'r9' needs \d+ tokens"):
+    with pytest.raises(DataError, match=r"1 of 10 records need more .*in.jsonl:6 'r9' \(\d+ tokens\)"):
         run(tmp_path, [inp], max_seq_length=512, workers=workers)
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # no final files, no temp files
 
@@ -195,6 +196,21 @@ def test_overlong_counts(tmp_path):
         run(tmp_path, [inp], name="x", max_seq_length=None, overlong="drop")
 
 
+def test_overlong_error_reports_every_record_at_once_and_writes_nothing(tmp_path):
+    recs = [longpo(0), longpo(1, doc_words=600), longpo(2), longpo(3, doc_words=900)]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    with pytest.raises(DataError) as e:
+        run(tmp_path, [inp], max_seq_length=300, overlong="error")
+    msg = str(e.value)
+    # Both offenders, longest first, with the bound that would fit them; not just the first one met.
+    lengths = [int(x) for x in re.findall(r"\((\d+) tokens\)", msg)]
+    assert "2 of 4 records need more than --max-seq-length 300" in msg and "'r3'" in msg and "'r1'" in msg
+    assert msg.index("'r3'") < msg.index("'r1'") and f"to >= {max(lengths)}" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing written
+    res, _ = run(tmp_path, [inp], max_seq_length=max(lengths), overlong="error")  # the suggested bound fits all
+    assert res.meta["counts"]["records_written"] == 4
+
+
 def test_mode_checks_for_the_trainer(tmp_path):
     pairs = [{"id": "a", "prompt": "Doc. Q?", "chosen": "Y.", "rejected": "N.", "short_prompt": "Q?"},
              {"id": "b", "prompt": "Doc. Q2?", "chosen": "Y.", "rejected": "N."}]
@@ -260,3 +276,83 @@ def test_check_dataset_files_names_the_option(tmp_path):
     os.remove(tmp_path / "ds.idx")
     with pytest.raises(ConfigError, match=r"data.train_data=.*ds: dataset .*ds.idx is missing; re-run"):
         check_dataset_files(str(tmp_path / "ds"))
+
+
+def test_max_seq_length_bounds_the_shared_prefix_row_when_asked(tmp_path):
+    recs = [longpo(i) for i in range(3)] + [longpo(3, doc_words=240)]
+    recs[3]["turns"][0]["short_context"] = " ".join(recs[3]["document"].split()[100:120])  # grounded: truncatable
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    two, _ = run(tmp_path, [inp], name="two", max_seq_length=None)
+    lens = two.meta["lengths"]
+    bound = int(lens["two_sequences"]["max"])  # fits every two_sequences row, not the longest shared_prefix row
+    assert lens["shared_prefix"]["max"] > bound
+    res, _ = run(tmp_path, [inp], name="a", max_seq_length=bound)
+    assert res.meta["counts"]["records_written"] == 4  # two_sequences bound: all fit
+    res, _ = run(tmp_path, [inp], name="b", max_seq_length=bound, pair_layout="shared_prefix", overlong="truncate_document")
+    # The same bound on the shared_prefix row: records over it are truncated to fit the layout the trainer uses.
+    assert res.meta["lengths"]["shared_prefix"]["max"] <= bound and res.meta["counts"]["truncated_records"] >= 1
+    assert res.meta["options"]["pair_layout"] == "shared_prefix"
+    with pytest.raises(DataError, match=r"need more than --max-seq-length"):
+        run(tmp_path, [inp], name="c", max_seq_length=bound, pair_layout="shared_prefix")
+
+
+def _ascii_only_sentencepiece(path, with_brackets: bool):
+    """A tokenizer WITHOUT byte fallback that has seen only ASCII letters (and brackets if asked)."""
+    import sentencepiece as spm
+
+    lines = [random_text(40, seed=i) + (" [INST] [/INST]" if with_brackets else "") for i in range(60)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(path), vocab_size=300,
+                                   model_type="bpe", byte_fallback=False, character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=3, minloglevel=2, num_threads=1)
+    return str(path) + ".model"
+
+
+def test_unknown_tokens_are_counted_and_unexpressible_markers_refused(tmp_path):
+    tok = _ascii_only_sentencepiece(tmp_path / "ascii", with_brackets=True)
+    recs = [longpo(0), longpo(1), dict(longpo(2), document="Tokyo is 東京 and München.")]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    logs = []
+    res = preprocess(PreprocessOptions(inputs=[str(inp)], tokenizer=tok, output_prefix=str(tmp_path / "u"),
+                                       chat_template="mistral", progress=False), log=logs.append)
+    c = res.meta["counts"]
+    base = preprocess(PreprocessOptions(inputs=[str(write_jsonl(tmp_path / "in0.jsonl", recs[:2]))], tokenizer=tok,
+                                        output_prefix=str(tmp_path / "u0"), chat_template="mistral", progress=False),
+                      log=lambda *_: None).meta["counts"]
+    assert c["unk_tokens"] >= base["unk_tokens"] + 3  # 東, 京 and ü have no piece and no byte fallback
+    assert c["unk_records"] == base["unk_records"] + 1
+    assert f"WARNING: {c['unk_tokens']} tokens in {c['unk_records']} records" in logs[0] and "unknown token" in logs[0]
+    no_brackets = _ascii_only_sentencepiece(tmp_path / "nob", with_brackets=False)
+    with pytest.raises(DataError, match=r"turns the mistral template marker '\[INST\]' into its unknown token"):
+        preprocess(PreprocessOptions(inputs=[str(inp)], tokenizer=no_brackets, output_prefix=str(tmp_path / "v"),
+                                     chat_template="mistral", progress=False), log=logs.append)
+
+
+def test_parquet_and_save_to_disk_inputs_with_auto_ids_equal_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = [longpo(i) for i in range(4)]
+    pairs = [{"prompt": "Doc. Q?", "chosen": "Yes.", "rejected": "No.", "short_prompt": "Q?"},
+             {"prompt": "Doc two. Q?", "chosen": "Sure.", "rejected": "Nope.", "short_prompt": "Q?"}]
+    ref, _ = run(tmp_path, [write_jsonl(tmp_path / "in.jsonl", recs)], name="ref")
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist(recs[:2]), tmp_path / "pq" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(recs[2:]), tmp_path / "pq" / "b.parquet")
+    got, _ = run(tmp_path, [tmp_path / "pq"], name="got")
+    assert got.meta["bin_sha256"] == ref.meta["bin_sha256"]  # the same samples, token for token
+    # A TRL-style file without ids: refused, or ids from the source with --auto-id.
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "trl.parquet")
+    with pytest.raises(DataError, match=r"trl.parquet:row 0.*'id'"):
+        run(tmp_path, [tmp_path / "trl.parquet"], name="x")
+    res, _ = run(tmp_path, [tmp_path / "trl.parquet"], name="trl", auto_id=True)
+    ids = json.loads((tmp_path / "trl.ids.json").read_text())
+    assert res.meta["counts"]["records_written"] == 2 and ids == [f"{tmp_path / 'trl.parquet'}:row {i}" for i in (0, 1)]
+    # A datasets.save_to_disk directory (arrow stream + state.json), as HF `datasets` writes it.
+    d = tmp_path / "disk"
+    d.mkdir()
+    with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as f, \
+            pa.ipc.new_stream(f, pa.Table.from_pylist(recs).schema) as w:
+        w.write_table(pa.Table.from_pylist(recs))
+    (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    disk, _ = run(tmp_path, [d], name="disk")
+    assert disk.meta["bin_sha256"] == ref.meta["bin_sha256"]

@@ -122,3 +122,24 @@ def test_missing_wandb_is_refused_before_any_work(dataset, monkeypatch):
            "logging.wandb_project=p but wandb is not installed", "megatron_longpo[wandb]")
     check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "logging.wandb_project": "p",
                               "logging.wandb_mode": "disabled"}), 1)
+
+
+def test_data_tokenizer_must_split_text_like_the_models(dataset, tmp_path):
+    import shutil
+
+    from megatron_longpo.data.synthetic import corpus, make_qwen2_like_tokenizer
+
+    base = _cfg(**{"data.train_data": dataset, "loss.mode": "sft"}).model
+    same, other = tmp_path / "same", tmp_path / "other"
+    for ck in (same, other):
+        _fake_checkpoint(ck, base)
+    # The same sentencepiece model as an HF tokenizer directory (what the converter ships): accepted.
+    (same / "tokenizer").mkdir()
+    shutil.copy(ROOT / "examples/data/tokenizer.model", same / "tokenizer" / "tokenizer.model")
+    check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": same}), 1)
+    # Another model's tokenizer: refused before any work, naming both and the fix.
+    make_qwen2_like_tokenizer(other / "tokenizer", corpus(0))
+    _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": other}),
+           "splits text differently", str(other / "tokenizer"), "--tokenizer", "data.check_tokenizer=false")
+    check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": other,
+                              "data.check_tokenizer": "false"}), 1)
