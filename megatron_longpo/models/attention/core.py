@@ -79,8 +79,9 @@ def row_layouts(attention_mask: Optional[torch.Tensor], batch: int) -> list[RowL
 # ----------------------------------------------------------------------------------------------
 
 
-# torch 2.13 deprecates reduce_scatter_tensor for reduce_scatter_single (same arguments); older
-# torch (the GPU images: 2.11) has only the former.
+# torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor for all_gather_single /
+# reduce_scatter_single (same arguments); older torch (the GPU images: 2.11) has only the former.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -92,7 +93,7 @@ class _AllGatherSeq(torch.autograd.Function):
         ctx.group = group
         size = dist.get_world_size(group)
         out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _all_gather(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
