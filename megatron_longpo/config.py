@@ -364,6 +364,22 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``section.key old -> new`` for every option that differs between two ``to_dict`` configs."""
+    a, b = _flatten(saved), _flatten(current)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def apply_overrides(cfg: LongPOConfig, overrides: Sequence[str]) -> LongPOConfig:
     """Apply ``section.key=value`` (leading dashes optional) overrides to a config copy."""
     data = to_dict(cfg)

@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from megatron_longpo.checkpoint.format import META_FILE, CheckpointError
 from megatron_longpo.fsutil import write_text_atomic
+from megatron_longpo.runtime.distributed import rank as dist_rank
+from megatron_longpo.runtime.distributed import world_size
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "megatron_longpo.checkpoint_manifest"
@@ -56,12 +58,6 @@ def file_record(path: Path) -> FileRecord:
     return FileRecord(size, f"{crc:08x}")
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather(obj):
     """All ranks' ``obj`` (a list of one element without torch.distributed)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -83,7 +79,7 @@ def _files(iter_dir: Path) -> list[str]:
 def write_manifest(iter_dir: str | Path) -> dict:
     """Collective: hash every file of ``iter_dir`` (each rank a share), rank 0 writes the manifest."""
     d = Path(iter_dir)
-    rank, world = _rank_world()
+    rank, world = dist_rank(), world_size()
     names = _files(d) if rank == 0 else None
     names = _broadcast(names)
     mine = {n: file_record(d / n).__dict__ for n in names[rank::world]}
@@ -158,7 +154,7 @@ def verify_checkpoint(iter_dir: str | Path, level: str = "full") -> bool:
     d = Path(iter_dir)
     if level == "none":
         return False
-    rank, world = _rank_world()
+    rank, world = dist_rank(), world_size()
     try:
         manifest = read_manifest(d) if rank == 0 else None
         err = None
@@ -217,7 +213,7 @@ def check_free_space(run_dir: Path, sharded_state_dict: dict, iteration: int) ->
         dist.all_reduce(need)
     need_bytes = int(need.item() * 1.05) + (64 << 20)  # metadata, pickled objects, file-system slack
     msg = None
-    if _rank_world()[0] == 0:
+    if dist_rank() == 0:
         probe = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), Path("/"))
         free = shutil.disk_usage(probe).free
         if free < need_bytes:

@@ -36,6 +36,7 @@ from megatron_longpo.checkpoint.format import (
 from megatron_longpo.checkpoint.integrity import check_free_space, verify_checkpoint, write_manifest
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.fsutil import fsync_path
+from megatron_longpo.runtime.distributed import rank
 from megatron_longpo.runtime.signals import start_checkpoint_helpers
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,6 @@ STRUCTURAL_FIELDS = (
 )
 # Fields a run may legitimately change (LongPO raises rope_theta / max positions): reported only.
 SOFT_FIELDS = ("arch", "rope_theta", "rope_scaling", "max_position_embeddings", "norm_epsilon")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -79,7 +76,7 @@ def save_checkpoint(
     tmp = run / f"{final.name}.tmp"
     meta = new_meta(model_cfg, iteration, extra_meta)  # validates extra_meta on every rank first
     check_free_space(run, sharded_state_dict, iteration)  # before anything is written
-    if _rank() == 0:
+    if rank() == 0:
         run.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
         tmp.mkdir()
@@ -92,7 +89,7 @@ def save_checkpoint(
         raise CheckpointSaveError(
             f"saving iteration {iteration} to {run} failed ({e}); earlier checkpoints are untouched and the partial "
             f"{tmp.name} is never loaded (it is removed at the next start)") from e
-    if _rank() == 0:
+    if rank() == 0:
         write_text_atomic(tmp / META_FILE, json.dumps(meta.to_json(), indent=2) + "\n")
         old = run / f"{final.name}.old"
         if final.exists():  # re-saving an iteration: keep the old one until the new one is in place
@@ -216,7 +213,7 @@ def load_model_checkpoint(
     iter_dir = resolve_checkpoint_dir(ckpt_dir)
     meta = read_meta(iter_dir)
     soft = check_compatible(meta.model, model, model_cfg, str(iter_dir))
-    if soft and _rank() == 0:
+    if soft and rank() == 0:
         log.warning("loading %s into a model that differs in: %s", iter_dir, "; ".join(soft))
     verify_checkpoint(iter_dir, verify)
     sharded = model.sharded_state_dict()
@@ -230,7 +227,7 @@ def load_model_checkpoint(
     missing = sorted(k for k in missing if not _is_extra_state(k))
     if missing and strict:
         raise CheckpointError(f"checkpoint {iter_dir} did not provide {missing[:4]}")
-    if (absent_tensors or missing) and _rank() == 0:
+    if (absent_tensors or missing) and rank() == 0:
         log.warning("checkpoint %s lacks model tensors (kept as initialised): %s", iter_dir, (absent_tensors or missing)[:8])
     return meta
 

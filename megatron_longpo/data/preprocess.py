@@ -201,9 +201,10 @@ class _Stats:
         self.add_lengths(s)
 
     def add_lengths(self, s) -> None:
-        ref_lens = [len(x) for x, _ in s.reference_sequences()]
+        refs = [x for x, _ in s.reference_sequences()]
+        ref_lens = [len(x) for x in refs]
         if self.unk_id is not None:
-            seqs = [s.prefix, s.chosen_branch, s.rejected_branch] + [x for x, _ in s.reference_sequences()]
+            seqs = [s.prefix, s.chosen_branch, s.rejected_branch] + refs
             n = sum(int((np.asarray(x) == self.unk_id).sum()) for x in seqs)
             self.unk_tokens += n
             self.unk_records += int(n > 0)

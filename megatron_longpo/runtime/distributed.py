@@ -33,6 +33,16 @@ class ParallelGroups:
     dp_size: int
 
 
+def rank() -> int:
+    """This process's rank in the default group (0 before / without torch.distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the default group (1 before / without torch.distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

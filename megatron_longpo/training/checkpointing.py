@@ -38,6 +38,7 @@ from megatron_longpo.checkpoint.format import TOKENIZER_DIR, iter_dir_name
 from megatron_longpo.checkpoint.integrity import CheckpointCorruptError, complete_iterations, verify_checkpoint
 from megatron_longpo.checkpoint.model_io import load_sharded
 from megatron_longpo.config import ModelConfig
+from megatron_longpo.runtime.distributed import rank, world_size
 
 __all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_checkpoint"]
 
@@ -48,16 +49,8 @@ class TrainState:
     consumed_samples: int = 0
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def layout_of(groups) -> dict:
-    return {"tp": groups.tp_size, "cp": groups.cp_size, "dp": groups.dp_size, "world": _world()}
+    return {"tp": groups.tp_size, "cp": groups.cp_size, "dp": groups.dp_size, "world": world_size()}
 
 
 def find_checkpoint(path: str | Path, iteration: Optional[int] = None) -> Optional[Path]:
@@ -136,7 +129,7 @@ def resume_with_fallback(
 def _rng_object(state: Optional[dict]):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return ShardedObject("rng_state", state, (_world(),), (_rank(),), replica_id=0)
+    return ShardedObject("rng_state", state, (world_size(),), (rank(),), replica_id=0)
 
 
 def _rng_state() -> dict:
@@ -195,7 +188,7 @@ def save_checkpoint(
         extra.update({k: meta.extra[k] for k in ("source", "tokenizer") if k in meta.extra})
         src_tok = tokenizer_dir(source_checkpoint)
     final = save_sharded(run_dir, sd, model_cfg, iteration=state.iteration, extra_meta=extra)
-    if _rank() == 0:
+    if rank() == 0:
         run = Path(run_dir)
         if src_tok is not None and not (run / TOKENIZER_DIR).exists():
             shutil.copytree(src_tok, run / TOKENIZER_DIR)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_longpo.config import ConfigError, LongPOConfig, to_dict, validate
+from megatron_longpo.config import ConfigError, LongPOConfig, config_changes, to_dict, validate
 from megatron_longpo.evaluation.setup import evaluator_from_config
 from megatron_longpo.runtime.distributed import (
     ParallelGroups,
@@ -227,22 +227,6 @@ def _save(cfg, state, model, optimizer, scheduler, groups, data_id: dict) -> Pat
 def _data_identity(cfg: LongPOConfig) -> dict:
     """Fingerprint of data.train_data (from its sidecar: no data file is read)."""
     return dataset_identity(load_metadata(cfg.data.train_data), cfg.data.train_data)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """``section.key old -> new`` for every option that differs between two ``to_dict`` configs."""
-    a, b = _flatten(saved), _flatten(current)
-    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _check_resume(cfg: LongPOConfig, found: Path, data_id: dict) -> bool:

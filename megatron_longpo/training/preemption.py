@@ -25,6 +25,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_longpo.runtime.distributed import rank
 from megatron_longpo.runtime.signals import PREEMPTION_SIGNALS, STOP_FILE_ENV, StopFlag, write_run_status
 
 # Stop reasons, in all-reduce priority order (a larger code wins when ranks disagree).
@@ -101,7 +102,7 @@ class StopController:
         if self.flag.received is not None and not self._announced:
             self._announced = True
             hint = " (Ctrl-C again to stop now)" if self.flag.received == signal.SIGINT else ""
-            print(f"[longpo] {signal.Signals(self.flag.received).name} received on rank {_rank()}: saving at "
+            print(f"[longpo] {signal.Signals(self.flag.received).name} received on rank {rank()}: saving at "
                   f"this step boundary{hint}", flush=True)
         flag = torch.tensor([local], dtype=torch.int64)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -113,10 +114,6 @@ class StopController:
     def write_status(self, stopped_by: Optional[str], iteration: int, checkpoint: Optional[str]) -> None:
         """Rank 0 records how the run ended for the launcher (LONGPO_RUN_STATUS): requeue only after a
         resumable stop (signal, time budget) that saved a checkpoint."""
-        if _rank() == 0:
+        if rank() == 0:
             write_run_status("stopped" if stopped_by else "done", stopped_by,
                              bool(stopped_by in RESUMABLE and checkpoint), iteration=iteration, checkpoint=checkpoint)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
