@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_longpo.checkpoint.format import META_FILE, CheckpointError
 from megatron_longpo.fsutil import write_text_atomic
+from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import rank as dist_rank
 from megatron_longpo.runtime.distributed import world_size
 
@@ -208,8 +209,7 @@ def check_free_space(run_dir: Path, sharded_state_dict: dict, iteration: int) ->
     """Collective: refuse a save that cannot fit on the file system of ``run_dir``, before writing."""
     need = torch.tensor([float(state_dict_bytes(sharded_state_dict))], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        need = need.to(dev)
+        need = need.to(collective_device())
         dist.all_reduce(need)
     need_bytes = int(need.item() * 1.05) + (64 << 20)  # metadata, pickled objects, file-system slack
     msg = None

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longpo.config import ParallelConfig
-from megatron_longpo.runtime import cpu_compat
+from megatron_longpo.runtime import capabilities, cpu_compat
 from megatron_longpo.runtime.gpu_env import check_process_environment
 
 
@@ -43,10 +43,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def init_distributed(parallel: ParallelConfig) -> None:
     """Initialise the default process group from torchrun env vars (or a single process).
 
@@ -58,13 +54,13 @@ def init_distributed(parallel: ParallelConfig) -> None:
         return
     backend = parallel.distributed_backend
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = capabilities.default_backend()
     check_process_environment(parallel, backend=backend)
-    if backend == "nccl" and not torch.cuda.is_available():
+    if backend == "nccl" and not capabilities.cuda_available():
         raise RuntimeError("parallel.distributed_backend=nccl needs CUDA; use gloo (or auto) on CPU")
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
+    if capabilities.cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
