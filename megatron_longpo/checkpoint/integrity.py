@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
 from megatron_longpo.checkpoint.format import META_FILE, CheckpointError
 from megatron_longpo.fsutil import write_text_atomic
@@ -193,9 +195,6 @@ def _corrupt_message(d: Path, problems: list[str]) -> str:
 
 def state_dict_bytes(sharded_state_dict: dict) -> int:
     """Bytes this rank's main replicas add to a checkpoint (tensors only; objects are small)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
-
     total = 0
     for v in nested_values(sharded_state_dict):
         if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id) and v.data is not None:

@@ -6,11 +6,13 @@ import datetime
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps, rerun_state_machine as rsm, tensor_parallel
 
 from megatron_longpo.config import ParallelConfig
 from megatron_longpo.runtime import capabilities, cpu_compat
@@ -74,8 +76,6 @@ def init_distributed(parallel: ParallelConfig) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -83,8 +83,6 @@ def _free_port() -> int:
 
 def init_model_parallel(parallel: ParallelConfig) -> ParallelGroups:
     """Create Megatron's TP/CP/DP(/PP) groups and return the ones the project uses."""
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -103,8 +101,6 @@ def _init_rerun_state_machine() -> None:
     Left implicit, the first schedule call logs "Implicit initialization of Rerun State Machine!"
     and the mode as WARNINGs on every run; neither is something a user can act on.
     """
-    from megatron.core import rerun_state_machine as rsm
-
     if rsm._GLOBAL_RERUN_STATE_MACHINE is not None:  # process-wide singleton: once per process
         return
     log = logging.getLogger(rsm.__name__)
@@ -117,8 +113,6 @@ def _init_rerun_state_machine() -> None:
 
 
 def current_groups() -> ParallelGroups:
-    from megatron.core import parallel_state as ps
-
     return ParallelGroups(
         tp_group=ps.get_tensor_model_parallel_group(),
         cp_group=ps.get_context_parallel_group(),
@@ -140,9 +134,6 @@ def set_seed(seed: int) -> None:
     (seed + 2718 + tp_rank) while data-parallel replicas share the default stream, as in
     Megatron-LM's ``_set_random_seed``.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -153,8 +144,6 @@ def set_seed(seed: int) -> None:
 
 
 def destroy() -> None:
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

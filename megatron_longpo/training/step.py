@@ -20,6 +20,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from megatron_longpo.config import LossConfig
 from megatron_longpo.data.batch import PairBatch
@@ -195,10 +198,6 @@ def forward_backward(
     (a MegatronOptimizer) supplies the loss scale for fp16/bf16. Every DP rank must pass the
     same number of micro-batches of the same size.
     """
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
-
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     sizes = {mb.num_pairs for mb in micro_batches}
