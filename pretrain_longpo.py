@@ -42,7 +42,8 @@ def main(argv=None) -> int:
         validate(load_config(config, overrides), world)
     except ConfigError as e:
         return _error(e)
-    from megatron_longpo.training.loop import main as train_main  # heavy: torch, megatron-core
+    # deferred: --help and config errors answer before torch / megatron-core load
+    from megatron_longpo.training.loop import main as train_main
 
     try:
         return train_main(config, overrides)

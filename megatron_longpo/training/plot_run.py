@@ -66,10 +66,10 @@ def read_curves(path: str | Path, name: str | None = None) -> RunCurves:
 
 def plot_runs(runs: Sequence[RunCurves], out: str | Path) -> Path:
     """Write the PNG (one panel per metric any run has) and return its path."""
-    import matplotlib  # optional dependency
+    import matplotlib  # optional: matplotlib is the 'plot' extra
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: matplotlib is the 'plot' extra
 
     keys = [(k, t) for k, t in PANELS if any(k in r.train or k in r.valid for r in runs)]
     if not keys:
