@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megatron_longpo.config import ConfigError
 from megatron_longpo.generation.answers import Messages, Sampling
+from megatron_longpo.runtime import capabilities
 
 
 class GenerationError(RuntimeError):
@@ -156,7 +157,7 @@ class HFBackend:
         self.model_dir = str(model_dir)
         self.formatter = formatter
         self.long_rope_theta = long_rope_theta
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else capabilities.device()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self._models: dict[bool, torch.nn.Module] = {}
         self.model_seconds = 0.0
