@@ -27,7 +27,8 @@ from megatron_longpo.convert.files import check_output_dir, copy_side_files, sid
 from megatron_longpo.convert.hf_config import ConversionError, hf_architecture, hf_to_model_config, read_hf_config
 from megatron_longpo.convert.megatron_model import empty_model, sharded_state_dict_for_save, single_process_runtime
 from megatron_longpo.convert.safetensors_io import SafetensorsCheckpoint
-from megatron_longpo.convert.verify import VerifyResult, verify as run_verify
+from megatron_longpo.convert.verify import VerifyResult
+from megatron_longpo.convert.verify import verify as run_verify
 
 
 class VerificationError(RuntimeError):

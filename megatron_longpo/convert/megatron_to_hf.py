@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from megatron_longpo.checkpoint import read_meta, resolve_checkpoint_dir, tokenizer_dir as ckpt_tokenizer_dir
+from megatron_longpo.checkpoint import read_meta, resolve_checkpoint_dir
+from megatron_longpo.checkpoint import tokenizer_dir as ckpt_tokenizer_dir
 from megatron_longpo.checkpoint.model_io import load_sharded
 from megatron_longpo.convert import mapping
 from megatron_longpo.convert.files import check_output_dir, copy_side_files, staged_dir
@@ -26,7 +27,8 @@ from megatron_longpo.convert.hf_config import ConversionError, model_config_to_h
 from megatron_longpo.convert.hf_to_megatron import VerificationError
 from megatron_longpo.convert.megatron_model import empty_model, fresh_load_request, row_slice, single_process_runtime
 from megatron_longpo.convert.safetensors_io import ShardedSafetensorsWriter, TensorSpec, parse_size
-from megatron_longpo.convert.verify import DTYPES, VerifyResult, coarser, verify as run_verify
+from megatron_longpo.convert.verify import DTYPES, VerifyResult, coarser
+from megatron_longpo.convert.verify import verify as run_verify
 
 
 @dataclass(frozen=True)

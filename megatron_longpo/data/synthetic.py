@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import sentencepiece as spm
-from tokenizers import Regex, Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as RawTokenizer
 
 CHAT_MARKERS = ["[INST]", "[/INST]", "<|im_start|>", "<|im_end|>"]
 

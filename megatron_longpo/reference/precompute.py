@@ -62,6 +62,7 @@ from megatron_longpo.reference.compute import (
 from megatron_longpo.reference.fingerprint import dataset_identity
 from megatron_longpo.reference.model import effective_model_config, load_reference_model, read_reference_checkpoint
 from megatron_longpo.reference.precompute_args import build_arg_parser
+from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import destroy, init_distributed, init_model_parallel
 from megatron_longpo.runtime.signals import StopFlag, write_run_status
 
@@ -258,8 +259,7 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
 def _any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int64)
     if dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = t.to(collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

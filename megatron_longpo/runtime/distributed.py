@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps, rerun_state_machine as rsm, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core import rerun_state_machine as rsm
+from megatron.core import tensor_parallel
 
 from megatron_longpo.config import ParallelConfig
 from megatron_longpo.runtime import capabilities, cpu_compat
