@@ -186,6 +186,7 @@ def section_environment(sizes: Sizes, smoke: bool) -> dict:
         "transformer_engine": _import_status("transformer_engine"),
         "flash_attn": _import_status("flash_attn"),
         "apex": _import_status("apex"),
+        "capabilities": dataclasses.asdict(capabilities.Capabilities.detect()),
         "env": {k: os.environ.get(k) for k in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN",
                                                "CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_VISIBLE_DEVICES")},
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
