@@ -119,7 +119,7 @@ def _step_fn(model, mcfg, groups, layout: str, args: argparse.Namespace):
     import torch.nn.functional as F
 
     from megatron_longpo.models.attention import attention_inputs
-    from megatron_longpo.runtime.distributed import device
+    from megatron_longpo.runtime.capabilities import device
 
     batch = make_batch(layout, args.prefix, args.response, mcfg.vocab_size, 64).to(device())
     inp = attention_inputs(batch, groups)

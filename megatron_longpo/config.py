@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -443,8 +444,6 @@ def seq_length_multiple(parallel: ParallelConfig) -> int:
 
 
 def _lcm(a: int, b: int) -> int:
-    import math
-
     return a * b // math.gcd(a, b)
 
 

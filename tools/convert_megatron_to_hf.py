@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
+    # deferred: --help and option errors answer before torch / megatron-core load
     from megatron_longpo.convert import convert_megatron_to_hf
     from megatron_longpo.convert.cli import run_cli
 

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import megatron.core
+import torch
+
 from megatron_longpo.config import ConfigError, ModelConfig, from_dict
 from megatron_longpo.fsutil import write_text_atomic  # noqa: F401  (re-exported)
 
@@ -101,9 +104,6 @@ class CheckpointMeta:
 
 
 def new_meta(model: ModelConfig, iteration: int, extra: Optional[dict] = None) -> CheckpointMeta:
-    import megatron.core
-    import torch
-
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:

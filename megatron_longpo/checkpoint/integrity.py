@@ -22,9 +22,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
 from megatron_longpo.checkpoint.format import META_FILE, CheckpointError
 from megatron_longpo.fsutil import write_text_atomic
+from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import rank as dist_rank
 from megatron_longpo.runtime.distributed import world_size
 
@@ -192,9 +195,6 @@ def _corrupt_message(d: Path, problems: list[str]) -> str:
 
 def state_dict_bytes(sharded_state_dict: dict) -> int:
     """Bytes this rank's main replicas add to a checkpoint (tensors only; objects are small)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
-
     total = 0
     for v in nested_values(sharded_state_dict):
         if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id) and v.data is not None:
@@ -208,8 +208,7 @@ def check_free_space(run_dir: Path, sharded_state_dict: dict, iteration: int) ->
     """Collective: refuse a save that cannot fit on the file system of ``run_dir``, before writing."""
     need = torch.tensor([float(state_dict_bytes(sharded_state_dict))], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        need = need.to(dev)
+        need = need.to(collective_device())
         dist.all_reduce(need)
     need_bytes = int(need.item() * 1.05) + (64 << 20)  # metadata, pickled objects, file-system slack
     msg = None

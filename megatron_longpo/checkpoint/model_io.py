@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_longpo.checkpoint.format import (
@@ -67,8 +69,6 @@ def save_checkpoint(
     extra_meta: Optional[dict] = None,
 ) -> Path:
     """Atomically save ``sharded_state_dict`` as ``ckpt_dir/iter_<iteration>``; returns that dir."""
-    from megatron.core import dist_checkpointing
-
     if not dist.is_initialized():
         raise RuntimeError("save_checkpoint needs torch.distributed (init_distributed) to be initialised")
     run = Path(ckpt_dir)
@@ -131,9 +131,6 @@ def load_sharded(sharded_state_dict: dict, iter_dir: str | Path) -> tuple[dict, 
     a new run needs). Every failure, including torch DCP's ``CheckpointException`` (a
     BaseException, which ``except Exception`` misses), becomes a CheckpointError naming the path.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     try:
         loaded, _, absent = dist_checkpointing.load(
             sharded_state_dict, str(iter_dir), strict=StrictHandling.RETURN_UNEXPECTED

@@ -43,7 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import megatron.core
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from megatron_longpo.config import (
     DataConfig,
@@ -56,6 +58,18 @@ from megatron_longpo.config import (
     seq_length_multiple,
 )
 from megatron_longpo.fsutil import write_text_atomic
+from megatron_longpo.models.attention import attend_local, kernels
+from megatron_longpo.models.provider import build_model
+from megatron_longpo.runtime import capabilities
+from megatron_longpo.runtime.distributed import current_groups, init_distributed, init_model_parallel, set_seed
+from megatron_longpo.runtime.zigzag import zigzag_slice, zigzag_unslice
+from megatron_longpo.testing.pairs import synthetic_pair_batch
+from megatron_longpo.testing.syncs import SyncCounter, cuda_sync_warnings
+from megatron_longpo.training.flops import attended_pairs, train_flops
+from megatron_longpo.training.loop import _build_model, _wrap_ddp
+from megatron_longpo.training.memory_model import estimate_memory
+from megatron_longpo.training.optimizer import build_optimizer
+from megatron_longpo.training.step import microbatch_forward, train_step
 
 PEAK_BF16_TFLOPS = 989.0  # dense bf16 tensor-core peak of an H100/H200 SXM
 SECTIONS = ("environment", "attention", "loss", "train", "te")
@@ -126,7 +140,7 @@ class CheckFailed(AssertionError):
 
 
 def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return capabilities.device()
 
 
 def _sync() -> None:
@@ -163,8 +177,6 @@ def _import_status(name: str) -> dict:
 
 
 def section_environment(sizes: Sizes, smoke: bool) -> dict:
-    import megatron.core
-
     out: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -174,6 +186,7 @@ def section_environment(sizes: Sizes, smoke: bool) -> dict:
         "transformer_engine": _import_status("transformer_engine"),
         "flash_attn": _import_status("flash_attn"),
         "apex": _import_status("apex"),
+        "capabilities": dataclasses.asdict(capabilities.Capabilities.detect()),
         "env": {k: os.environ.get(k) for k in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN",
                                                "CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_VISIBLE_DEVICES")},
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
@@ -212,18 +225,12 @@ def _reference_attention(q, k, v, layouts, scale):
 
 def _sdpa_ops(fn: Callable[[], Any]) -> Counter:
     """aten SDPA op names that ran in ``fn`` (forward and backward)."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return Counter({e.key: e.count for e in prof.key_averages() if "scaled_dot_product" in e.key})
 
 
 def section_attention(sizes: Sizes, smoke: bool) -> dict:
-    from megatron_longpo.models.attention import attend_local
-    from megatron_longpo.models.attention import kernels
-    from megatron_longpo.runtime.zigzag import zigzag_slice, zigzag_unslice
-
     dev = _device()
     a = sizes.attn
     b, h, g, d, seq = a["b"], a["h"], a["g"], a["d"], a["seq"]
@@ -301,9 +308,6 @@ def _model_cfg(d: dict, **kw) -> ModelConfig:
 
 def microbatch_loss_and_grads(model, batch, loss_cfg: LossConfig, vocab: int) -> tuple[float, dict, dict]:
     """LongPO loss, metrics and every parameter gradient (float64, CPU) of one micro-batch, TP=CP=1."""
-    from megatron_longpo.runtime.distributed import current_groups
-    from megatron_longpo.training.step import microbatch_forward
-
     model.zero_grad(set_to_none=True)
     loss, metrics = microbatch_forward(model, batch, current_groups(), loss_cfg, vocab, False)
     loss.backward()
@@ -313,9 +317,6 @@ def microbatch_loss_and_grads(model, batch, loss_cfg: LossConfig, vocab: int) ->
 
 def reference_main(inp: str, out: str) -> None:
     """CPU float64 side of the loss section (``python -m megatron_longpo.checks.gpu_check --reference``)."""
-    from megatron_longpo.models.provider import build_model
-    from megatron_longpo.runtime.distributed import init_distributed, init_model_parallel
-
     data = torch.load(inp, weights_only=False)
     parallel = ParallelConfig(distributed_backend="gloo")
     init_distributed(parallel)
@@ -347,10 +348,6 @@ def _run_reference(payload: dict, workdir: Path) -> dict:
 
 
 def section_loss(sizes: Sizes, smoke: bool, workdir: Path) -> dict:
-    from megatron_longpo.models.provider import build_model
-    from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
-    from megatron_longpo.testing.pairs import synthetic_pair_batch
-
     parallel = ParallelConfig(attention_backend="sdpa")
     init_model_parallel(parallel)
     mcfg = _model_cfg(sizes.loss_model, params_dtype="bf16", transformer_impl="local")
@@ -411,8 +408,6 @@ def train_config(model: dict, pair_tokens: int, smoke: bool) -> LongPOConfig:
 
 
 def _count_syncs(fn: Callable[[], Any]) -> tuple[Any, int, dict]:
-    from megatron_longpo.testing.syncs import SyncCounter, cuda_sync_warnings
-
     if torch.cuda.is_available():
         with cuda_sync_warnings() as sites:
             out = fn()
@@ -423,14 +418,6 @@ def _count_syncs(fn: Callable[[], Any]) -> tuple[Any, int, dict]:
 
 
 def section_train(sizes: Sizes, smoke: bool) -> dict:
-    from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
-    from megatron_longpo.testing.pairs import synthetic_pair_batch
-    from megatron_longpo.training.flops import attended_pairs, train_flops
-    from megatron_longpo.training.loop import _build_model, _wrap_ddp
-    from megatron_longpo.training.memory_model import estimate_memory
-    from megatron_longpo.training.optimizer import build_optimizer
-    from megatron_longpo.training.step import train_step
-
     cfg = train_config(sizes.train_model, max(sizes.train_tokens), smoke)
     groups = init_model_parallel(cfg.parallel)
     set_seed(0)
@@ -502,12 +489,7 @@ def section_train(sizes: Sizes, smoke: bool) -> dict:
 
 
 def section_te(sizes: Sizes, smoke: bool) -> dict:
-    from megatron_longpo.models.provider import build_model, te_available
-    from megatron_longpo.runtime.distributed import current_groups, init_model_parallel, set_seed
-    from megatron_longpo.testing.pairs import synthetic_pair_batch
-    from megatron_longpo.training.step import microbatch_forward
-
-    if not te_available():
+    if not capabilities.te_available():
         raise SkipSection("Transformer Engine does not import with CUDA here")
     variants = {
         "te_spec+project_attention": ParallelConfig(attention_backend="sdpa"),
@@ -675,8 +657,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif not torch.cuda.is_available():
         ap.error("no CUDA device: the full check needs a GPU (use --smoke for the CPU toy run)")
     sizes = SMOKE if args.smoke else FULL
-    from megatron_longpo.runtime.distributed import init_distributed
-
     init_distributed(ParallelConfig())  # world size 1: nccl on the GPU, gloo for --smoke
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:

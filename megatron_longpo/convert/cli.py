@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
+from megatron_longpo.config import ConfigError
+from megatron_longpo.convert import ConversionError, VerificationError
+
 
 def run_cli(convert: Callable[[], Any], describe: Callable[[Any], str]) -> int:
     """Run ``convert()``; print ``describe(result)`` on success or one ``error:`` line on failure."""
-    from megatron_longpo.config import ConfigError
-    from megatron_longpo.convert import ConversionError, VerificationError
-
     try:
         res = convert()
     except VerificationError as e:

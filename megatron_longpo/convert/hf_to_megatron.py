@@ -18,13 +18,17 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
+from megatron_longpo.checkpoint import TOKENIZER_DIR, save_checkpoint
 from megatron_longpo.config import ConfigError, ModelConfig, ParallelConfig, validate_model
 from megatron_longpo.convert import mapping
 from megatron_longpo.convert.files import check_output_dir, copy_side_files, side_files, staged_dir
 from megatron_longpo.convert.hf_config import ConversionError, hf_architecture, hf_to_model_config, read_hf_config
+from megatron_longpo.convert.megatron_model import empty_model, sharded_state_dict_for_save, single_process_runtime
 from megatron_longpo.convert.safetensors_io import SafetensorsCheckpoint
 from megatron_longpo.convert.verify import VerifyResult
+from megatron_longpo.convert.verify import verify as run_verify
 
 
 class VerificationError(RuntimeError):
@@ -72,8 +76,6 @@ def check_hf_tensors(reader: SafetensorsCheckpoint, cfg: ModelConfig) -> None:
 
 def fill_model(model: torch.nn.Module, reader: SafetensorsCheckpoint, cfg: ModelConfig, progress: bool = True) -> None:
     """Copy every HF row range into its Megatron parameter slice; zero the vocab padding rows."""
-    from tqdm import tqdm
-
     params = dict(model.named_parameters())
     want = mapping.megatron_shapes(cfg)
     if set(params) != set(want) or any(tuple(params[n].shape) != s for n, s in want.items()):
@@ -100,10 +102,6 @@ def convert_hf_to_megatron(
     progress: bool = True,
 ) -> ImportResult:
     """Convert an HF Llama / Mistral / Qwen2 directory into a checkpoint run directory ``out``."""
-    from megatron_longpo.checkpoint import TOKENIZER_DIR, save_checkpoint
-    from megatron_longpo.convert.megatron_model import empty_model, sharded_state_dict_for_save, single_process_runtime
-    from megatron_longpo.convert.verify import verify as run_verify
-
     start = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
     if dtype not in ("bf16", "fp32"):
@@ -146,8 +144,6 @@ def convert_hf_to_megatron(
 
 def _meta_extra(hf_dir: Path, hf_cfg: dict, arch: str, reader: SafetensorsCheckpoint, cfg: ModelConfig) -> dict:
     """``source`` and ``tokenizer`` entries of longpo_meta.json (export rebuilds config.json from them)."""
-    from megatron_longpo.checkpoint import TOKENIZER_DIR
-
     src_dtype = Counter(reader.entries[n].dtype for n in mapping.hf_shapes(cfg)).most_common(1)[0][0]
     tok_files = [p.name for p in side_files(hf_dir)]
     tokenizer = None

@@ -12,17 +12,17 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from megatron_longpo.config import ModelConfig, ParallelConfig
 from megatron_longpo.convert.hf_config import ConversionError
+from megatron_longpo.models.provider import build_model
+from megatron_longpo.runtime.distributed import init_distributed, init_model_parallel
 
 
 def single_process_runtime() -> None:
     """torch.distributed (gloo, world size 1) + Megatron TP=1 state, reusing an existing group."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_longpo.runtime.distributed import init_distributed, init_model_parallel
-
     parallel = ParallelConfig(distributed_backend="gloo")
     if not dist.is_initialized():
         init_distributed(parallel)
@@ -41,8 +41,6 @@ def empty_model(model_cfg: ModelConfig) -> torch.nn.Module:
     The local spec's sharded-state-dict keys equal the TE spec's, so the checkpoint loads into
     either.
     """
-    from megatron_longpo.models.provider import build_model
-
     return build_model(dataclasses.replace(model_cfg, transformer_impl="local"), ParallelConfig(), initialize=False)
 
 
@@ -55,8 +53,6 @@ def sharded_state_dict_for_save(model: torch.nn.Module) -> dict:
     parameter right after keeps the peak at one model copy plus one fc1. ``model`` is unusable
     afterwards.
     """
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
     sd = model.sharded_state_dict()
     params = dict(model.named_parameters())
     for key, item in list(sd.items()):
@@ -82,8 +78,6 @@ def fresh_load_request(model: torch.nn.Module) -> dict:
     (Loading a subset such as one layer is not possible: the stacked-layer tensors of the
     torch_dist format must be requested whole.)
     """
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
-
     out: dict = {}
     for key, item in model.sharded_state_dict().items():
         if isinstance(item, ShardedObject):

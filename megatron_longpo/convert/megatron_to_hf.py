@@ -16,13 +16,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
+from megatron_longpo.checkpoint import read_meta, resolve_checkpoint_dir
+from megatron_longpo.checkpoint import tokenizer_dir as ckpt_tokenizer_dir
+from megatron_longpo.checkpoint.model_io import load_sharded
 from megatron_longpo.convert import mapping
 from megatron_longpo.convert.files import check_output_dir, copy_side_files, staged_dir
 from megatron_longpo.convert.hf_config import ConversionError, model_config_to_hf
 from megatron_longpo.convert.hf_to_megatron import VerificationError
+from megatron_longpo.convert.megatron_model import empty_model, fresh_load_request, row_slice, single_process_runtime
 from megatron_longpo.convert.safetensors_io import ShardedSafetensorsWriter, TensorSpec, parse_size
 from megatron_longpo.convert.verify import DTYPES, VerifyResult, coarser
+from megatron_longpo.convert.verify import verify as run_verify
 
 
 @dataclass(frozen=True)
@@ -47,14 +53,6 @@ def convert_megatron_to_hf(
     progress: bool = True,
 ) -> ExportResult:
     """Export checkpoint ``megatron_dir`` (run or iteration dir) as an HF model directory ``out``."""
-    from tqdm import tqdm
-
-    from megatron_longpo.checkpoint import read_meta, resolve_checkpoint_dir
-    from megatron_longpo.checkpoint.model_io import load_sharded
-    from megatron_longpo.checkpoint import tokenizer_dir as ckpt_tokenizer_dir
-    from megatron_longpo.convert.megatron_model import empty_model, fresh_load_request, row_slice, single_process_runtime
-    from megatron_longpo.convert.verify import verify as run_verify
-
     start = time.time()
     out = Path(out)
     check_output_dir(out, "--out")

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 # name -> (transformers config class name, kwargs). Head ratios 1, 4 and 7; tied and untied;
 # Qwen2 QKV bias; llama3 rope scaling.
@@ -43,8 +46,6 @@ CORPUS = [
 
 
 def hf_config(name: str, **overrides: Any):
-    import transformers
-
     cls_name, kw = TINY_HF[name]
     return getattr(transformers, cls_name)(**{**kw, **overrides})
 
@@ -64,9 +65,6 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 
 def save_tiny_tokenizer(out: Path, vocab_size: int = 200) -> None:
     """A byte-level BPE trained on a few sentences, saved as an HF fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -92,8 +90,6 @@ def build_tiny_hf(
     ``legacy_config`` rewrites config.json in the transformers 4.x layout (``rope_theta`` /
     ``rope_scaling`` / ``torch_dtype``) that most hub checkpoints still use.
     """
-    import transformers
-
     out = Path(out)
     cfg = hf_config(name)
     cls = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name]
@@ -119,7 +115,5 @@ def build_tiny_hf(
 @torch.no_grad()
 def hf_reference_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     """fp32 logits [b, s, V] of the HF model in ``hf_dir`` (eager attention)."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
     return model.eval()(input_ids=tokens, use_cache=False).logits.float()

@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
+from megatron_longpo.checkpoint import load_model_checkpoint
 from megatron_longpo.config import ModelConfig, ParallelConfig
+from megatron_longpo.models.provider import build_model
+from megatron_longpo.runtime.capabilities import device
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -50,8 +54,6 @@ def random_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch
 @torch.no_grad()
 def hf_logits(hf_dir: str | Path, tokens: torch.Tensor, weights_dtype: str) -> torch.Tensor:
     """fp32 logits [b, s, V] of the HF model whose weights are stored/rounded as ``weights_dtype``."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=DTYPES[weights_dtype], attn_implementation="eager")
     model = model.float().eval()
     out = model(input_ids=tokens, use_cache=False).logits.float()
@@ -63,10 +65,6 @@ def hf_logits(hf_dir: str | Path, tokens: torch.Tensor, weights_dtype: str) -> t
 @torch.no_grad()
 def megatron_logits(ckpt_dir: str | Path, model_cfg: ModelConfig, tokens: torch.Tensor, weights_dtype: str) -> torch.Tensor:
     """fp32 logits [b, s, V] (true vocabulary) of the checkpoint at TP=1; needs the TP=1 runtime."""
-    from megatron_longpo.checkpoint import load_model_checkpoint
-    from megatron_longpo.models.provider import build_model
-    from megatron_longpo.runtime.distributed import device
-
     cfg = dataclasses.replace(model_cfg, params_dtype="fp32", transformer_impl="local")
     model = build_model(cfg, ParallelConfig())
     load_model_checkpoint(ckpt_dir, model, cfg)

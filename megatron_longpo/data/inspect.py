@@ -148,7 +148,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_arg_parser().parse_args(argv)
     try:
-        from megatron_longpo.data.indexed import PreferenceDataset  # torch / megatron.core: after parsing
+        # deferred: torch / megatron-core load after the options parsed
+        from megatron_longpo.data.indexed import PreferenceDataset
 
         ds = PreferenceDataset(a.prefix)
         if a.id is not None:

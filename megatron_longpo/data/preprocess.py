@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_longpo.data.paths import dataset_files, rejected_path
 from megatron_longpo.data.schema import DataError, InvalidRecord, LongPORecord, PairRecord, read_records
@@ -294,8 +295,6 @@ def _validate_pass(o: PreprocessOptions) -> tuple[int, int]:
     total, errors, messages = 0, 0, []
     records = read_records(o.inputs, o.auto_id, o.split)
     if o.progress:
-        from tqdm import tqdm
-
         records = tqdm(records, unit="rec", desc="validate", dynamic_ncols=True, file=sys.stderr, leave=False)
     for rec, _ in records:
         total += 1
@@ -322,12 +321,11 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
     if not o.progress:
         pbar = None
     else:
-        from tqdm import tqdm
-
         pbar = tqdm(total=total, unit="rec", desc="preprocess", dynamic_ncols=True, file=sys.stderr)
     kwargs = dict(max_seq_length=o.max_seq_length, overlong=o.overlong, pair_layout=o.pair_layout, separator=o.separator,
                   drop_identical=o.drop_identical, skip_invalid=o.skip_invalid)
     # megatron.core (and torch) are imported only once the input is known to be valid.
+    # deferred: torch / megatron-core load after the inputs checked
     from megatron_longpo.data.indexed import PreferenceDatasetWriter
 
     writer = PreferenceDatasetWriter(o.output_prefix, tok.vocab_size)

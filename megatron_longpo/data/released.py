@@ -30,6 +30,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+from tqdm import tqdm
 
 from megatron_longpo.data.paths import dataset_files, rejected_path
 from megatron_longpo.data.preprocess import _fmt_rejected, _stats, _Stats
@@ -184,15 +185,14 @@ def import_released(o: ImportOptions, log=print) -> dict[str, Any]:
         names, n, _ = open_table(path)
         columns[path] = _check_columns(path, names)
         total += n or 0
-    from megatron_longpo.data.indexed import PreferenceDatasetWriter  # torch / megatron.core: only now
+    # deferred: torch / megatron-core load after the inputs checked
+    from megatron_longpo.data.indexed import PreferenceDatasetWriter
 
     writer = PreferenceDatasetWriter(o.output_prefix, tok.vocab_size)
     rej_tmp = writer.tmp + ".rejected.jsonl"
     stats, seen = _Stats(), {}
     pbar = None
     if o.progress:
-        from tqdm import tqdm
-
         pbar = tqdm(total=total or None, unit="row", desc="import", dynamic_ncols=True, file=sys.stderr)
     t0 = time.perf_counter()
     try:

@@ -8,6 +8,10 @@ import random
 from pathlib import Path
 from typing import Iterable, Optional
 
+import sentencepiece as spm
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as RawTokenizer
+
 CHAT_MARKERS = ["[INST]", "[/INST]", "<|im_start|>", "<|im_end|>"]
 
 _WORDS = (
@@ -26,8 +30,6 @@ def train_sentencepiece(
     Llama-2 / Mistral tokenizers. "\\n" and (``chat_markers``) [INST] ... <|im_end|> are single
     tokens; bos=1 eos=2 pad=3. ``newline_symbol=False``: "\\n" is a byte-fallback token, as in
     Llama-2 / Mistral."""
-    import sentencepiece as spm
-
     lines = [line for t in texts for line in t.split("\n") if line.strip()]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -46,8 +48,7 @@ def train_sentencepiece(
 def make_hf_tokenizer(directory: str | Path, texts: Iterable[str], chat_template: Optional[str],
                       vocab_size: int = 400) -> Path:
     """A byte-level BPE HF tokenizer directory (tokenizers + transformers, offline)."""
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    # deferred: transformers imports torch; data/ text code stays torch-free
     from transformers import PreTrainedTokenizerFast
 
     raw = RawTokenizer(models.BPE())
@@ -118,6 +119,7 @@ def make_mistral_like_tokenizer(directory: str | Path, texts: Iterable[str], voc
                                  legacy: bool = True) -> Path:
     """Mistral-7B-Instruct-v0.2 style: a sentencepiece BPE model with a dummy prefix ([INST] is plain
     text, BOS/EOS control tokens) wrapped by transformers' LlamaTokenizerFast, Mistral template."""
+    # deferred: transformers imports torch; data/ text code stays torch-free
     from transformers import LlamaTokenizerFast
 
     directory = Path(directory)
@@ -138,10 +140,6 @@ def make_mistral_like_tokenizer(directory: str | Path, texts: Iterable[str], voc
 
 
 def _byte_level_bpe(texts: Iterable[str], specials: list[str], vocab_size: int, split: Optional[str]):
-    from tokenizers import Regex
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     raw = RawTokenizer(models.BPE())
     if split is None:
         raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -159,6 +157,7 @@ def _byte_level_bpe(texts: Iterable[str], specials: list[str], vocab_size: int, 
 
 def make_llama3_like_tokenizer(directory: str | Path, texts: Iterable[str], vocab_size: int = 600) -> Path:
     """Llama-3 style: byte-level BPE with the Llama-3 split regex, header tokens, trimming template."""
+    # deferred: transformers imports torch; data/ text code stays torch-free
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -172,6 +171,7 @@ def make_llama3_like_tokenizer(directory: str | Path, texts: Iterable[str], voca
 
 def make_qwen2_like_tokenizer(directory: str | Path, texts: Iterable[str], vocab_size: int = 600) -> Path:
     """Qwen2 style: byte-level BPE, ChatML markers, no BOS, default system prompt in the template."""
+    # deferred: transformers imports torch; data/ text code stays torch-free
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

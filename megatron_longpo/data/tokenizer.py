@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from megatron_longpo.data.schema import DataError
 
@@ -72,8 +74,6 @@ class Tokenizer:
     # -- construction ---------------------------------------------------------------------------
 
     def _init_sentencepiece(self) -> None:
-        import sentencepiece as spm
-
         try:
             sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad file
@@ -97,8 +97,6 @@ class Tokenizer:
         """UTF-8 length of the text each piece stands for, when that is fixed (identity
         normalisation, no whitespace folding): offsets then follow from the ids alone, which is
         ~2.5x cheaper than sentencepiece's offset protos. None: use the protos."""
-        from sentencepiece import sentencepiece_model_pb2  # ships with sentencepiece
-
         m = sentencepiece_model_pb2.ModelProto()
         m.ParseFromString(self.path.read_bytes())
         n = m.normalizer_spec
@@ -118,6 +116,7 @@ class Tokenizer:
         return table
 
     def _init_hf(self) -> None:
+        # deferred: transformers imports torch; sentencepiece tokenizers never need it
         from transformers import AutoTokenizer
 
         files = sorted(p for p in self.path.iterdir() if p.name in _HF_FILES)

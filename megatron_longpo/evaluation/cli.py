@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch.distributed as dist
+from tqdm import tqdm
 
 from megatron_longpo.checkpoint import load_model_checkpoint
 from megatron_longpo.checkpoint.format import CheckpointMeta, read_meta, resolve_checkpoint_dir, tokenizer_dir
@@ -125,8 +126,6 @@ def _model_config(c: _Checkpoint, a: argparse.Namespace):
 def _progress(evaluator: Evaluator, dp_rank: int, dp_size: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     plan = plan_batches([len(s.tokens) for s in evaluator.samples], evaluator.kw["tokens_per_batch"],
                         evaluator.kw["pad_multiple"])
     mine = sum(len(evaluator.samples[i].tokens) for b in plan[dp_rank::dp_size] for i in b)

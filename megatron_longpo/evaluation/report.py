@@ -28,7 +28,7 @@ def write_results(path: str | Path, doc: dict) -> None:
 def require_matplotlib():
     """The matplotlib module, or a ConfigError saying how to install it (checked before any work)."""
     try:  # optional dependency: pip install 'megatron_longpo[plot]'
-        import matplotlib
+        import matplotlib  # optional: matplotlib is the 'plot' extra
     except ImportError as e:
         raise ConfigError("--plot needs matplotlib: pip install 'megatron_longpo[plot]' (or matplotlib)") from e
     return matplotlib
@@ -38,7 +38,7 @@ def plot_accuracy(doc: dict, path: str | Path) -> None:
     """Accuracy vs length, one line per checkpoint: one panel per task plus the mean over tasks."""
     matplotlib = require_matplotlib()
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: matplotlib is the 'plot' extra
 
     ckpts = doc["checkpoints"]
     tasks = list(doc["suite"]["tasks"]) + ["mean"]

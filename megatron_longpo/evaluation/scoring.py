@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_longpo.data.layout import build_reference_batch
 from megatron_longpo.loss.forward import model_segment_logprobs
+from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import ParallelGroups
 
 DEFAULT_TOKENS_PER_BATCH = 32768
@@ -55,10 +56,6 @@ def plan_batches(lengths: Sequence[int], tokens_per_batch: int, pad_multiple: in
     if cur:
         batches.append(cur)
     return batches
-
-
-def _collective_device(group: dist.ProcessGroup) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -95,7 +92,7 @@ def score_sequences(
         if on_batch is not None:
             on_batch(int(batch.lengths.sum()))
     if groups.dp_size > 1:
-        t = torch.from_numpy(out).to(_collective_device(groups.dp_group))
+        t = torch.from_numpy(out).to(collective_device(groups.dp_group))
         dist.all_reduce(t, group=groups.dp_group)
         out = t.cpu().numpy()
     return [SampleScore(float(a), int(n), int(m), bool(m == n and n > 0)) for a, n, m in out]

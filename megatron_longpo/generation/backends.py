@@ -14,6 +14,7 @@ Every backend receives the same prompts: the messages rendered by the tokenizer'
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import socket
@@ -27,9 +28,11 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megatron_longpo.config import ConfigError
 from megatron_longpo.generation.answers import Messages, Sampling
+from megatron_longpo.runtime import capabilities
 
 
 class GenerationError(RuntimeError):
@@ -73,8 +76,6 @@ class ChatFormatter:
     """
 
     def __init__(self, tokenizer_dir: str | Path, chat_template: Optional[str] = None):
-        from transformers import AutoTokenizer
-
         self.tokenizer_dir = str(tokenizer_dir)
         try:
             self.tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
@@ -156,7 +157,7 @@ class HFBackend:
         self.model_dir = str(model_dir)
         self.formatter = formatter
         self.long_rope_theta = long_rope_theta
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else capabilities.device()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self._models: dict[bool, torch.nn.Module] = {}
         self.model_seconds = 0.0
@@ -164,8 +165,6 @@ class HFBackend:
     def model(self, long: bool) -> torch.nn.Module:
         key = bool(long and self.long_rope_theta is not None)
         if key not in self._models:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
             config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
             if key:
                 set_rope_theta(config, self.long_rope_theta)
@@ -258,7 +257,7 @@ class VLLMBackend:
 
     def __init__(self, model_dir: str, tokenizer_dir: str, cfg: VLLMConfig, long_rope_theta: Optional[float]):
         try:
-            import vllm  # noqa: F401  (optional extra: pip install 'megatron_longpo[vllm]')
+            import vllm  # noqa: F401  # optional: vllm is the 'vllm' extra
         except ImportError as e:
             raise ConfigError(
                 f"--backend vllm needs the vllm package ({e}); install it with pip install 'megatron_longpo[vllm]' "
@@ -274,7 +273,7 @@ class VLLMBackend:
     def _get_engine(self, long: bool) -> Any:
         variant = bool(long and self.long_rope_theta is not None)
         if self._engine is None or self._variant != variant:
-            import vllm  # optional dependency (see __init__)
+            import vllm  # optional: vllm is the 'vllm' extra (checked in __init__)
 
             self.close()
             kw = vllm_engine_kwargs(self.model_dir, self.tokenizer_dir, self.cfg, self.hf_config,
@@ -283,7 +282,7 @@ class VLLMBackend:
         return self._engine
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        import vllm  # optional dependency (see __init__)
+        import vllm  # optional: vllm is the 'vllm' extra (checked in __init__)
 
         results: list[Optional[GenResult]] = [None] * len(requests)
         for long in (False, True):  # one engine variant at a time
@@ -304,8 +303,6 @@ class VLLMBackend:
     def close(self) -> None:
         if self._engine is not None:
             self._engine = None
-            import gc
-
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

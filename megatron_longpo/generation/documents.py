@@ -38,7 +38,7 @@ def _jsonl(path: Path, text_field: str, id_field: str) -> Iterator[tuple[str, st
 
 def _parquet(path: Path, text_field: str, id_field: str) -> Iterator[tuple[str, str, str]]:
     try:
-        import pyarrow.parquet as pq  # optional: only parquet inputs need it
+        import pyarrow.parquet as pq  # optional: pyarrow (slow to import) is needed by parquet inputs only
     except ImportError as e:
         raise ConfigError(f"{path}: reading parquet needs pyarrow ({e}); pip install pyarrow") from e
     pf = pq.ParquetFile(str(path))

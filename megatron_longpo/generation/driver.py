@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from tqdm import tqdm
+
 from megatron_longpo.config import ConfigError
 from megatron_longpo.fsutil import fsync_path, write_text_atomic
 from megatron_longpo.generation.documents import Document
@@ -157,8 +159,6 @@ def summarize(entries: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _progress(total_docs: int, done_docs: int, enabled: bool):
-    from tqdm import tqdm
-
     docs = tqdm(total=total_docs, initial=done_docs, unit="doc", desc="documents", dynamic_ncols=True,
                 file=sys.stderr, disable=not enabled, position=0)
     toks = tqdm(total=0, unit="tok", unit_scale=True, desc="doc tokens", dynamic_ncols=True, file=sys.stderr,

@@ -8,7 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from megatron_longpo.checkpoint import resolve_checkpoint_dir
+from megatron_longpo.checkpoint.format import CheckpointError
 from megatron_longpo.config import ConfigError
+from megatron_longpo.convert import convert_megatron_to_hf
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -19,9 +22,6 @@ def is_hf_dir(path: Path) -> bool:
 def resolved_model(model: str | Path, work_dir: Optional[str | Path] = None, progress: bool = True) -> Iterator[Path]:
     """Yield an HF model directory for ``model``; a Megatron checkpoint is converted (and removed after)."""
     # imported here: megatron-core is a heavy import that HF-directory and openai runs never need
-    from megatron_longpo.checkpoint import resolve_checkpoint_dir
-    from megatron_longpo.checkpoint.format import CheckpointError
-
     path = Path(model)
     if not path.exists():
         raise ConfigError(f"--model {path}: does not exist (an HF model directory or a megatron_longpo checkpoint)")
@@ -34,8 +34,6 @@ def resolved_model(model: str | Path, work_dir: Optional[str | Path] = None, pro
         raise ConfigError(
             f"--model {path}: neither an HF model directory (no config.json) nor a megatron_longpo checkpoint ({e})"
         ) from e
-    from megatron_longpo.convert import convert_megatron_to_hf
-
     tmp = Path(tempfile.mkdtemp(prefix="longpo-gen-model-", dir=str(work_dir) if work_dir else None))
     try:
         out = tmp / "hf"

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 from megatron_longpo.loss.logprobs import DEFAULT_CHUNK_SIZE, _rank_size, all_reduce_sum, segment_logprob_sums
 from megatron_longpo.runtime.distributed import ParallelGroups
@@ -150,8 +151,6 @@ def _segment_argmax_matches(hidden, weight, target_ids, segs, num_segments, voca
     """Per segment set: [n] float64 counts of argmax-matching positions, summed over CP."""
     tp_size = groups.tp_size
     if tp_size > 1 and sequence_parallel:
-        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=groups.tp_group)
     b, s = target_ids.shape
     h = hidden.shape[-1]

@@ -31,6 +31,10 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 
 DEFAULT_CHUNK_SIZE = 4096
 
@@ -196,11 +200,6 @@ def _tp_layout(hidden: torch.Tensor, tp_group, tp_size: int, sequence_parallel: 
     """[s_h, b, h] -> [s_local, b, h] replicated on TP, with a backward that sums over TP."""
     if tp_size == 1:
         return hidden
-    from megatron.core.tensor_parallel.mappings import (
-        copy_to_tensor_model_parallel_region,
-        gather_from_sequence_parallel_region,
-    )
-
     if sequence_parallel:
         return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=tp_group)
     return copy_to_tensor_model_parallel_region(hidden, group=tp_group)

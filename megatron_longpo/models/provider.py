@@ -33,39 +33,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_longpo.config import ConfigError, ModelConfig, ParallelConfig, padded_vocab_size
 from megatron_longpo.gpu_rules import fp8_device_errors
+from megatron_longpo.models.attention import ContextParallelAttention, core_attention_class, resolve_attention_backend
 from megatron_longpo.models.norm import RMSNorm
 from megatron_longpo.models.rope import install_bounded_rope_cache, rope_from_module
-
-
-def te_available() -> bool:
-    """True when Transformer Engine imports and CUDA is usable."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def resolve_transformer_impl(model: ModelConfig) -> str:
-    if model.transformer_impl == "auto":
-        return "transformer_engine" if te_available() else "local"
-    if model.transformer_impl == "transformer_engine" and not te_available():
-        raise RuntimeError(
-            "model.transformer_impl=transformer_engine but Transformer Engine is not importable "
-            "with CUDA; install the 'gpu' extra or set model.transformer_impl=local"
-        )
-    return model.transformer_impl
-
-
-def grad_accum_fusion_available() -> bool:
-    """Megatron's local output layer needs apex's fused_weight_gradient_mlp_cuda for this fusion."""
-    try:
-        import fused_weight_gradient_mlp_cuda  # noqa: F401  (optional apex extension)
-    except ImportError:
-        return False
-    return True
+from megatron_longpo.runtime import capabilities
 
 
 def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext: bool,
@@ -116,8 +87,8 @@ def transformer_config(
     wrapped in Megatron DDP) select the valid fusions.
     """
     dtype = params_dtype(model)
-    on_cpu = not torch.cuda.is_available()
-    fusions = fusion_settings(not on_cpu, impl, te_attention, (not on_cpu) and grad_accum_fusion_available(), ddp)
+    on_cpu = not capabilities.cuda_available()
+    fusions = fusion_settings(not on_cpu, impl, te_attention, capabilities.grad_accum_fusion_available(), ddp)
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -265,14 +236,7 @@ def build_model(
     (the trainer, which wraps the model in Megatron DDP) also enables gradient-accumulation fusion
     where it is valid (:func:`fusion_settings`).
     """
-    from megatron_longpo.models.attention import (
-        ContextParallelAttention,
-        core_attention_class,
-        resolve_attention_backend,
-    )
-    from megatron_longpo.runtime.distributed import device
-
-    impl = resolve_transformer_impl(model)
+    impl = capabilities.resolve_transformer_impl(model.transformer_impl, capabilities.te_available())
     if core_attention is None:
         core_attention = core_attention_class(resolve_attention_backend(parallel, pair_layout, impl))
     cfg = transformer_config(
@@ -304,4 +268,4 @@ def build_model(
     )
     gpt.explicit_rope = isinstance(core_attention, type) and issubclass(core_attention, ContextParallelAttention)
     install_bounded_rope_cache(gpt.rotary_pos_emb)
-    return gpt.to(device()) if initialize else gpt
+    return gpt.to(capabilities.device()) if initialize else gpt

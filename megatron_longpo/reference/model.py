@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from megatron.core import tensor_parallel
 
+from megatron_longpo.checkpoint import load_model_checkpoint
+from megatron_longpo.checkpoint.format import META_FILE, CheckpointError, read_meta, resolve_checkpoint_dir
 from megatron_longpo.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_longpo.models.provider import build_model
 from megatron_longpo.reference.fingerprint import CheckpointIdentity, checkpoint_fingerprint
 
 
@@ -35,8 +39,6 @@ class ReferenceCheckpoint:
 
 def read_reference_checkpoint(path: str | Path, option: str = "--load") -> ReferenceCheckpoint:
     """Locate the iteration directory, read its model config and compute its identity (no tensors)."""
-    from megatron_longpo.checkpoint.format import META_FILE, CheckpointError, read_meta, resolve_checkpoint_dir
-
     p = Path(path)
     if not p.exists():
         raise ReferenceModelError(
@@ -74,8 +76,6 @@ def preserved_rng() -> Iterator[None]:
     by the checkpoint, and the policy's init (and dropout streams) must not depend on whether a
     reference model was built first (cache vs online runs must be identical).
     """
-    from megatron.core import tensor_parallel
-
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     tracker = tensor_parallel.get_cuda_rng_tracker()
@@ -96,9 +96,6 @@ def load_reference_model(
 
     Collective over the default process group (dist_checkpointing.load).
     """
-    from megatron_longpo.checkpoint import load_model_checkpoint
-    from megatron_longpo.models.provider import build_model
-
     with preserved_rng():
         model = build_model(model_cfg, dataclasses.replace(parallel, fp8=None))
     load_model_checkpoint(ckpt.iter_dir, model, model_cfg)  # extra content (optimizer state) is ignored

@@ -32,9 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import megatron.core
 import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from megatron_longpo.config import ConfigError, ParallelConfig, seq_length_multiple, validate_model
+from megatron_longpo.data.indexed import (
+    PreferenceDataset,
+    check_dataset_supports_mode,
+    check_dataset_vocab,
+    load_metadata,
+)
+from megatron_longpo.data.schema import DataError
 from megatron_longpo.fsutil import write_text_atomic
 from megatron_longpo.reference.cache import FORMAT_VERSION, ReferenceCacheError, write_cache
 from megatron_longpo.reference.compute import (
@@ -51,6 +62,8 @@ from megatron_longpo.reference.compute import (
 from megatron_longpo.reference.fingerprint import dataset_identity
 from megatron_longpo.reference.model import effective_model_config, load_reference_model, read_reference_checkpoint
 from megatron_longpo.reference.precompute_args import build_arg_parser
+from megatron_longpo.runtime.capabilities import collective_device
+from megatron_longpo.runtime.distributed import destroy, init_distributed, init_model_parallel
 from megatron_longpo.runtime.signals import StopFlag, write_run_status
 
 PARTIAL_SUFFIX = ".partial"
@@ -128,8 +141,6 @@ def _check_options(o: PrecomputeOptions) -> None:
 
 def _inputs(o: PrecomputeOptions, world: int):
     _check_options(o)
-    from megatron_longpo.data.indexed import check_dataset_supports_mode, check_dataset_vocab, load_metadata
-
     if world % o.tp:
         raise PrecomputeError(f"the world size {world} (torchrun --nproc-per-node x nodes) must be a multiple of --tp {o.tp}")
     meta = load_metadata(o.data)
@@ -232,8 +243,6 @@ class PartWriter:
 
 
 def _on_rank0(fn: Callable[[], Any]) -> Any:
-    import torch.distributed as dist
-
     out: list[Any] = [None, None]
     if dist.get_rank() == 0:
         try:
@@ -248,13 +257,9 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
 
 
 def _any_rank(flag: bool) -> bool:
-    import torch
-    import torch.distributed as dist
-
     t = torch.tensor([1 if flag else 0], dtype=torch.int64)
     if dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = t.to(collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -278,9 +283,6 @@ def _assemble(plan, done, n: int, turns: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _versions() -> dict[str, str]:
-    import megatron.core
-    import torch
-
     return {"torch": torch.__version__, "megatron_core": megatron.core.__version__}
 
 
@@ -295,11 +297,6 @@ def precompute(o: PrecomputeOptions, log: Callable[[str], None] = print) -> Prec
 
 
 def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag, t0: float) -> PrecomputeResult:
-    import torch.distributed as dist
-
-    from megatron_longpo.data.indexed import PreferenceDataset
-    from megatron_longpo.runtime.distributed import init_distributed, init_model_parallel
-
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     data_meta, ckpt, model_cfg, parallel = _inputs(o, world)  # step 1, identical on every rank
     init_distributed(parallel)
@@ -342,8 +339,6 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
     my_tokens = sum(length_of[int(i)] for k in mine for i in plan[k])
     pbar = None
     if is_main and o.progress:
-        from tqdm import tqdm
-
         pbar = tqdm(total=my_tokens, unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
                     desc=f"reference {o.mode} (rank 0 of dp={groups.dp_size})")
     stopped = signalled = False
@@ -441,11 +436,6 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import torch.distributed as dist
-
-    from megatron_longpo.data.schema import DataError
-    from megatron_longpo.runtime.distributed import destroy
-
     a = build_arg_parser().parse_args(argv)
     opts = PrecomputeOptions(
         load=a.load, data=a.data, output=a.output, mode=a.mode, tp=a.tp, tokens_per_batch=a.tokens_per_batch,

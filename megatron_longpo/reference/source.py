@@ -31,6 +31,7 @@ import torch
 
 from megatron_longpo.config import ConfigError, LongPOConfig, seq_length_multiple, validate_model
 from megatron_longpo.data.batch import PairBatch
+from megatron_longpo.data.indexed import PreferenceDataset, check_dataset_supports_mode, load_metadata
 from megatron_longpo.reference.cache import Expectation, ReferenceCache, ReferenceCacheError, open_cache, rebuild_command
 from megatron_longpo.reference.compute import (
     DEFAULT_PAD_MULTIPLE,
@@ -154,8 +155,6 @@ def check_reference_cache(
     reference.valid_cache_path (``split='valid'``, or ``dataset_prefix == data.valid_data``).
     Raises ReferenceCacheError naming the mismatch and the command that rebuilds the cache.
     """
-    from megatron_longpo.data.indexed import load_metadata
-
     split = _resolve_split(cfg, dataset_prefix, split)
     option = "reference.cache_path" if split == "train" else "reference.valid_cache_path"
     path = cache_path or (cfg.reference.cache_path if split == "train" else cfg.reference.valid_cache_path)
@@ -191,8 +190,6 @@ def open_reference(
     builds and loads the frozen reference model (collective over the default group); pass
     ``share_model_with`` (the train split's source) to reuse its model for the validation set.
     """
-    from megatron_longpo.data.indexed import PreferenceDataset, check_dataset_supports_mode
-
     mode = cfg.loss.mode
     if mode == "sft":
         return None

@@ -5,13 +5,19 @@ independent float64 HF forward to check cached values against.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from megatron_longpo.convert.hf_to_megatron import convert_hf_to_megatron
+from megatron_longpo.convert.testing import hf_config, randomize_
+from megatron_longpo.data.preprocess import PreprocessOptions, preprocess
 from megatron_longpo.data.synthetic import random_text
 
 SAMPLE_TOKENIZER = Path(__file__).resolve().parents[2] / "examples" / "data" / "tokenizer.model"
@@ -42,10 +48,6 @@ def synthetic_records(n: int, seed: int = 0, short_words: tuple[int, int] = (6, 
 
 def make_dataset(prefix: str | Path, records: Sequence[dict], max_seq_length: int = 8192) -> str:
     """Preprocess ``records`` with the bundled tokenizer into ``prefix``; returns the prefix."""
-    import json
-
-    from megatron_longpo.data.preprocess import PreprocessOptions, preprocess
-
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     src = prefix.parent / f"{prefix.name}.records.jsonl"
@@ -57,10 +59,6 @@ def make_dataset(prefix: str | Path, records: Sequence[dict], max_seq_length: in
 
 def make_hf_model(out: str | Path, seed: int = 0, vocab_size: int = TOKENIZER_VOCAB, **overrides) -> Path:
     """A tiny random Mistral (8 heads, 2 KV groups, rope_theta 1e6) saved with transformers."""
-    import transformers
-
-    from megatron_longpo.convert.testing import hf_config, randomize_
-
     cfg = hf_config("mistral", vocab_size=vocab_size, **overrides)
     torch.manual_seed(seed)
     model = transformers.MistralForCausalLM(cfg)
@@ -72,8 +70,6 @@ def make_hf_model(out: str | Path, seed: int = 0, vocab_size: int = TOKENIZER_VO
 def make_reference_checkpoint(workdir: str | Path, seed: int = 0, **overrides) -> tuple[Path, Path]:
     """(HF dir, Megatron checkpoint run dir) of the same tiny random model (fp32). Single process:
     run it where torch.distributed is not initialised or has world size 1."""
-    from megatron_longpo.convert.hf_to_megatron import convert_hf_to_megatron
-
     workdir = Path(workdir)
     hf = make_hf_model(workdir / f"hf-{seed}", seed=seed, **overrides)
     ckpt = workdir / f"ckpt-{seed}"
@@ -86,8 +82,6 @@ def hf_float64_sums(hf_dir: str | Path, sequences: Sequence[tuple[np.ndarray, np
                     rope_theta: Optional[float] = None) -> np.ndarray:
     """Independent reference: sum over response targets of float64 log_softmax of the HF model's
     full logits, one sequence at a time (no padding, no batching)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     cfg = AutoConfig.from_pretrained(str(hf_dir))
     if rope_theta is not None:
         if getattr(cfg, "rope_parameters", None) is not None:

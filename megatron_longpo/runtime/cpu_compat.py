@@ -122,6 +122,7 @@ def enable() -> bool:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
     torch.cuda.Event = _DummyEvent  # type: ignore[assignment]
 
+    # deferred: harness workers enable these patches before megatron-core loads
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
@@ -131,6 +132,7 @@ def enable() -> bool:
         torch.set_rng_state(new_state)
     )
 
+    # deferred: harness workers enable these patches before megatron-core loads
     from megatron.core.optimizer import clip_grads, optimizer as moptimizer
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32

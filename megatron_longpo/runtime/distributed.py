@@ -6,14 +6,18 @@ import datetime
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import rerun_state_machine as rsm
+from megatron.core import tensor_parallel
 
 from megatron_longpo.config import ParallelConfig
-from megatron_longpo.runtime import cpu_compat
+from megatron_longpo.runtime import capabilities, cpu_compat
 from megatron_longpo.runtime.gpu_env import check_process_environment
 
 
@@ -43,10 +47,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def init_distributed(parallel: ParallelConfig) -> None:
     """Initialise the default process group from torchrun env vars (or a single process).
 
@@ -58,13 +58,13 @@ def init_distributed(parallel: ParallelConfig) -> None:
         return
     backend = parallel.distributed_backend
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = capabilities.default_backend()
     check_process_environment(parallel, backend=backend)
-    if backend == "nccl" and not torch.cuda.is_available():
+    if backend == "nccl" and not capabilities.cuda_available():
         raise RuntimeError("parallel.distributed_backend=nccl needs CUDA; use gloo (or auto) on CPU")
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
+    if capabilities.cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -78,8 +78,6 @@ def init_distributed(parallel: ParallelConfig) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -87,8 +85,6 @@ def _free_port() -> int:
 
 def init_model_parallel(parallel: ParallelConfig) -> ParallelGroups:
     """Create Megatron's TP/CP/DP(/PP) groups and return the ones the project uses."""
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -107,8 +103,6 @@ def _init_rerun_state_machine() -> None:
     Left implicit, the first schedule call logs "Implicit initialization of Rerun State Machine!"
     and the mode as WARNINGs on every run; neither is something a user can act on.
     """
-    from megatron.core import rerun_state_machine as rsm
-
     if rsm._GLOBAL_RERUN_STATE_MACHINE is not None:  # process-wide singleton: once per process
         return
     log = logging.getLogger(rsm.__name__)
@@ -121,8 +115,6 @@ def _init_rerun_state_machine() -> None:
 
 
 def current_groups() -> ParallelGroups:
-    from megatron.core import parallel_state as ps
-
     return ParallelGroups(
         tp_group=ps.get_tensor_model_parallel_group(),
         cp_group=ps.get_context_parallel_group(),
@@ -144,9 +136,6 @@ def set_seed(seed: int) -> None:
     (seed + 2718 + tp_rank) while data-parallel replicas share the default stream, as in
     Megatron-LM's ``_set_random_seed``.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -157,8 +146,6 @@ def set_seed(seed: int) -> None:
 
 
 def destroy() -> None:
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

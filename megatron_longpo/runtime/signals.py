@@ -52,7 +52,8 @@ def start_checkpoint_helpers() -> None:
     Idempotent (Megatron keeps the helper in a module global). Call before the first save; every
     rank that saves must call it.
     """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async  # heavy: only when saving
+    # deferred: megatron-core loads only when a save needs it (signals.py is torch-free)
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", None) is not None:
         return

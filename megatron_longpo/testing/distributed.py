@@ -18,6 +18,7 @@ atexit hook stops them.
 from __future__ import annotations
 
 import atexit
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -25,6 +26,12 @@ import socket
 import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+from megatron_longpo.runtime import cpu_compat
 
 
 class DistributedTestError(AssertionError):
@@ -43,14 +50,8 @@ def _worker(rank: int, world: int, port: int, tasks: mp.Queue, results: mp.Queue
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     # Keep each worker to one intra-op thread: N workers share the machine's cores.
-    import torch
-
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        import torch.distributed as dist
-
-        from megatron_longpo.runtime import cpu_compat
-
         cpu_compat.enable()
         dist.init_process_group("gloo", rank=rank, world_size=world)
     except BaseException:
@@ -82,12 +83,8 @@ def _reset_megatron_state() -> None:
     registered, with its gloo I/O threads. Reusing a worker for hundreds of calls would pile up
     thousands of threads, so the groups are destroyed here explicitly.
     """
-    import gc
-
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d
-
     try:
+        # deferred: workers import this module before cpu_compat.enable()
         from megatron.core import parallel_state as ps
 
         if ps.model_parallel_is_initialized():

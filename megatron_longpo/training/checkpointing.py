@@ -24,6 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_longpo.checkpoint import (
     CheckpointError,
@@ -127,14 +129,10 @@ def resume_with_fallback(
 
 
 def _rng_object(state: Optional[dict]):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     return ShardedObject("rng_state", state, (world_size(),), (rank(),), replica_id=0)
 
 
 def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
     state = {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
@@ -147,8 +145,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -17,6 +17,7 @@ from megatron_longpo.data.indexed import (
 )
 from megatron_longpo.data.layout import build_pair_batch
 from megatron_longpo.data.sampler import PreferenceSampler
+from megatron_longpo.reference import open_reference
 from megatron_longpo.runtime.distributed import ParallelGroups
 
 
@@ -112,8 +113,6 @@ def build_training_data(cfg: LongPOConfig, groups: ParallelGroups) -> TrainingDa
         valid = PreferenceDataset(cfg.data.valid_data)
     reference = valid_reference = None
     if cfg.loss.mode != "sft":
-        from megatron_longpo.reference import open_reference
-
         reference = open_reference(cfg, cfg.data.train_data, groups)
         if valid is not None:
             valid_reference = open_reference(cfg, cfg.data.valid_data, groups, split="valid", share_model_with=reference)

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from megatron_longpo.config import ConfigError, LongPOConfig, config_changes, to_dict, validate
+from megatron_longpo.config import ConfigError, LongPOConfig, config_changes, load_config, to_dict, validate
 from megatron_longpo.evaluation.setup import evaluator_from_config
+from megatron_longpo.models.provider import build_model
+from megatron_longpo.runtime.capabilities import cuda_available
 from megatron_longpo.runtime.distributed import (
     ParallelGroups,
     destroy,
@@ -69,11 +71,9 @@ def _print0(msg: str) -> None:
 
 
 def _wrap_ddp(model, cfg: LongPOConfig):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=torch.cuda.is_available(),
+        overlap_grad_reduce=cuda_available(),
         use_distributed_optimizer=use_distributed_optimizer(cfg.optim),
         check_for_nan_in_grad=True,
     )
@@ -82,8 +82,6 @@ def _wrap_ddp(model, cfg: LongPOConfig):
 
 def _build_model(cfg: LongPOConfig):
     """The policy: cfg.model (its rope_theta overrides the checkpoint's), attention per backend."""
-    from megatron_longpo.models.provider import build_model
-
     t = cfg.training
     return build_model(cfg.model, cfg.parallel, pair_layout=cfg.data.pair_layout,
                        recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
@@ -309,8 +307,6 @@ def _evaluate(cfg: LongPOConfig, ddp, data: TrainingData, groups: ParallelGroups
 
 
 def main(config_path: Optional[str], overrides: list[str]) -> int:
-    from megatron_longpo.config import load_config
-
     cfg = load_config(config_path, overrides)
     try:
         train(cfg)

@@ -97,6 +97,7 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
 def estimate_step_seconds(cfg: LongPOConfig, world_size: int, tflops_per_gpu: float, seq_tokens: int | None = None,
                           shared_prefix_response_tokens: int = 4096) -> float:
     """Seconds per optimizer step at an assumed sustained model TFLOP/s per GPU."""
+    # deferred: flops.py imports torch; estimate_memory.py answers --help / config errors first
     from megatron_longpo.training.flops import train_flops
 
     m = cfg.model

@@ -118,7 +118,8 @@ class MetricsLogger:
             drop_steps_after(Path(cfg.metrics_jsonl), start_step)
             self.jsonl = open(cfg.metrics_jsonl, "a")
         if cfg.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
+            # deferred: tensorboard loads only when training.tensorboard_dir asks for it
+            from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events a preempted run logged after its last checkpoint are replayed by
             # the resumed run; TensorBoard drops the old ones instead of drawing both.
@@ -127,7 +128,7 @@ class MetricsLogger:
                 self.tb.add_text("config", "```yaml\n" + yaml.safe_dump(run_config, sort_keys=False) + "```", start_step)
         if cfg.wandb_project and cfg.wandb_mode != "disabled":
             try:
-                import wandb
+                import wandb  # optional: wandb is the 'wandb' extra
             except ImportError as e:
                 raise RuntimeError("logging.wandb_project is set but wandb is not installed: "
                                    "pip install 'megatron_longpo[wandb]' or unset logging.wandb_project") from e

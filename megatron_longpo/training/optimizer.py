@@ -18,11 +18,12 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_longpo.config import ConfigError, ModelConfig, OptimConfig
+from megatron_longpo.runtime import capabilities
 
 
 def use_distributed_optimizer(optim: OptimConfig) -> bool:
-    """The distributed optimizer shards state over DP; Megatron supports it on CUDA only."""
-    return optim.use_distributed_optimizer and torch.cuda.is_available()
+    """``optim.use_distributed_optimizer`` on this machine (runtime/capabilities.py decides)."""
+    return capabilities.use_distributed_optimizer(optim.use_distributed_optimizer, capabilities.cuda_available())
 
 
 def megatron_optimizer_config(optim: OptimConfig, model: ModelConfig) -> OptimizerConfig:

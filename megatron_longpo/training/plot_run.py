@@ -8,7 +8,9 @@ dependency (``pip install 'megatron_longpo[plot]'``).
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -66,10 +68,10 @@ def read_curves(path: str | Path, name: str | None = None) -> RunCurves:
 
 def plot_runs(runs: Sequence[RunCurves], out: str | Path) -> Path:
     """Write the PNG (one panel per metric any run has) and return its path."""
-    import matplotlib  # optional dependency
+    import matplotlib  # optional: matplotlib is the 'plot' extra
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: matplotlib is the 'plot' extra
 
     keys = [(k, t) for k, t in PANELS if any(k in r.train or k in r.valid for r in runs)]
     if not keys:
@@ -100,3 +102,34 @@ def plot_runs(runs: Sequence[RunCurves], out: str | Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+USAGE = """Plot training curves of one or more runs (overlaid) to a PNG.
+
+    python tools/plot_run.py runs/quickstart [runs/other ...] [--out curves.png] [--names a b]
+
+Each RUN is a metrics JSONL (logging.metrics_jsonl) or a directory holding ``metrics.jsonl``.
+For live curves use TensorBoard: ``tensorboard --logdir <logging.tensorboard_dir>``.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tools/plot_run.py``."""
+    p = argparse.ArgumentParser(prog="plot_run.py", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="metrics JSONL files or run directories")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/curves.png of the first run)")
+    p.add_argument("--names", nargs="*", default=None, help="legend names, one per run")
+    a = p.parse_args(argv)
+    if a.names and len(a.names) != len(a.runs):
+        p.error(f"--names has {len(a.names)} names for {len(a.runs)} runs")
+    try:
+        runs = [read_curves(r, a.names[i] if a.names else None) for i, r in enumerate(a.runs)]
+        out = a.out or str(find_metrics(a.runs[0]).parent / "curves.png")
+        print(f"wrote {plot_runs(runs, out)}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError:
+        print("error: plotting needs matplotlib: pip install 'megatron_longpo[plot]'", file=sys.stderr)
+        return 2
+    return 0

@@ -25,6 +25,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import rank
 from megatron_longpo.runtime.signals import PREEMPTION_SIGNALS, STOP_FILE_ENV, StopFlag, write_run_status
 
@@ -106,8 +107,7 @@ class StopController:
                   f"this step boundary{hint}", flush=True)
         flag = torch.tensor([local], dtype=torch.int64)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            if torch.cuda.is_available():
-                flag = flag.cuda()
+            flag = flag.to(collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return REASONS.get(int(flag.item()))
 

@@ -12,7 +12,12 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from megatron_longpo.checkpoint import CheckpointError, check_compatible, read_meta, tokenizer_dir
 from megatron_longpo.config import ConfigError, LongPOConfig, ModelConfig
+from megatron_longpo.data.dataset import check_dataset_files
+from megatron_longpo.data.indexed import load_metadata
+from megatron_longpo.data.tokenizer import Tokenizer
+from megatron_longpo.reference import check_reference_cache
 
 
 class PreflightError(ConfigError):
@@ -33,8 +38,6 @@ def check_writable(path: str, option: str) -> None:
 def check_checkpoint_compatible(path: str, model: ModelConfig, option: str, shapes: bool = True) -> None:
     """The checkpoint exists and is complete; with ``shapes``, its weights fit ``model``
     (rope_theta may differ). The reference model keeps its own config, so only existence counts."""
-    from megatron_longpo.checkpoint import CheckpointError, check_compatible, read_meta
-
     if not Path(path).exists():
         raise PreflightError(f"{option}={path} does not exist; convert a HF model with tools/convert_hf_to_megatron.py "
                              f"or point {option} at a run directory")
@@ -49,8 +52,6 @@ def check_checkpoint_compatible(path: str, model: ModelConfig, option: str, shap
 def _model_tokenizer_dir(cfg: LongPOConfig) -> Optional[tuple[str, Path]]:
     """(checkpoint, its tokenizer directory) of the model this run trains: the run being resumed
     (checkpoint.save) if it has a checkpoint, else checkpoint.load; None when neither ships one."""
-    from megatron_longpo.checkpoint import CheckpointError, tokenizer_dir
-
     for path in (cfg.checkpoint.save, cfg.checkpoint.load):
         if not path or not Path(path).exists():
             continue
@@ -65,9 +66,6 @@ def _model_tokenizer_dir(cfg: LongPOConfig) -> Optional[tuple[str, Path]]:
 
 def check_tokenizer_matches_model(cfg: LongPOConfig) -> None:
     """The data was tokenized the way the model reads text (its checkpoint's tokenizer)."""
-    from megatron_longpo.data.indexed import load_metadata
-    from megatron_longpo.data.tokenizer import Tokenizer
-
     if not cfg.data.check_tokenizer:
         return
     found = _model_tokenizer_dir(cfg)
@@ -90,8 +88,6 @@ def check_before_init(cfg: LongPOConfig, world_size: int) -> None:
     if not d.train_data:
         raise PreflightError("data.train_data is not set; preprocess with tools/preprocess_data.py and pass "
                              "--data.train_data=OUTPUT_PREFIX")
-    from megatron_longpo.data.dataset import check_dataset_files
-
     check_dataset_files(d.train_data, "data.train_data")
     if d.valid_data:
         check_dataset_files(d.valid_data, "data.valid_data")
@@ -101,8 +97,6 @@ def check_before_init(cfg: LongPOConfig, world_size: int) -> None:
         if r.source == "cache":
             # Every cache check (present, complete, same dataset / tokenizer / mode / reference
             # checkpoint) on files only; the error names the mismatch and the rebuild command.
-            from megatron_longpo.reference import check_reference_cache
-
             check_reference_cache(cfg, d.train_data)
             if d.valid_data:
                 check_reference_cache(cfg, d.valid_data)

@@ -20,6 +20,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from megatron_longpo.config import LossConfig
 from megatron_longpo.data.batch import PairBatch
@@ -27,6 +30,7 @@ from megatron_longpo.loss.forward import unwrap_model
 from megatron_longpo.loss.logprobs import host_to_device, segment_logprob_sums
 from megatron_longpo.loss.longpo import longpo_loss
 from megatron_longpo.models.attention import attention_inputs
+from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import ParallelGroups
 from megatron_longpo.runtime.zigzag import zigzag_slice
 
@@ -141,14 +145,10 @@ def global_token_normalizer(micro_batches: Sequence[PairBatch], dp_group: Option
         dtype=torch.float64,
     )
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        counts = counts.to(_collective_device(dp_group))
+        counts = counts.to(collective_device(dp_group))
         dist.all_reduce(counts, group=dp_group)
     tokens, n_mb = counts.tolist()
     return max(tokens, 1.0) / max(n_mb, 1.0)
-
-
-def _collective_device(group: dist.ProcessGroup) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
 def average_metrics(per_microbatch: Sequence[Mapping[str, torch.Tensor]], dp_group: Optional[dist.ProcessGroup]) -> dict[str, float]:
@@ -172,7 +172,7 @@ def average_metrics(per_microbatch: Sequence[Mapping[str, torch.Tensor]], dp_gro
     count = torch.tensor([float(len(per_microbatch))], dtype=torch.float64, device=dev)
     local = torch.cat([stacked.sum(0), count])
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        local = local.to(_collective_device(dp_group))
+        local = local.to(collective_device(dp_group))
         dist.all_reduce(local, group=dp_group)
     vals = local.cpu().tolist()
     return {k: v / vals[-1] for k, v in zip(keys, vals[:-1])}
@@ -198,10 +198,6 @@ def forward_backward(
     (a MegatronOptimizer) supplies the loss scale for fp16/bf16. Every DP rank must pass the
     same number of micro-batches of the same size.
     """
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
-
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     sizes = {mb.num_pairs for mb in micro_batches}

@@ -72,7 +72,7 @@ def test_sdpa_uses_fused_kernels_without_dense_masks(monkeypatch):
 
 
 def test_flash_attn_kernel_matches_sdpa():
-    from megatron_longpo.models.attention.kernels import flash_attn_available
+    from megatron_longpo.runtime.capabilities import flash_attn_available
 
     if not flash_attn_available():
         pytest.skip("flash-attn >= 2.1 not installed")

@@ -6,7 +6,7 @@ from typing import Optional
 
 from megatron_longpo.config import ConfigError, ParallelConfig
 from megatron_longpo.models.attention.core import ContextParallelAttention, FlashContextParallelAttention
-from megatron_longpo.models.attention.kernels import flash_attn_available
+from megatron_longpo.runtime.capabilities import flash_attn_available, te_available
 
 PROJECT_BACKENDS = {"sdpa": ContextParallelAttention, "flash": FlashContextParallelAttention}
 
@@ -18,8 +18,6 @@ def resolve_attention_backend(parallel: ParallelConfig, pair_layout: str, transf
     ``two_sequences`` layout; the project attention with SDPA otherwise.
     ``transformer_impl`` is the resolved layer implementation (``local`` | ``transformer_engine``).
     """
-    from megatron_longpo.models.provider import te_available
-
     backend = parallel.attention_backend
     te_ok = transformer_impl == "transformer_engine" and te_available()
     if backend == "auto":

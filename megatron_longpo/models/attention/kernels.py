@@ -114,24 +114,9 @@ def _cpu_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
 
 
-def flash_attn_available() -> bool:
-    """flash-attn >= 2.1 (bottom-right causal alignment) imports and CUDA is usable."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import flash_attn
-    except Exception:
-        return False
-    try:
-        major, minor = (int(x) for x in flash_attn.__version__.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (2, 1)
-
-
 def flash_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """Lower-right causal attention with flash-attn 2 (GQA native, bshd layout)."""
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func  # optional: flash-attn is a GPU extra (parallel.attention_backend=flash)
 
     out = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
