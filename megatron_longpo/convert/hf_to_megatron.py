@@ -100,7 +100,7 @@ def convert_hf_to_megatron(
     progress: bool = True,
 ) -> ImportResult:
     """Convert an HF Llama / Mistral / Qwen2 directory into a checkpoint run directory ``out``."""
-    from megatron_longpo.checkpoint import TOKENIZER_DIR, save_checkpoint
+    from megatron_longpo.checkpoint import TOKENIZER_DIR, save_sharded_checkpoint
     from megatron_longpo.convert.megatron_model import empty_model, sharded_state_dict_for_save, single_process_runtime
     from megatron_longpo.convert.verify import verify as run_verify
 
@@ -131,7 +131,7 @@ def convert_hf_to_megatron(
             reader.close()
             sharded = sharded_state_dict_for_save(model)
             del model
-            save_checkpoint(tmp, sharded, cfg, iteration=0, extra_meta=extra)
+            save_sharded_checkpoint(tmp, sharded, cfg, iteration=0, extra_meta=extra)
             del sharded
             gc.collect()
             copy_side_files(hf_dir, tmp / TOKENIZER_DIR)

@@ -84,13 +84,14 @@ def check_tokenizer_matches_model(cfg: LongPOConfig) -> None:
             "know the two agree")
 
 
-def check_before_init(cfg: LongPOConfig, world_size: int) -> None:
-    """Every check that needs no process group: files present, checkpoint fits, outputs writable."""
+def check_before_init(cfg: LongPOConfig) -> None:
+    """Every check that needs no process group: files present, checkpoint fits, outputs writable.
+    (The world-size rules are config.validate(cfg, world_size)'s.)"""
     d = cfg.data
     if not d.train_data:
         raise PreflightError("data.train_data is not set; preprocess with tools/preprocess_data.py and pass "
                              "--data.train_data=OUTPUT_PREFIX")
-    from megatron_longpo.data.dataset import check_dataset_files
+    from megatron_longpo.data.checks import check_dataset_files
 
     check_dataset_files(d.train_data, "data.train_data")
     if d.valid_data:

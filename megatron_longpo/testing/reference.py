@@ -59,7 +59,7 @@ def make_hf_model(out: str | Path, seed: int = 0, vocab_size: int = TOKENIZER_VO
     """A tiny random Mistral (8 heads, 2 KV groups, rope_theta 1e6) saved with transformers."""
     import transformers
 
-    from megatron_longpo.convert.testing import hf_config, randomize_
+    from megatron_longpo.testing.convert import hf_config, randomize_
 
     cfg = hf_config("mistral", vocab_size=vocab_size, **overrides)
     torch.manual_seed(seed)

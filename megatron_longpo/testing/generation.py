@@ -14,8 +14,8 @@ _WORDS = ("archive ledger harbor council river granite lantern orchard meadow be
 
 
 def build_tiny_chat_model(out: str | Path, seed: int = 0) -> Path:
-    """A tiny random Llama (megatron_longpo.convert.testing) whose tokenizer has a ChatML template."""
-    from megatron_longpo.convert.testing import build_tiny_hf
+    """A tiny random Llama (megatron_longpo.testing.convert) whose tokenizer has a ChatML template."""
+    from megatron_longpo.testing.convert import build_tiny_hf
 
     out = build_tiny_hf(out, "llama", seed=seed)
     cfg_path = out / "tokenizer_config.json"
