@@ -49,7 +49,7 @@ def main() -> None:
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.reference.precompute import PrecomputeOptions, precompute
     from megatron_longpo.reference.source import open_reference
-    from megatron_longpo.reference.testing import TOKENIZER_VOCAB, make_dataset, synthetic_records
+    from megatron_longpo.testing.reference import TOKENIZER_VOCAB, make_dataset, synthetic_records
     from megatron_longpo.runtime.distributed import init_distributed, init_model_parallel, set_seed
     from megatron_longpo.training.optimizer import build_optimizer
     from megatron_longpo.training.step import train_step

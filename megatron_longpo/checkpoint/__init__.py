@@ -19,12 +19,12 @@ from megatron_longpo.checkpoint.format import (
 from megatron_longpo.checkpoint.model_io import (
     check_compatible,
     load_model_checkpoint,
-    save_checkpoint,
     save_model_checkpoint,
+    save_sharded_checkpoint,
 )
 
 __all__ = [
     "LATEST_FILE", "META_FILE", "TOKENIZER_DIR", "CheckpointError", "CheckpointMeta", "check_compatible",
     "iter_dir_name", "latest_iteration", "load_model_checkpoint", "read_meta", "read_model_config",
-    "resolve_checkpoint_dir", "save_checkpoint", "save_model_checkpoint", "tokenizer_dir",
+    "resolve_checkpoint_dir", "save_model_checkpoint", "save_sharded_checkpoint", "tokenizer_dir",
 ]

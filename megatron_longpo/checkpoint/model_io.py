@@ -3,7 +3,7 @@
 Collective: every rank of the default process group calls these functions. Saving writes
 ``RUN/iter_N.tmp`` then renames it to ``RUN/iter_N`` and updates the latest pointer last.
 Training extends a checkpoint by passing a bigger sharded state dict (model + optimizer +
-scheduler) to :func:`save_checkpoint` and its own keys through ``extra_meta``.
+scheduler) to :func:`save_sharded_checkpoint` and its own keys through ``extra_meta``.
 
 Scripts that save must have an ``if __name__ == "__main__":`` guard: even the synchronous
 torch_dist writer of megatron-core 0.16 starts a spawn-context multiprocessing Manager (results
@@ -61,7 +61,7 @@ class CheckpointSaveError(CheckpointError, OSError):
     """Writing a checkpoint failed (an OSError such as a full disk), said in one line."""
 
 
-def save_checkpoint(
+def save_sharded_checkpoint(
     ckpt_dir: str | Path,
     sharded_state_dict: dict,
     model_cfg: ModelConfig,
@@ -70,7 +70,7 @@ def save_checkpoint(
 ) -> Path:
     """Atomically save ``sharded_state_dict`` as ``ckpt_dir/iter_<iteration>``; returns that dir."""
     if not dist.is_initialized():
-        raise RuntimeError("save_checkpoint needs torch.distributed (init_distributed) to be initialised")
+        raise RuntimeError("save_sharded_checkpoint needs torch.distributed (init_distributed) to be initialised")
     run = Path(ckpt_dir)
     final = run / iter_dir_name(iteration)
     tmp = run / f"{final.name}.tmp"
@@ -111,7 +111,7 @@ def save_model_checkpoint(
     extra_meta: Optional[dict] = None,
 ) -> Path:
     """Save the weights of ``model`` (a GPTModel on the current TP/CP groups)."""
-    return save_checkpoint(ckpt_dir, model.sharded_state_dict(), model_cfg, iteration, extra_meta)
+    return save_sharded_checkpoint(ckpt_dir, model.sharded_state_dict(), model_cfg, iteration, extra_meta)
 
 
 def _is_extra_state(key: str) -> bool:
@@ -196,7 +196,7 @@ def load_model_checkpoint(
     strict: bool = True,
     verify: str = "full",
 ) -> CheckpointMeta:
-    """Load weights saved by :func:`save_checkpoint` into ``model`` at the current TP/CP layout.
+    """Load weights saved by :func:`save_sharded_checkpoint` into ``model`` at the current TP/CP layout.
 
     ``ckpt_dir`` is a run dir (its latest pointer is followed) or an iteration dir. The
     checkpoint's ModelConfig is checked against ``model_cfg`` (or, without it, against what the
@@ -231,5 +231,5 @@ def load_model_checkpoint(
 
 __all__ = [
     "CheckpointError", "check_compatible", "load_model_checkpoint", "load_sharded",
-    "save_checkpoint", "save_model_checkpoint", "STRUCTURAL_FIELDS", "SOFT_FIELDS", "LATEST_FILE",
+    "save_sharded_checkpoint", "save_model_checkpoint", "STRUCTURAL_FIELDS", "SOFT_FIELDS", "LATEST_FILE",
 ]

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from megatron_longpo.checkpoint import TOKENIZER_DIR, save_checkpoint
+from megatron_longpo.checkpoint import TOKENIZER_DIR, save_sharded_checkpoint
 from megatron_longpo.config import ConfigError, ModelConfig, ParallelConfig, validate_model
 from megatron_longpo.convert import mapping
 from megatron_longpo.convert.files import check_output_dir, copy_side_files, side_files, staged_dir
@@ -129,7 +129,7 @@ def convert_hf_to_megatron(
             reader.close()
             sharded = sharded_state_dict_for_save(model)
             del model
-            save_checkpoint(tmp, sharded, cfg, iteration=0, extra_meta=extra)
+            save_sharded_checkpoint(tmp, sharded, cfg, iteration=0, extra_meta=extra)
             del sharded
             gc.collect()
             copy_side_files(hf_dir, tmp / TOKENIZER_DIR)

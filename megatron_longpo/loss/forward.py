@@ -1,17 +1,19 @@
 """Model -> per-segment log-prob sums (and argmax matches): the one forward of training, reference
 and evaluation.
 
-:func:`model_segment_logprobs` takes FULL (un-split) sequences, cuts this CP rank's zigzag slice,
-runs the model's hidden-state forward and reduces with :func:`segment_logprob_sums` (chunked,
-vocab-parallel, summed over CP; never a [S, V] tensor). With ``argmax=True`` it also counts, per
-segment, the positions whose target token is the argmax of the full-vocabulary logits
-(:func:`vocab_parallel_target_is_argmax`: per chunk a local max over this TP rank's vocab shard,
-one all-gather over TP of (local max, target logit), no gradient). Teacher-forced exact match of
-a segment is ``matches == counts``.
+:func:`rank_segment_logprobs` is the single place that goes from a model to per-segment
+statistics: it takes this CP rank's inputs, runs the model's hidden-state forward and reduces with
+:func:`segment_logprob_sums` (chunked, vocab-parallel, summed over CP; never a [S, V] tensor).
+Target and segment ids stay on the host, so the reduction plans on them without a device sync
+(megatron_longpo/testing/syncs.py counts this for the training step). With ``argmax=True`` it
+also counts, per segment, the positions whose target token is the argmax of the full-vocabulary
+logits (:func:`vocab_parallel_target_is_argmax`: per chunk a local max over this TP rank's vocab
+shard, one all-gather over TP of (local max, target logit), no gradient). Teacher-forced exact
+match of a segment is ``matches == counts``.
 
-The callers today: evaluation (megatron_longpo/evaluation/scoring.py). training/step.py and
-reference/compute.py still run the same three steps inline; they can switch to this function
-without a change in numbers (same slice, same forward, same reduction).
+:func:`model_segment_logprobs` does the same from FULL (un-split) sequences: it cuts this CP
+rank's zigzag slice first. Callers: training/step.py (rank inputs of a PairBatch),
+reference/compute.py and evaluation/scoring.py (full sequences).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-from megatron_longpo.loss.logprobs import DEFAULT_CHUNK_SIZE, _rank_size, all_reduce_sum, segment_logprob_sums
+from megatron_longpo.loss.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    _rank_size,
+    all_reduce_sum,
+    host_to_device,
+    plan_rows,
+    segment_logprob_sums,
+)
 from megatron_longpo.runtime.distributed import ParallelGroups
 from megatron_longpo.runtime.zigzag import zigzag_slice
 
@@ -99,6 +108,51 @@ class SegmentStats:
         return (self.argmax_matches == self.counts) & (self.counts > 0)
 
 
+def rank_segment_logprobs(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,  # [rows, S/cp] int64, this CP rank's zigzag slice (host or device)
+    position_ids: torch.Tensor,  # [rows, S/cp] int64
+    attention_mask: Optional[torch.Tensor],  # None (causal) or a branch layout [rows, 2] (CPU, full rows)
+    target_ids: torch.Tensor,  # [rows, S/cp] int64, host (CPU) for a sync-free step
+    segment_ids: Sequence[torch.Tensor],  # K x [rows, S/cp] int64: segment id or -1 (host)
+    num_segments: Sequence[int],
+    groups: ParallelGroups,
+    *,
+    vocab_size: int,
+    sequence_parallel: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    argmax: bool = False,
+) -> list[SegmentStats]:
+    """Forward ``model`` on this CP rank's inputs and reduce to per-segment statistics, summed
+    over CP (identical on every TP and CP rank).
+
+    Collective over the TP and CP groups. Differentiable in ``sums`` unless called under
+    ``torch.no_grad()``. Token inputs are copied to the model's device without blocking the host.
+    """
+    inner = unwrap_model(model)
+    if attention_mask is not None and not getattr(inner, "explicit_rope", False):
+        # Megatron's default attention is plainly causal and its RoPE ignores position_ids:
+        # the rejected branch would attend to the chosen branch and get the wrong positions.
+        raise ValueError(
+            "data.pair_layout=shared_prefix needs the project attention (parallel.attention_backend="
+            "auto|sdpa|flash and build_model(..., pair_layout='shared_prefix'))"
+        )
+    weight = inner.output_weight()  # [V_pad/tp, h]
+    dev = weight.device
+    hidden = model(host_to_device(tokens, dev), host_to_device(position_ids, dev), attention_mask,
+                   return_hidden=True)  # [S/cp(/tp), rows, h]
+    results = segment_logprob_sums(
+        hidden, weight, target_ids, segment_ids, num_segments, vocab_size=vocab_size, tp_group=groups.tp_group,
+        cp_group=groups.cp_group, sequence_parallel=sequence_parallel, chunk_size=chunk_size,
+    )
+    if not argmax:
+        return [SegmentStats(r.sums, r.counts) for r in results]
+    with torch.no_grad():
+        matches = _segment_argmax_matches(hidden, weight, target_ids, segment_ids, num_segments, vocab_size, groups,
+                                          sequence_parallel, chunk_size)
+    return [SegmentStats(r.sums, r.counts, m) for r, m in zip(results, matches)]
+
+
 def model_segment_logprobs(
     model: torch.nn.Module,
     tokens: torch.Tensor,  # [rows, S] int64, full sequences (not CP-sliced)
@@ -114,36 +168,24 @@ def model_segment_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     argmax: bool = False,
 ) -> list[SegmentStats]:
-    """Forward ``model`` on this CP rank's zigzag slice and reduce to per-segment statistics.
+    """:func:`rank_segment_logprobs` of full sequences: cuts this CP rank's zigzag slice first.
 
     Collective over the TP and CP groups: every rank of them passes the same full tensors.
-    S must be a multiple of ``config.seq_length_multiple(parallel)``. Differentiable in ``sums``
-    unless called under ``torch.no_grad()``.
+    S must be a multiple of ``config.seq_length_multiple(parallel)``.
     """
-    inner = unwrap_model(model)
-    weight = inner.output_weight()  # [V_pad/tp, h]
-    dev = weight.device
     cp_rank, cp = groups.cp_rank, groups.cp_size
     if cp > 1 and tokens.shape[1] % (2 * cp):
         raise ValueError(f"sequence length {tokens.shape[1]} is not a multiple of 2*cp = {2 * cp}; pad to "
                          "megatron_longpo.config.seq_length_multiple(parallel)")
 
     def local(x: torch.Tensor) -> torch.Tensor:
-        return zigzag_slice(x.to(dev), cp_rank, cp, dim=1)  # [rows, S/cp]
+        return zigzag_slice(x, cp_rank, cp, dim=1)  # [rows, S/cp], on the device it came on
 
-    tgt = local(target_ids)
-    segs = [local(s) for s in segment_ids]
-    hidden = model(local(tokens), local(position_ids), attention_mask, return_hidden=True)  # [S/cp(/tp), rows, h]
-    results = segment_logprob_sums(
-        hidden, weight, tgt, segs, num_segments, vocab_size=vocab_size, tp_group=groups.tp_group,
-        cp_group=groups.cp_group, sequence_parallel=sequence_parallel, chunk_size=chunk_size,
+    return rank_segment_logprobs(
+        model, local(tokens), local(position_ids), attention_mask, local(target_ids),
+        [local(s) for s in segment_ids], num_segments, groups, vocab_size=vocab_size,
+        sequence_parallel=sequence_parallel, chunk_size=chunk_size, argmax=argmax,
     )
-    if not argmax:
-        return [SegmentStats(r.sums, r.counts) for r in results]
-    with torch.no_grad():
-        matches = _segment_argmax_matches(hidden, weight, tgt, segs, num_segments, vocab_size, groups,
-                                          sequence_parallel, chunk_size)
-    return [SegmentStats(r.sums, r.counts, m) for r, m in zip(results, matches)]
 
 
 def _segment_argmax_matches(hidden, weight, target_ids, segs, num_segments, vocab_size, groups: ParallelGroups,
@@ -154,20 +196,13 @@ def _segment_argmax_matches(hidden, weight, target_ids, segs, num_segments, voca
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=groups.tp_group)
     b, s = target_ids.shape
     h = hidden.shape[-1]
-    flat = [seg.t().reshape(-1) for seg in segs]  # position-major, matching hidden.reshape(s*b, h)
-    need = torch.zeros(s * b, dtype=torch.bool, device=target_ids.device)
-    for seg in flat:
-        need |= seg >= 0
-    idx = need.nonzero().squeeze(1)
-    rows = hidden.reshape(s * b, h).index_select(0, idx)
-    targets = target_ids.t().reshape(-1).index_select(0, idx)
-    hit = vocab_parallel_target_is_argmax(rows, weight, targets, vocab_size=vocab_size, tp_group=groups.tp_group,
-                                          chunk_size=chunk_size).to(torch.float64)  # [N]
-    parts = []
-    for seg, n in zip(flat, num_segments):
-        sel = seg.index_select(0, idx)
-        sel = torch.where(sel >= 0, sel, torch.full_like(sel, n))
-        parts.append(hit.new_zeros(n + 1).index_add_(0, sel, hit)[:n])
+    dev = hidden.device
+    plan = plan_rows(target_ids.cpu(), [seg.cpu() for seg in segs], num_segments, vocab_size)  # same rows as the sums
+    rows = hidden.reshape(s * b, h).index_select(0, host_to_device(plan.idx, dev))
+    hit = vocab_parallel_target_is_argmax(rows, weight, host_to_device(plan.targets, dev), vocab_size=vocab_size,
+                                          tp_group=groups.tp_group, chunk_size=chunk_size).to(torch.float64)  # [N]
+    parts = [hit.new_zeros(n + 1).index_add_(0, host_to_device(sel, dev), hit)[:n]
+             for sel, n in zip(plan.sets, num_segments)]
     total = all_reduce_sum(torch.cat(parts), groups.cp_group if groups.cp_size > 1 else None)
     out, off = [], 0
     for n in num_segments:

@@ -27,15 +27,13 @@ import torch
 
 from megatron_longpo.data.indexed import FIXED_SEQUENCES, SEQUENCES_PER_TURN
 from megatron_longpo.data.layout import build_reference_batch
-from megatron_longpo.loss.forward import unwrap_model
-from megatron_longpo.loss.logprobs import segment_logprob_sums
+from megatron_longpo.loss.forward import model_segment_logprobs
 from megatron_longpo.reference.precompute_args import (  # noqa: F401  (defined with the torch-free CLI)
     DEFAULT_PAD_MULTIPLE,
     DEFAULT_TOKENS_PER_BATCH,
     MODES,
 )
 from megatron_longpo.runtime.distributed import ParallelGroups
-from megatron_longpo.runtime.zigzag import zigzag_slice
 
 
 def num_turn_slots(dataset, mode: str) -> int:
@@ -138,18 +136,9 @@ def sequence_logprob_sums(
     ``pad_to_multiple`` must be a multiple of ``config.seq_length_multiple`` of the model's layout.
     """
     batch = build_reference_batch(sequences, pad_to_multiple, pad_id)
-    inner = unwrap_model(model)
-    weight = inner.output_weight()  # [V_pad/tp, h]
-    dev = weight.device
-    local = {
-        k: zigzag_slice(getattr(batch, k).to(dev), groups.cp_rank, groups.cp_size, dim=1)
-        for k in ("tokens", "position_ids", "target_ids", "response_segment")
-    }  # [n, S/cp] each
-    hidden = model(local["tokens"], local["position_ids"], None, return_hidden=True)  # [S/cp(/tp), n, h]
-    (res,) = segment_logprob_sums(
-        hidden, weight, local["target_ids"], [local["response_segment"]], [len(sequences)],
-        vocab_size=vocab_size, tp_group=groups.tp_group, cp_group=groups.cp_group,
-        sequence_parallel=sequence_parallel, chunk_size=chunk_size,
+    (res,) = model_segment_logprobs(
+        model, batch.tokens, batch.position_ids, batch.target_ids, [batch.response_segment], [len(sequences)],
+        groups, vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=chunk_size,
     )
     return res.sums.cpu().numpy().astype(np.float64), res.counts.cpu().numpy().astype(np.int64)
 

@@ -1,12 +1,13 @@
 """Reference log-probs for training: from the cache (default) or from a frozen model (online).
 
-The training loop calls, once, after the process groups exist and before the first step::
+training/data_provider.build_training_data opens the sources once, after the process groups exist
+and before the first step (not at all for loss.mode=sft), and fills each micro-batch from them::
 
-    ref = open_reference(cfg, cfg.data.train_data, groups)    # None for loss.mode=sft (prefix or dataset)
-    w, l = ref.logps(sample_indices)                           # float64 [B] each, sums over turns
-    batch = ref.attach(batch)                                  # same, filled into a PairBatch via sample_index
+    ref = open_reference(cfg, cfg.data.train_data, groups)    # prefix or dataset
     vref = open_reference(cfg, cfg.data.valid_data, groups,    # validation set: reference.valid_cache_path
-                          share_model_with=ref)                # (online: reuse the one frozen model)
+                          split="valid", share_model_with=ref) # (online: reuse the one frozen model)
+    w, l = ref.logps(sample_indices)                           # float64 [B] each, sums over turns
+    batch = ref.attach(batch)                                  # the same, into a PairBatch via sample_index
 
 Both sources return, per pair, the reference sums over turns as float64 [B] CPU tensors:
 - ``CachedReference``: rows of the cache's totals.npy (memory-mapped), checked at open against
@@ -201,18 +202,18 @@ def open_reference(
     if r.source == "cache":
         return CachedReference(check_reference_cache(cfg, dataset.prefix, split, cache_path=cache_path))
     if r.source != "online":
-        raise ReferenceCacheError(f"reference.source={r.source!r} is not one of ['cache', 'online']")
+        raise ConfigError(f"reference.source={r.source!r} is not one of ['cache', 'online']")
     if isinstance(share_model_with, OnlineReference):
         model, ckpt, model_cfg = share_model_with.model, share_model_with.ckpt, share_model_with.model_cfg
     else:
         if not r.load:
-            raise ReferenceCacheError("reference.source=online needs reference.load (the reference checkpoint)")
+            raise ConfigError("reference.source=online needs reference.load (the reference checkpoint)")
         ckpt = read_reference_checkpoint(r.load, "reference.load")
         model_cfg = effective_model_config(ckpt, rope_theta=r.rope_theta)
         try:
             validate_model(model_cfg, cfg.parallel)
         except ConfigError as e:
-            raise ReferenceCacheError(f"the reference model of reference.load={r.load} cannot run on this layout: {e}") from e
+            raise ConfigError(f"the reference model of reference.load={r.load} cannot run on this layout: {e}") from e
         model = load_reference_model(ckpt, model_cfg, cfg.parallel)
     return OnlineReference(
         model, ckpt, model_cfg, dataset, groups, mode,

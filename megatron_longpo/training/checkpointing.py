@@ -33,7 +33,7 @@ from megatron_longpo.checkpoint import (
     latest_iteration,
     read_meta,
     resolve_checkpoint_dir,
-    save_checkpoint as save_sharded,
+    save_sharded_checkpoint,
     tokenizer_dir,
 )
 from megatron_longpo.checkpoint.format import TOKENIZER_DIR, iter_dir_name
@@ -42,7 +42,7 @@ from megatron_longpo.checkpoint.model_io import load_sharded
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.runtime.distributed import rank, world_size
 
-__all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_checkpoint"]
+__all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_training_checkpoint"]
 
 
 @dataclass
@@ -153,7 +153,7 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def save_checkpoint(
+def save_training_checkpoint(
     run_dir: str | Path,
     state: TrainState,
     model,
@@ -183,7 +183,7 @@ def save_checkpoint(
         meta = read_meta(source_checkpoint)
         extra.update({k: meta.extra[k] for k in ("source", "tokenizer") if k in meta.extra})
         src_tok = tokenizer_dir(source_checkpoint)
-    final = save_sharded(run_dir, sd, model_cfg, iteration=state.iteration, extra_meta=extra)
+    final = save_sharded_checkpoint(run_dir, sd, model_cfg, iteration=state.iteration, extra_meta=extra)
     if rank() == 0:
         run = Path(run_dir)
         if src_tok is not None and not (run / TOKENIZER_DIR).exists():

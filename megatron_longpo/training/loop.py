@@ -41,7 +41,7 @@ from megatron_longpo.training.checkpointing import (
     find_checkpoint,
     load_checkpoint,
     resume_with_fallback,
-    save_checkpoint,
+    save_training_checkpoint,
 )
 from megatron_longpo.training.data_provider import TrainingData, build_training_data
 from megatron_longpo.training.flops import attended_pairs, train_flops
@@ -102,7 +102,7 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
     init_distributed(cfg.parallel)
     world = dist.get_world_size()
     validate(cfg, world)
-    preflight.check_before_init(cfg, world)
+    preflight.check_before_init(cfg)
 
     groups = init_model_parallel(cfg.parallel)
     set_seed(cfg.training.seed)
@@ -215,7 +215,7 @@ def epochs_to_iters(num_epochs: float, num_samples: int, global_batch_size: int)
 
 def _save(cfg, state, model, optimizer, scheduler, groups, data_id: dict) -> Path:
     t = time.time()
-    path = save_checkpoint(cfg.checkpoint.save, dataclasses.replace(state), model, optimizer, scheduler,
+    path = save_training_checkpoint(cfg.checkpoint.save, dataclasses.replace(state), model, optimizer, scheduler,
                            to_dict(cfg), groups, model_cfg=cfg.model, keep_last=cfg.checkpoint.keep_last,
                            source_checkpoint=cfg.checkpoint.load, data_identity=data_id)
     _print0(f"[longpo] saved {path} in {time.time() - t:.1f}s")

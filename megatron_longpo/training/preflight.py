@@ -14,7 +14,7 @@ from typing import Optional
 
 from megatron_longpo.checkpoint import CheckpointError, check_compatible, read_meta, tokenizer_dir
 from megatron_longpo.config import ConfigError, LongPOConfig, ModelConfig
-from megatron_longpo.data.dataset import check_dataset_files
+from megatron_longpo.data.checks import check_dataset_files
 from megatron_longpo.data.indexed import load_metadata
 from megatron_longpo.data.tokenizer import Tokenizer
 from megatron_longpo.reference import check_reference_cache
@@ -82,8 +82,9 @@ def check_tokenizer_matches_model(cfg: LongPOConfig) -> None:
             "know the two agree")
 
 
-def check_before_init(cfg: LongPOConfig, world_size: int) -> None:
-    """Every check that needs no process group: files present, checkpoint fits, outputs writable."""
+def check_before_init(cfg: LongPOConfig) -> None:
+    """Every check that needs no process group: files present, checkpoint fits, outputs writable.
+    (The world-size rules are config.validate(cfg, world_size)'s.)"""
     d = cfg.data
     if not d.train_data:
         raise PreflightError("data.train_data is not set; preprocess with tools/preprocess_data.py and pass "

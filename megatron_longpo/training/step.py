@@ -3,7 +3,9 @@
 Data flow of :func:`microbatch_forward` on one rank:
 PairBatch (full sequences) -> zigzag slice for this CP rank -> model hidden states
 [s_local(/tp), rows, h] -> per-segment log-prob sums and NLL sums/counts (vocab-parallel,
-chunked, summed over CP) -> :func:`longpo_loss` with the batch's reference log-probs.
+chunked, summed over CP; :func:`megatron_longpo.loss.forward.rank_segment_logprobs`, the one
+model -> log-prob path shared with reference and evaluation) -> :func:`longpo_loss` with the
+batch's reference log-probs.
 
 Scaling (derived in docs/loss.md): the micro-batch returns its plain mean loss L_m, identical on
 every TP and CP rank. Megatron's schedule (two-value loss_func path) multiplies it by cp and
@@ -26,8 +28,8 @@ from megatron.core.utils import get_model_config
 
 from megatron_longpo.config import LossConfig
 from megatron_longpo.data.batch import PairBatch
-from megatron_longpo.loss.forward import unwrap_model
-from megatron_longpo.loss.logprobs import host_to_device, segment_logprob_sums
+from megatron_longpo.loss.forward import rank_segment_logprobs
+from megatron_longpo.loss.logprobs import host_to_device
 from megatron_longpo.loss.longpo import longpo_loss
 from megatron_longpo.models.attention import attention_inputs
 from megatron_longpo.runtime.capabilities import collective_device
@@ -91,35 +93,17 @@ def microbatch_forward(
     layout passed as ``attention_mask``) come from :func:`models.attention.attention_inputs`.
     """
     validate_batch(batch, groups, sequence_parallel, loss_cfg)
-    inner = unwrap_model(model)
-    weight = inner.output_weight()  # [V_pad/tp, h]
-    dev = weight.device
     inp = attention_inputs(batch, groups)  # zigzag slices; branch layout stays on the CPU
-    if inp.attention_mask is not None and not getattr(inner, "explicit_rope", False):
-        # Megatron's default attention is plainly causal and its RoPE ignores position_ids:
-        # the rejected branch would attend to the chosen branch and get the wrong positions.
-        raise ValueError(
-            "data.pair_layout=shared_prefix needs the project attention (parallel.attention_backend="
-            "auto|sdpa|flash and build_model(..., pair_layout='shared_prefix'))"
-        )
     # Ids stay on the host: segment_logprob_sums plans on them without device syncs.
     local = {n: zigzag_slice(getattr(batch, n), groups.cp_rank, groups.cp_size, dim=1)
              for n in ("target_ids", "response_segment", "nll_segment")}
-    hidden = model(host_to_device(inp.tokens, dev), host_to_device(inp.position_ids, dev), inp.attention_mask,
-                   return_hidden=True)
     b = batch.num_pairs
-    resp, nll = segment_logprob_sums(
-        hidden,  # [s_local(/tp), rows, h]
-        weight,
-        local["target_ids"],
-        [local["response_segment"], local["nll_segment"]],
-        [2 * b, b],
-        vocab_size=vocab_size,
-        tp_group=groups.tp_group,
-        cp_group=groups.cp_group,
-        sequence_parallel=sequence_parallel,
-        chunk_size=loss_cfg.logprob_chunk_size,
+    resp, nll = rank_segment_logprobs(
+        model, inp.tokens, inp.position_ids, inp.attention_mask,
+        local["target_ids"], [local["response_segment"], local["nll_segment"]], [2 * b, b], groups,
+        vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=loss_cfg.logprob_chunk_size,
     )
+    dev = resp.sums.device
     ref_w = host_to_device(batch.ref_chosen_logps, dev) if batch.ref_chosen_logps is not None else None
     ref_l = host_to_device(batch.ref_rejected_logps, dev) if batch.ref_rejected_logps is not None else None
     return longpo_loss(

@@ -81,12 +81,12 @@ def _weights(model):
 
 
 def _save(run_dir, extra):
-    from megatron_longpo.training.checkpointing import TrainState, save_checkpoint
+    from megatron_longpo.training.checkpointing import TrainState, save_training_checkpoint
 
     mcfg, g, model, ddp, opt, sched = _build(extra, seed=1)
     _step(mcfg, ddp, opt)
     assert any(k.endswith("final_layernorm._extra_state") for k in model.state_dict()) == extra
-    save_checkpoint(run_dir, TrainState(3, 6), model, opt, sched, {}, g, model_cfg=mcfg)
+    save_training_checkpoint(run_dir, TrainState(3, 6), model, opt, sched, {}, g, model_cfg=mcfg)
     return _weights(model)
 
 

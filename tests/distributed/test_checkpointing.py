@@ -43,11 +43,11 @@ def _step(mcfg, ddp, opt, sched, seed):
 
 def _save_then_continue(run_dir, tp):
     from megatron_longpo.models.sharding import gather_full_state_dict
-    from megatron_longpo.training.checkpointing import TrainState, save_checkpoint
+    from megatron_longpo.training.checkpointing import TrainState, save_training_checkpoint
 
     mcfg, g, model, ddp, opt, sched = _setup(tp)
     _step(mcfg, ddp, opt, sched, 1)
-    save_checkpoint(run_dir, TrainState(1, 2), model, opt, sched, {"note": "test"}, g, model_cfg=mcfg)
+    save_training_checkpoint(run_dir, TrainState(1, 2), model, opt, sched, {"note": "test"}, g, model_cfg=mcfg)
     saved = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size)
     _step(mcfg, ddp, opt, sched, 2)  # the step after the checkpoint, uninterrupted
     return saved, gather_full_state_dict(model, g.tp_group, mcfg.vocab_size), sched.get_lr(opt.param_groups[0])
@@ -113,11 +113,11 @@ def test_incomplete_checkpoint_is_not_resumed(tmp_path):
 
 
 def _save_three(run_dir):
-    from megatron_longpo.training.checkpointing import TrainState, save_checkpoint
+    from megatron_longpo.training.checkpointing import TrainState, save_training_checkpoint
 
     mcfg, g, model, ddp, opt, sched = _setup(1)
     for it in (1, 2, 3):
-        save_checkpoint(run_dir, TrainState(it, it), model, opt, sched, {}, g, model_cfg=mcfg, keep_last=2)
+        save_training_checkpoint(run_dir, TrainState(it, it), model, opt, sched, {}, g, model_cfg=mcfg, keep_last=2)
 
 
 def test_keep_last_prunes_oldest(tmp_path):

@@ -76,12 +76,12 @@ def _load(run: str, tp: int, pass_cfg: bool = True, strict: bool = True, **overr
 
 def _save_without(run: str, drop_suffixes: tuple) -> dict:
     """Save a checkpoint that lacks the entries ending in ``drop_suffixes`` (written by another tool)."""
-    from megatron_longpo.checkpoint import save_checkpoint
+    from megatron_longpo.checkpoint import save_sharded_checkpoint
     from megatron_longpo.models.sharding import gather_full_state_dict
 
     cfg, model, g = _model(1, 5)
     sd = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith(drop_suffixes)}
-    save_checkpoint(run, sd, cfg)
+    save_sharded_checkpoint(run, sd, cfg)
     return gather_full_state_dict(model, g.tp_group, cfg.vocab_size)
 
 

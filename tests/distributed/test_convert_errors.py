@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longpo.convert.testing import build_tiny_hf
+from megatron_longpo.testing.convert import build_tiny_hf
 from megatron_longpo.testing.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed

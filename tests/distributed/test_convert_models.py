@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_longpo.convert.testing import CORPUS, build_tiny_hf, hf_reference_logits
+from megatron_longpo.testing.convert import CORPUS, build_tiny_hf, hf_reference_logits
 from megatron_longpo.testing.distributed import run_distributed
 from megatron_longpo.testing.models import parallel_config, random_tokens
 

@@ -9,15 +9,9 @@ Sequence lengths are multiples of 2*cp but not of 16 (24 for cp=2, 40 for cp=4).
 import pytest
 import torch
 
+from megatron_longpo.testing.attention import assert_grads_close, full_state_dict, run_pair_model
 from megatron_longpo.testing.distributed import run_distributed
-from tests.distributed.test_shared_prefix import (
-    SINGLE_TURN,
-    assert_grads_close,
-    build_pair_batch,
-    full_state_dict,
-    make_pairs,
-    run_pair_model,
-)
+from megatron_longpo.testing.pairs import SINGLE_TURN, make_pairs, raw_pair_batch
 
 pytestmark = pytest.mark.distributed
 
@@ -39,7 +33,7 @@ def test_cp1_matches_megatron_dot_product_attention(arch):
     from megatron_longpo.testing.models import tiny_model_config
 
     pairs = make_pairs(SINGLE_TURN, tiny_model_config(arch).vocab_size, seed=3)
-    batch = build_pair_batch(pairs, "two_sequences", 24)
+    batch = raw_pair_batch(pairs, "two_sequences", 24)
     full = full_state_dict(arch)
     ref = run_distributed(run_pair_model, 1, args=(arch, 1, 1, full, [batch]), kwargs=dict(attention="megatron"))[0][0]
     out = run_distributed(run_pair_model, 1, args=(arch, 1, 1, full, [batch]))[0][0]
@@ -61,7 +55,7 @@ def test_cp_matches_cp1(arch, tp, cp, seq, recompute):
 
     spec = LONG_PAIRS if seq == 40 else SINGLE_TURN
     pairs = make_pairs(spec, tiny_model_config(arch).vocab_size, seed=7)
-    batch = build_pair_batch(pairs, "two_sequences", seq)
+    batch = raw_pair_batch(pairs, "two_sequences", seq)
     full = full_state_dict(arch)
     ref = run_distributed(run_pair_model, 1, args=(arch, 1, 1, full, [batch]), kwargs=dict(attention="megatron"))[0][0]
     outs = run_distributed(run_pair_model, tp * cp, args=(arch, tp, cp, full, [batch]), kwargs=dict(recompute=recompute))

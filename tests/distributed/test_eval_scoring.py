@@ -28,7 +28,7 @@ GREEDY = 5  # tokens of the model's own greedy continuation used as an answer
 
 
 def _convert(root: str):
-    from megatron_longpo.reference.testing import make_reference_checkpoint
+    from megatron_longpo.testing.reference import make_reference_checkpoint
 
     hf, ckpt = make_reference_checkpoint(root, seed=3)
     return str(hf), str(ckpt)
@@ -39,7 +39,7 @@ def _task_sequences():
     from megatron_longpo.data.tokenizer import Tokenizer
     from megatron_longpo.evaluation.haystack import FillerHaystack
     from megatron_longpo.evaluation.prompts import TokenCounter, make_sample
-    from megatron_longpo.reference.testing import SAMPLE_TOKENIZER
+    from megatron_longpo.testing.reference import SAMPLE_TOKENIZER
 
     tok = Tokenizer(SAMPLE_TOKENIZER)
     tpl, counter = get_template("auto", tok), TokenCounter(tok)
@@ -186,7 +186,7 @@ def _dropin(ckpt: str, prefix: str, tp: int, cp: int):
 
 @pytest.mark.parametrize("tp,cp", [(1, 1), (1, 2)])
 def test_shared_forward_is_a_drop_in_for_training(env, tmp_path, tp, cp):
-    from megatron_longpo.reference.testing import make_dataset, synthetic_records
+    from megatron_longpo.testing.reference import make_dataset, synthetic_records
 
     prefix = make_dataset(tmp_path / "train", synthetic_records(2, seed=1))
     ranks = run_distributed(_dropin, tp * cp, args=(env["ckpt"], prefix, tp, cp))

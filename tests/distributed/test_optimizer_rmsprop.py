@@ -82,7 +82,7 @@ def _rmsprop_run(run_dir, phase):
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.models.sharding import gather_full_state_dict
     from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
-    from megatron_longpo.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+    from megatron_longpo.training.checkpointing import TrainState, load_checkpoint, save_training_checkpoint
     from megatron_longpo.training.optimizer import build_optimizer
 
     mcfg = tiny_model_config("qwen2")
@@ -104,7 +104,7 @@ def _rmsprop_run(run_dir, phase):
 
     if phase == "save":
         step(1)
-        save_checkpoint(run_dir, TrainState(1, 2), model, opt, sched, {}, g, model_cfg=mcfg)
+        save_training_checkpoint(run_dir, TrainState(1, 2), model, opt, sched, {}, g, model_cfg=mcfg)
     else:
         load_checkpoint(run_dir, model, opt, sched, g, mcfg)
     step(2)

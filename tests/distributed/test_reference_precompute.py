@@ -3,7 +3,7 @@
 Fixture: 12 synthetic LongPO samples (4 with two turns) tokenized with the bundled tokenizer, and a
 tiny random HF Mistral converted with the project's converter (fp32, rope_theta 1e6). The
 independent reference is HF transformers in float64: log_softmax of the full logits of each
-sequence alone, summed over response targets (reference/testing.hf_float64_sums); it shares no
+sequence alone, summed over response targets (megatron_longpo/testing/reference.hf_float64_sums); it shares no
 code with loss/logprobs.py or the Megatron model.
 
 Tolerances (values are sums of ~20-40 log-probs, |value| up to ~250, computed in fp32):
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from megatron_longpo.data.indexed import PreferenceDataset
-from megatron_longpo.reference.testing import hf_float64_sums, make_dataset, synthetic_records
+from megatron_longpo.testing.reference import hf_float64_sums, make_dataset, synthetic_records
 from megatron_longpo.testing.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -34,7 +34,7 @@ BUDGET = 256  # tokens per batch: 2-4 sequences per forward, ~10 batches
 
 
 def _convert(root: str):
-    from megatron_longpo.reference.testing import make_reference_checkpoint
+    from megatron_longpo.testing.reference import make_reference_checkpoint
 
     hf, ckpt = make_reference_checkpoint(root, seed=0)
     return str(hf), str(ckpt)
@@ -81,7 +81,7 @@ def _save_as_training_checkpoint(ckpt: str, run_dir: str):
     from megatron_longpo.reference.model import read_reference_checkpoint
     from megatron_longpo.checkpoint import load_model_checkpoint
     from megatron_longpo.runtime.distributed import init_model_parallel
-    from megatron_longpo.training.checkpointing import TrainState, save_checkpoint
+    from megatron_longpo.training.checkpointing import TrainState, save_training_checkpoint
     from megatron_longpo.training.optimizer import build_optimizer
 
     groups = init_model_parallel(ParallelConfig())
@@ -93,7 +93,7 @@ def _save_as_training_checkpoint(ckpt: str, run_dir: str):
     opt, sched = build_optimizer([ddp], OptimConfig(lr=1e-3), ck.model, 10)
     cfg = LongPOConfig()
     cfg.model = ck.model
-    save_checkpoint(run_dir, TrainState(iteration=7, consumed_samples=14), model, opt, sched, to_dict(cfg), groups,
+    save_training_checkpoint(run_dir, TrainState(iteration=7, consumed_samples=14), model, opt, sched, to_dict(cfg), groups,
                     ck.model)
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    from megatron_longpo.reference.testing import make_dataset, synthetic_records
+    from megatron_longpo.testing.reference import make_dataset, synthetic_records
 
     d = tmp_path_factory.mktemp("lifecycle")
     return (make_dataset(d / "data_a", synthetic_records(8, seed=1), max_seq_length=1024),

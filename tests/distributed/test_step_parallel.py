@@ -6,8 +6,8 @@ sums by loops over segment ids, and the objective written out. Parallel runs go 
 forward_backward (Megatron DDP + forward_backward_no_pipelining + finalize_model_grads) with the
 global batch split over DP ranks and micro-batches; their averaged metrics and every parameter
 gradient (gathered to the TP=1 layout) must match. This proves the loss scaling: x cp and
-1/num_microbatches from the schedule, 1/(dp*cp) from DDP (docs/loss.md).
-CP > 1 joins once the project's context-parallel attention exists (issue 5).
+1/num_microbatches from the schedule, 1/(dp*cp) from DDP (docs/loss.md). CP > 1 runs through the
+project's context-parallel attention.
 """
 
 import math
@@ -19,6 +19,7 @@ from megatron_longpo.config import LossConfig
 from megatron_longpo.data.batch import PairBatch
 from megatron_longpo.testing.distributed import run_distributed
 from megatron_longpo.testing.models import parallel_config, tiny_model_config
+from megatron_longpo.testing.pairs import make_pairs, raw_pair_batch, select_pairs
 
 pytestmark = pytest.mark.distributed
 
@@ -27,62 +28,15 @@ SEQ = 32
 PAIRS = 4  # global batch
 
 
-def make_pair_batch(num_pairs: int, seq: int, vocab: int, seed: int, nll_target: str = "sequence") -> PairBatch:
-    """two_sequences layout: row b = [prefix | chosen response | pad], row B+b = [prefix | rejected | pad]."""
-    g = torch.Generator().manual_seed(seed)
-    rows = 2 * num_pairs
-    tokens = torch.zeros(rows, seq, dtype=torch.long)
-    target_ids = torch.zeros(rows, seq, dtype=torch.long)
-    resp = torch.full((rows, seq), -1, dtype=torch.long)
-    nll = torch.full((rows, seq), -1, dtype=torch.long)
-    branch = torch.full((rows, seq), -1, dtype=torch.long)
-    for b in range(num_pairs):
-        prefix_len = int(torch.randint(6, 14, (1,), generator=g))
-        prefix = torch.randint(1, vocab, (prefix_len,), generator=g)
-        for r, seg in ((b, b), (num_pairs + b, num_pairs + b)):
-            n_resp = int(torch.randint(3, seq - prefix_len - 1, (1,), generator=g))
-            seq_tokens = torch.cat([prefix, torch.randint(1, vocab, (n_resp,), generator=g)])
-            n = seq_tokens.numel()
-            tokens[r, :n] = seq_tokens
-            target_ids[r, : n - 1] = seq_tokens[1:]
-            branch[r, :n] = 0
-            resp[r, prefix_len - 1 : n - 1] = seg  # positions whose target is a response token
-            if r == b:  # the chosen sequence carries pair b's NLL
-                if nll_target == "sequence":
-                    nll[r, : n - 1] = b
-                else:
-                    nll[r, prefix_len - 1 : n - 1] = b
-    return PairBatch(
-        tokens=tokens,
-        position_ids=torch.arange(seq).expand(rows, seq).clone(),
-        target_ids=target_ids,
-        response_segment=resp,
-        nll_segment=nll,
-        branch_ids=branch,
-        num_pairs=num_pairs,
-        layout="two_sequences",
-        ref_chosen_logps=-(170.0 + 40 * torch.rand(num_pairs, generator=g, dtype=torch.float64)),
-        ref_rejected_logps=-(170.0 + 40 * torch.rand(num_pairs, generator=g, dtype=torch.float64)),
-        sample_index=torch.arange(num_pairs),
-    )
+# Pair shapes (prefix length, [chosen response], [rejected response]): two_sequences rows of
+# different lengths (so token_mean pooling differs from per-micro-batch pooling), all within SEQ.
+STEP_PAIRS = [(9, [12], [8]), (6, [20], [15]), (13, [5], [11]), (7, [9], [4])]
+SMALL_PAIRS = [(5, [4], [3]), (6, [3], [6])]  # fits 16 tokens
 
 
-def select_pairs(batch: PairBatch, pairs: list[int]) -> PairBatch:
-    """Micro-batch of the given pairs, segment ids renumbered."""
-    B, k = batch.num_pairs, len(pairs)
-    rows = pairs + [B + p for p in pairs]
-    resp = batch.response_segment[rows].clone()
-    nll = batch.nll_segment[rows].clone()
-    for i, p in enumerate(pairs):
-        resp[batch.response_segment[rows] == p] = i
-        resp[batch.response_segment[rows] == B + p] = k + i
-        nll[batch.nll_segment[rows] == p] = i
-    return PairBatch(
-        tokens=batch.tokens[rows], position_ids=batch.position_ids[rows], target_ids=batch.target_ids[rows],
-        response_segment=resp, nll_segment=nll, branch_ids=batch.branch_ids[rows], num_pairs=k,
-        layout=batch.layout, ref_chosen_logps=batch.ref_chosen_logps[pairs],
-        ref_rejected_logps=batch.ref_rejected_logps[pairs], sample_index=batch.sample_index[pairs],
-    )
+def make_pair_batch(seed: int, vocab: int, nll_target: str = "sequence") -> PairBatch:
+    """The global batch of PAIRS pairs (two_sequences, SEQ tokens)."""
+    return raw_pair_batch(make_pairs(STEP_PAIRS, vocab, seed), "two_sequences", SEQ, nll_target)
 
 
 def _ddp(model):
@@ -107,7 +61,7 @@ def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
     set_seed(seed)
     model = build_model(mcfg, parallel_config())
     params = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size)
-    batch = make_pair_batch(PAIRS, SEQ, mcfg.vocab_size, seed, nll_target)
+    batch = make_pair_batch(seed, mcfg.vocab_size, nll_target)
     logits = model(batch.tokens, batch.position_ids, None)[..., : mcfg.vocab_size]  # [rows, S, V]
     logp = torch.log_softmax(logits.double(), -1).gather(2, batch.target_ids[..., None]).squeeze(2)
     pw = torch.stack([logp[batch.response_segment == b].sum() for b in range(PAIRS)])
@@ -145,7 +99,7 @@ def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: in
     model = build_model(mcfg, pcfg)
     load_full_state_dict(model, full_sd, g.tp_rank, g.tp_size)
     ddp = _ddp(model)
-    batch = make_pair_batch(PAIRS, SEQ, mcfg.vocab_size, seed, nll_target)
+    batch = make_pair_batch(seed, mcfg.vocab_size, nll_target)
     per_rank = PAIRS // g.dp_size
     mine = list(range(g.dp_rank * per_rank, (g.dp_rank + 1) * per_rank))
     micro = [select_pairs(batch, mine[i:i + mbs]) for i in range(0, per_rank, mbs)]
@@ -260,7 +214,7 @@ def test_bad_batches_are_rejected_before_the_model_runs():
 
     groups = ParallelGroups(None, None, None, None, 0, 1, 0, 1, 0, 1)
     cfg = LossConfig()
-    good = make_pair_batch(2, 16, 100, seed=0)
+    good = raw_pair_batch(make_pairs(SMALL_PAIRS, 100, 0), "two_sequences", 16)
     validate_batch(good, groups, False, cfg)
     no_ref = select_pairs(good, [0, 1])
     no_ref.ref_chosen_logps = None

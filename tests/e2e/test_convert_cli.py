@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longpo.convert.testing import build_tiny_hf
+from megatron_longpo.testing.convert import build_tiny_hf
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -28,7 +28,7 @@ from megatron_longpo.generation.filters import FilterConfig
 from megatron_longpo.generation.pipeline import GenerationConfig, Pipeline
 from megatron_longpo.generation.prompts import load_prompts
 from megatron_longpo.generation.questions import load_question_pool
-from megatron_longpo.generation.testing import build_tiny_chat_model, write_documents_jsonl
+from megatron_longpo.testing.generation import build_tiny_chat_model, write_documents_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK_MIN, CHUNK_MAX = 80, 200

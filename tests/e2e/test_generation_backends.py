@@ -14,7 +14,7 @@ from megatron_longpo.generation.answers import Sampling
 from megatron_longpo.generation.backends import (ChatFormatter, GenerationError, GenRequest, HFBackend, OpenAIBackend,
                                                  OpenAIConfig)
 from megatron_longpo.generation.cli import main as generate_main
-from megatron_longpo.generation.testing import build_tiny_chat_model, write_documents_jsonl
+from megatron_longpo.testing.generation import build_tiny_chat_model, write_documents_jsonl
 
 
 class _Server:
@@ -137,7 +137,7 @@ def test_cli_with_openai_backend_equals_hf_backend(tiny, tmp_path, monkeypatch):
 
 
 def test_hf_backend_long_rope_theta(tmp_path):
-    from megatron_longpo.convert.testing import build_tiny_hf
+    from megatron_longpo.testing.convert import build_tiny_hf
 
     model = build_tiny_hf(tmp_path / "m", "mistral")  # default RoPE (no scaling), base 1e6
     (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({

@@ -13,9 +13,9 @@ import pytest
 
 from megatron_longpo.config import LongPOConfig
 from megatron_longpo.data.indexed import PreferenceDataset
-from megatron_longpo.data.released_testing import released_rows, write_parquet
+from megatron_longpo.testing.released import released_rows, write_parquet
 from megatron_longpo.reference.source import check_reference_cache
-from megatron_longpo.reference.testing import SAMPLE_TOKENIZER, hf_float64_sums, make_dataset, synthetic_records
+from megatron_longpo.testing.reference import SAMPLE_TOKENIZER, hf_float64_sums, make_dataset, synthetic_records
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable

@@ -13,7 +13,7 @@ import numpy as np
 from megatron_longpo.config import LongPOConfig
 from megatron_longpo.data.indexed import PreferenceDataset
 from megatron_longpo.reference.source import check_reference_cache
-from megatron_longpo.reference.testing import hf_float64_sums, make_dataset, make_hf_model, synthetic_records
+from megatron_longpo.testing.reference import hf_float64_sums, make_dataset, make_hf_model, synthetic_records
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,90 +6,38 @@ dataset from the bundled sample, a tiny HF base model converted to Megatron, and
 cache on the short contexts.
 """
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-PY = sys.executable
+from megatron_longpo.testing.e2e import (
+    PY,
+    ROOT,
+    final_weights,
+    free_port,
+    prepare_quickstart,
+    read_metrics,
+    run_cli,
+    torchrun,
+    train_overrides,
+)
+
 pytestmark = pytest.mark.slow
-
-
-def _run(args, timeout=600, check=True, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")
-    return p
-
-
-def _torchrun(nproc, *args):
-    return [PY, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_port()), *map(str, args)]
-
-
-def _port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    d = tmp_path_factory.mktemp("quickstart")
-    _run([PY, "tools/preprocess_data.py", "--input", "examples/data/sample_longpo.jsonl", "--tokenizer",
-          "examples/data/tokenizer.model", "--output-prefix", d / "data/train", "--max-seq-length", "2048",
-          "--no-progress"])
-    _run([PY, "examples/make_tiny_base_model.py", "--out", d / "hf_base"])
-    _run([PY, "tools/convert_hf_to_megatron.py", "--hf-dir", d / "hf_base", "--out", d / "base", "--dtype", "fp32"])
-    _run(_torchrun(2, "tools/precompute_reference.py", "--load", d / "base", "--data", d / "data/train",
-                   "--output", d / "ref_cache", "--mode", "longpo"))
-    return d
-
-
-def _overrides(d: Path, run: str, **extra) -> list:
-    o = {
-        "data.train_data": d / "data/train", "reference.cache_path": d / "ref_cache", "reference.load": d / "base",
-        "checkpoint.load": d / "base", "checkpoint.save": d / run / "ckpt", "logging.tensorboard_dir": d / run / "tb",
-        "logging.metrics_jsonl": d / run / "metrics.jsonl", **extra,
-    }
-    return [f"--{k}={v}" for k, v in o.items()]
+    return prepare_quickstart(tmp_path_factory.mktemp("quickstart"))
 
 
 def _train(d, run, nproc=2, **extra):
-    return _run(_torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
-                          *_overrides(d, run, **extra)))
-
-
-def _metrics(d, run):
-    return [json.loads(line) for line in (d / run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _final_weights(ckpt_dir):
-    from megatron_longpo.testing.distributed import run_distributed
-
-    return run_distributed(_load_weights, 1, args=(str(ckpt_dir),))[0]
-
-
-def _load_weights(ckpt_dir):
-    from megatron_longpo.checkpoint import load_model_checkpoint, read_model_config
-    from megatron_longpo.models.provider import build_model
-    from megatron_longpo.runtime.distributed import init_model_parallel
-    from megatron_longpo.testing.models import parallel_config
-
-    cfg = read_model_config(ckpt_dir)
-    init_model_parallel(parallel_config())
-    model = build_model(cfg, parallel_config())
-    load_model_checkpoint(ckpt_dir, model, cfg)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    return run_cli(torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
+                            *train_overrides(d, run, **extra)))
 
 
 @pytest.mark.parametrize("layout", [
@@ -100,7 +48,7 @@ def _load_weights(ckpt_dir):
 def test_quickstart_trains_and_saves(prepared, layout):
     run = "run_" + "_".join(f"{v}" for v in layout.values())
     p = _train(prepared, run, **layout)
-    steps = [m for m in _metrics(prepared, run) if m["split"] == "train"]
+    steps = [m for m in read_metrics(prepared, run) if m["split"] == "train"]
     assert [m["step"] for m in steps] == list(range(1, 11))
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in steps)
     # LongPO learns the preference on its own sample: the last steps prefer chosen.
@@ -109,7 +57,7 @@ def test_quickstart_trains_and_saves(prepared, layout):
     # Only warnings a user can act on: none on a healthy CPU run.
     noise = [ln for ln in (p.stdout + p.stderr).splitlines() if "Warning" in ln or "Implicit initialization" in ln]
     assert not noise, noise
-    w = _final_weights(prepared / run / "ckpt")  # loadable at TP=1
+    w = final_weights(prepared / run / "ckpt")  # loadable at TP=1
     assert all(torch.isfinite(t).all() for t in w.values())
 
 
@@ -120,14 +68,14 @@ def test_resume_equals_uninterrupted(prepared):
     assert "stopping at step 3 (exit_interval)" in p1.stdout
     p2 = _train(prepared, "split", **extra)
     assert "resumed from" in p2.stdout and "at step 3" in p2.stdout
-    full = [m for m in _metrics(prepared, "full6") if m["split"] == "train"]
-    split = [m for m in _metrics(prepared, "split") if m["split"] == "train"]
+    full = [m for m in read_metrics(prepared, "full6") if m["split"] == "train"]
+    split = [m for m in read_metrics(prepared, "split") if m["split"] == "train"]
     assert [m["step"] for m in split] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(full, split):
         for k in ("loss", "nll_loss", "pref_loss", "rewards/margins", "lr", "grad_norm"):
             assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
-    wa = _final_weights(prepared / "full6/ckpt")
-    wb = _final_weights(prepared / "split/ckpt")
+    wa = final_weights(prepared / "full6/ckpt")
+    wb = final_weights(prepared / "split/ckpt")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
 
@@ -136,8 +84,8 @@ def test_sigterm_saves_and_exits_zero(prepared):
     import psutil
 
     run = "sigterm"
-    args = _torchrun(2, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
-                     *_overrides(prepared, run, **{"training.train_iters": 400, "checkpoint.save_interval": 1000}))
+    args = torchrun(2, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
+                     *train_overrides(prepared, run, **{"training.train_iters": 400, "checkpoint.save_interval": 1000}))
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = prepared / run / "metrics.jsonl"
@@ -159,15 +107,15 @@ def test_sigterm_saves_and_exits_zero(prepared):
     p2 = _train(prepared, run, **{"training.train_iters": stopped + 2, "checkpoint.save_interval": 1000,
                                   "optim.scheduler_on_resume": "config"})
     assert f"at step {stopped}" in p2.stdout
-    steps = [m["step"] for m in _metrics(prepared, run) if m["split"] == "train"]
+    steps = [m["step"] for m in read_metrics(prepared, run) if m["split"] == "train"]
     assert steps[-2:] == [stopped + 1, stopped + 2]
 
 
 def _launch(d, run, **extra):
     """pretrain_longpo.py under `python -m megatron_longpo.launch` in its own session (as a terminal
     job / container would be), stdout+stderr captured."""
-    args = [PY, "-m", "megatron_longpo.launch", "--nproc-per-node", "2", "--master-port", str(_port()),
-            "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml", *_overrides(d, run, **extra)]
+    args = [PY, "-m", "megatron_longpo.launch", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml", *train_overrides(d, run, **extra)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -248,14 +196,14 @@ def test_validation_every_eval_interval(prepared):
     _train(prepared, run, **{"training.train_iters": 4, "training.eval_interval": 2, "training.eval_iters": 2,
                              "data.valid_data": prepared / "data/train",
                              "reference.valid_cache_path": prepared / "ref_cache"})
-    valid = [m for m in _metrics(prepared, run) if m["split"] == "valid"]
+    valid = [m for m in read_metrics(prepared, run) if m["split"] == "valid"]
     assert [m["step"] for m in valid] == [2, 4]
     for m in valid:
         assert 0.0 <= m["rewards/accuracies"] <= 1.0 and m["loss"] > 0
 
 
 def test_cli_config_error_exits_2_before_work(tmp_path):
-    p = _run([PY, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
+    p = run_cli([PY, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
               "--parallel.tensor_model_parallel_size=3", f"--data.train_data={tmp_path}/none"], check=False, timeout=120)
     assert p.returncode == 2
     assert "error:" in p.stderr and "num_attention_heads" in p.stderr and "Traceback" not in p.stderr

@@ -10,7 +10,7 @@ import torch
 
 from megatron_longpo.models.attention import attend_local
 from megatron_longpo.runtime.zigzag import zigzag_slice, zigzag_unslice
-from tests.unit.test_attention import reference_attention
+from megatron_longpo.testing.attention import reference_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -124,11 +124,11 @@ def test_bf16_model_shared_prefix_matches_two_sequences(single_process_groups):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_longpo.models.attention import ContextParallelAttention
-    from tests.distributed.test_shared_prefix import MULTI_TURN, build_pair_batch, make_pairs
+    from megatron_longpo.testing.pairs import MULTI_TURN, make_pairs, raw_pair_batch
 
     pairs = make_pairs(MULTI_TURN, 250, seed=4)
-    two = build_pair_batch(pairs, "two_sequences", 24)
-    shared = build_pair_batch(pairs, "shared_prefix", 24)
+    two = raw_pair_batch(pairs, "two_sequences", 24)
+    shared = raw_pair_batch(pairs, "shared_prefix", 24)
     ref, ref_g, weights = _model_logps(single_process_groups, two, DotProductAttention)
     got, got_g, _ = _model_logps(single_process_groups, shared, ContextParallelAttention, weights)
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=0.25)

@@ -6,8 +6,8 @@ tests/gpu/te_cp_worker.py under torchrun.
 
 import pytest
 
-from tests.e2e.test_train import _run, _torchrun
-from tests.gpu.conftest import needs_gpus
+from megatron_longpo.testing.e2e import run_cli, torchrun
+from megatron_longpo.testing.gpu import needs_gpus
 
 pytestmark = [pytest.mark.gpu, needs_gpus(2)]
 
@@ -15,5 +15,5 @@ pytestmark = [pytest.mark.gpu, needs_gpus(2)]
 @pytest.mark.parametrize("comm", ["p2p", "a2a", "all_gather"])
 def test_te_cp_matches_project_cp(comm):
     pytest.importorskip("transformer_engine")
-    p = _run(_torchrun(2, "tests/gpu/te_cp_worker.py", comm), check=False)
+    p = run_cli(torchrun(2, "tests/gpu/te_cp_worker.py", comm), check=False)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]

@@ -8,19 +8,19 @@ local-spec checkpoint loads into a TE model through ``train()``.
 import pytest
 import torch
 
-from tests.e2e.test_train import _metrics, _overrides, _run, _torchrun
-from tests.gpu.conftest import gpu_nproc, visible_gpus
+from megatron_longpo.testing.e2e import read_metrics, run_cli, torchrun, train_overrides
+from megatron_longpo.testing.gpu import gpu_nproc, visible_gpus
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(visible_gpus() == 0, reason="needs CUDA")]
 
 
 def _train_gpu(d, run, nproc=1, **extra):
-    return _run(_torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
-                          *_overrides(d, run, **extra)))
+    return run_cli(torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
+                          *train_overrides(d, run, **extra)))
 
 
 def _train_losses(d, run):
-    return [m["loss"] for m in _metrics(d, run) if m["split"] == "train"]
+    return [m["loss"] for m in read_metrics(d, run) if m["split"] == "train"]
 
 
 def test_te_bf16_short_run_from_converted_checkpoint(gpu_prepared):
@@ -67,14 +67,14 @@ def test_distributed_optimizer_save_and_exact_resume(gpu_prepared):
     nproc = gpu_nproc(2)
     common = {"parallel.tensor_model_parallel_size": 1, "model.params_dtype": "bf16",
               "optim.use_distributed_optimizer": True, "checkpoint.save_interval": 2}
-    _run(_torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
-                   *_overrides(gpu_prepared, "gpu_full", **common, **{"training.train_iters": 4})))
+    run_cli(torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
+                   *train_overrides(gpu_prepared, "gpu_full", **common, **{"training.train_iters": 4})))
     # The same 4-step schedule, stopped after step 2 (a 2-step run would have another LR schedule).
-    _run(_torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
-                   *_overrides(gpu_prepared, "gpu_part", **common, **{"training.train_iters": 4,
+    run_cli(torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
+                   *train_overrides(gpu_prepared, "gpu_part", **common, **{"training.train_iters": 4,
                                                                        "training.exit_interval": 2})))
-    p = _run(_torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
-                       *_overrides(gpu_prepared, "gpu_part", **common, **{"training.train_iters": 4})))
+    p = run_cli(torchrun(nproc, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
+                       *train_overrides(gpu_prepared, "gpu_part", **common, **{"training.train_iters": 4})))
     assert "resumed from" in p.stdout
     full, part = _train_losses(gpu_prepared, "gpu_full"), _train_losses(gpu_prepared, "gpu_part")
     assert len(part) == 4 and len(full) == 4

@@ -1,7 +1,8 @@
 """The sbatch templates of examples/slurm, submitted as written to a real one-node Slurm.
 
 The module fixture installs (apt-get, as root) and starts a private Slurm when there is none
-(tests/slurm/cluster.py) and builds the quickstart inputs with the real CLIs. Every job runs the
+(megatron_longpo/testing/slurm.py) and builds the quickstart inputs with the real CLIs
+(megatron_longpo/testing/e2e.py). Every job runs the
 tiny CPU config (examples/configs/tiny_cpu.yaml) through the shared launcher
 (examples/slurm/longpo_launch.sh); the node shape is overridden on the sbatch command line as the
 docs say (no GPUs: --gpus-per-node=0, LONGPO_NPROC_PER_NODE). The uninterrupted two-agent run is
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.slurm.cluster import LocalSlurm, SlurmUnavailable
+from megatron_longpo.testing.e2e import PY, ROOT, final_weights, prepare_quickstart
+from megatron_longpo.testing.slurm import LocalSlurm, SlurmUnavailable
 
-ROOT = Path(__file__).resolve().parents[2]
-PY = sys.executable
 pytestmark = pytest.mark.slow
 STEPS, SAVE_EVERY = 10, 2
 TRAIN = "examples/slurm/train_longpo.sbatch"
@@ -46,7 +45,7 @@ def env(tmp_path_factory):
         pytest.skip(f"no Slurm: {e}")
     d = tmp_path_factory.mktemp("slurm_inputs")
     try:
-        _prepare(d)
+        prepare_quickstart(d)
         job_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                        REPO=str(ROOT), PY=PY, LONGPO_STATE_DIR=str(d / "state"), LONGPO_NPROC_PER_NODE="2")
         yield cluster, d, job_env
@@ -56,18 +55,6 @@ def env(tmp_path_factory):
         for j in SUBMITTED:
             for f in (ROOT / "logs").glob(f"*-{j}.out"):
                 f.unlink()
-
-
-def _prepare(d: Path) -> None:
-    from tests.e2e.test_train import _run, _torchrun
-
-    _run([PY, "tools/preprocess_data.py", "--input", "examples/data/sample_longpo.jsonl", "--tokenizer",
-          "examples/data/tokenizer.model", "--output-prefix", d / "data/train", "--max-seq-length", "2048",
-          "--no-progress"])
-    _run([PY, "examples/make_tiny_base_model.py", "--out", d / "hf_base"])
-    _run([PY, "tools/convert_hf_to_megatron.py", "--hf-dir", d / "hf_base", "--out", d / "base", "--dtype", "fp32"])
-    _run(_torchrun(2, "tools/precompute_reference.py", "--load", d / "base", "--data", d / "data/train",
-                   "--output", d / "ref_cache", "--mode", "longpo", "--no-progress"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,12 +128,6 @@ def _train_metrics(d: Path, run: str) -> list:
     return [r for r in rows if r.get("split", "train") == "train"]
 
 
-def _final_weights(ckpt: Path) -> dict:
-    from tests.e2e.test_train import _final_weights as load
-
-    return load(ckpt)
-
-
 def _assert_same_as_reference(d: Path, run: str) -> None:
     ref = {m["step"]: m for m in _train_metrics(d, "reference")}
     got = {}
@@ -157,7 +138,7 @@ def _assert_same_as_reference(d: Path, run: str) -> None:
     assert sorted(got) == list(range(1, STEPS + 1)), (run, sorted(got))
     assert _latest(d / run / "ckpt") == STEPS
     assert not list((d / run / "ckpt").glob("*.tmp")), "a .tmp checkpoint was left behind"
-    wa, wb = _final_weights(d / "reference" / "ckpt"), _final_weights(d / run / "ckpt")
+    wa, wb = final_weights(d / "reference" / "ckpt"), final_weights(d / run / "ckpt")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=lambda m: f"{run} {k}: {m}")
 

@@ -11,7 +11,6 @@ import torch
 
 from megatron_longpo.config import ConfigError, LongPOConfig, validate
 from megatron_longpo.models.attention import (
-    allowed,
     attend_local,
     attention_inputs,
     plan_blocks,
@@ -22,24 +21,9 @@ from megatron_longpo.models.attention import (
 from megatron_longpo.models.attention.kernels import sdpa_lower_right
 from megatron_longpo.models.rope import rope_angles
 from megatron_longpo.runtime.zigzag import zigzag_indices, zigzag_slice, zigzag_unslice
+from megatron_longpo.testing.attention import reference_attention, rule_mask
 from megatron_longpo.testing.models import parallel_config
-from tests.distributed.test_shared_prefix import MULTI_TURN, SINGLE_TURN, build_pair_batch, make_pairs
-
-
-def rule_mask(seq: int, layout) -> torch.Tensor:
-    """[S, S] bool, True where query t may attend key k (brute force over the rule)."""
-    p, r = layout if layout is not None else (seq, seq)
-    return torch.tensor([[allowed(t, k, p, r) for k in range(seq)] for t in range(seq)])
-
-
-def reference_attention(q, k, v, layouts, scale):
-    """float64 softmax attention over full sequences with the rule mask; q [b,h,S,d], k/v [b,g,S,d]."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k) * scale
-    mask = torch.stack([rule_mask(q.shape[2], lay) for lay in layouts])[:, None].to(scores.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v)
+from megatron_longpo.testing.pairs import MULTI_TURN, SINGLE_TURN, make_pairs, raw_pair_batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,7 +153,7 @@ class _G:
 @pytest.mark.parametrize("spec", [SINGLE_TURN, MULTI_TURN])
 def test_attention_inputs_shared_prefix(spec):
     pairs = make_pairs(spec, 50, seed=1)
-    batch = build_pair_batch(pairs, "shared_prefix", 24)
+    batch = raw_pair_batch(pairs, "shared_prefix", 24)
     for r in range(2):
         inp = attention_inputs(batch, _G(r, 2))
         assert torch.equal(inp.tokens, zigzag_slice(batch.tokens, r, 2))
@@ -177,18 +161,18 @@ def test_attention_inputs_shared_prefix(spec):
         expect = [[len(p.prefix), len(p.prefix) + len(p.chosen)] for p in pairs]
         assert inp.attention_mask.tolist() == expect
         assert inp.attention_mask.device.type == "cpu"
-    two = build_pair_batch(pairs, "two_sequences", 24)
+    two = raw_pair_batch(pairs, "two_sequences", 24)
     assert attention_inputs(two, _G(0, 2)).attention_mask is None
 
 
 def test_attention_inputs_rejects_bad_batches():
     pairs = make_pairs(SINGLE_TURN, 50, seed=1)
-    batch = build_pair_batch(pairs, "shared_prefix", 24)
+    batch = raw_pair_batch(pairs, "shared_prefix", 24)
     bad = batch.branch_ids.clone()
     bad[1, 2] = 1  # a chosen token inside the prefix of row 1
     with pytest.raises(ValueError, match=r"row 1: .*0x2 1x1 0x2"):
         shared_prefix_layout(bad)
-    odd = build_pair_batch(pairs, "shared_prefix", 26)
+    odd = raw_pair_batch(pairs, "shared_prefix", 26)
     with pytest.raises(ValueError, match="multiple of 2\\*cp = 4"):
         attention_inputs(odd, _G(0, 2))
 

@@ -23,7 +23,7 @@ from megatron_longpo.convert.safetensors_io import (
     ShardedSafetensorsWriter,
     TensorSpec,
 )
-from megatron_longpo.convert.testing import TINY_HF, hf_config
+from megatron_longpo.testing.convert import TINY_HF, hf_config
 
 
 ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -267,7 +267,7 @@ def test_hf_tokenizer_directory_with_workers(tmp_path):
 
 
 def test_check_dataset_files_names_the_option(tmp_path):
-    from megatron_longpo.data.dataset import check_dataset_files
+    from megatron_longpo.data.checks import check_dataset_files
 
     with pytest.raises(ConfigError, match=r"data.valid_data=.*nothing: dataset .* does not exist"):
         check_dataset_files(str(tmp_path / "nothing"), "data.valid_data")

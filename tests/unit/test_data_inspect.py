@@ -9,7 +9,7 @@ import pytest
 from megatron_longpo.data.indexed import PreferenceDataset
 from megatron_longpo.data.inspect import main, sample_record
 from megatron_longpo.data.layout import build_pair_batch
-from megatron_longpo.reference.testing import make_dataset, synthetic_records
+from megatron_longpo.testing.reference import make_dataset, synthetic_records
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 
 from megatron_longpo.data.indexed import PreferenceDataset
 from megatron_longpo.data.released import BAD_ROW, ImportOptions, import_released, main
-from megatron_longpo.data.released_testing import released_rows, write_parquet, write_save_to_disk
+from megatron_longpo.testing.released import released_rows, write_parquet, write_save_to_disk
 from megatron_longpo.data.schema import DataError
-from megatron_longpo.reference.testing import SAMPLE_TOKENIZER, make_dataset, synthetic_records
+from megatron_longpo.testing.reference import SAMPLE_TOKENIZER, make_dataset, synthetic_records
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ tokenizer through its own Jinja chat template (decoded tokens == the tokenizer's
 contains digits and needle-like sentences.
 """
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from megatron_longpo.evaluation.haystack import FillerHaystack, from_files
 from megatron_longpo.evaluation.prompts import TokenCounter, make_sample
 from megatron_longpo.evaluation.setup import SuiteOptions, build_evaluator
 from megatron_longpo.evaluation.tasks import TASK_NAMES
+from megatron_longpo.testing.evaluation import task_samples_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 SP_TOKENIZER = ROOT / "examples" / "data" / "tokenizer.model"
@@ -109,19 +109,15 @@ def test_hf_tokenizer_and_its_chat_template(tmp_path):
 
 
 def _digest(seed: int) -> str:
-    tok = Tokenizer(SP_TOKENIZER)
-    tpl, counter = get_template("auto", tok), TokenCounter(tok)
-    h = hashlib.sha256()
-    for task in TASK_NAMES:
-        h.update(make_sample(task, 1000, seed, tpl, counter, FillerHaystack()).tokens.tobytes())
-    return h.hexdigest()
+    return task_samples_digest(SP_TOKENIZER, seed)
 
 
 def test_deterministic_from_seed(sp):
     tok, tpl, counter = sp
     assert _digest(3) == _digest(3) != _digest(4)
     # Another interpreter with another hash seed produces the same bytes.
-    code = "from tests.unit.test_eval_tasks import _digest; print(_digest(3))"
+    code = ("from megatron_longpo.testing.evaluation import task_samples_digest; "
+            f"print(task_samples_digest({str(SP_TOKENIZER)!r}, 3))")
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == _digest(3)

@@ -39,7 +39,7 @@ def _fake_checkpoint(path: Path, model: ModelConfig) -> None:
 
 def _fails(cfg, *needles):
     with pytest.raises(ConfigError) as e:
-        check_before_init(cfg, 1)
+        check_before_init(cfg)
     for n in needles:
         assert n in str(e.value), str(e.value)
 
@@ -53,7 +53,7 @@ def test_train_data_missing(tmp_path):
 
 
 def test_sft_needs_no_reference(dataset):
-    check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft"}), 1)
+    check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft"}))
 
 
 def test_cache_unset(dataset):
@@ -86,7 +86,7 @@ def test_checkpoint_rope_theta_may_differ(dataset, tmp_path):
                                                   num_attention_heads=4, num_query_groups=2, vocab_size=768,
                                                   rope_theta=1e4))
     check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": tmp_path / "ck",
-                              "model.rope_theta": 1e7}), 1)
+                              "model.rope_theta": 1e7}))
 
 
 def test_save_dir_not_writable(dataset, tmp_path):
@@ -121,7 +121,7 @@ def test_missing_wandb_is_refused_before_any_work(dataset, monkeypatch):
     _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "logging.wandb_project": "p"}),
            "logging.wandb_project=p but wandb is not installed", "megatron_longpo[wandb]")
     check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "logging.wandb_project": "p",
-                              "logging.wandb_mode": "disabled"}), 1)
+                              "logging.wandb_mode": "disabled"}))
 
 
 def test_data_tokenizer_must_split_text_like_the_models(dataset, tmp_path):
@@ -136,10 +136,10 @@ def test_data_tokenizer_must_split_text_like_the_models(dataset, tmp_path):
     # The same sentencepiece model as an HF tokenizer directory (what the converter ships): accepted.
     (same / "tokenizer").mkdir()
     shutil.copy(ROOT / "examples/data/tokenizer.model", same / "tokenizer" / "tokenizer.model")
-    check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": same}), 1)
+    check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": same}))
     # Another model's tokenizer: refused before any work, naming both and the fix.
     make_qwen2_like_tokenizer(other / "tokenizer", corpus(0))
     _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": other}),
            "splits text differently", str(other / "tokenizer"), "--tokenizer", "data.check_tokenizer=false")
     check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": other,
-                              "data.check_tokenizer": "false"}), 1)
+                              "data.check_tokenizer": "false"}))

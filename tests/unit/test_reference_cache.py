@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megatron_longpo.checkpoint.format import META_FILE, CheckpointMeta, iter_dir_name
-from megatron_longpo.config import LongPOConfig, ModelConfig
+from megatron_longpo.config import ConfigError, LongPOConfig, ModelConfig
 from megatron_longpo.data.indexed import PreferenceDataset, load_metadata
 from megatron_longpo.data.layout import build_pair_batch
 from megatron_longpo.reference.cache import ReferenceCacheError, rebuild_command, write_cache
@@ -40,7 +40,7 @@ from megatron_longpo.reference.precompute import (
     read_parts,
 )
 from megatron_longpo.reference.source import CachedReference, check_reference_cache, open_reference
-from megatron_longpo.reference.testing import make_dataset, synthetic_records
+from megatron_longpo.testing.reference import make_dataset, synthetic_records
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 REF_MODEL = ModelConfig(arch="mistral", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
@@ -181,6 +181,19 @@ def test_unset_cache_path(world):
     expect_error(cfg, world["data"], "needs reference.cache_path")
     cfg.data.valid_data = world["data"]
     expect_error(cfg, world["data"], "needs reference.valid_cache_path", split="valid")
+
+
+def test_online_source_config_errors_are_config_errors(world):
+    """reference.source=online has no cache: its mistakes are ConfigErrors, not cache errors."""
+    cfg = run_cfg("unused")
+    cfg.reference.source = "online"
+    with pytest.raises(ConfigError, match="reference.source=online needs reference.load") as e:
+        open_reference(cfg, world["data"], None)
+    assert not isinstance(e.value, ReferenceCacheError)
+    cfg.reference.source = "disk"
+    with pytest.raises(ConfigError, match=r"reference.source='disk' is not one of") as e:
+        open_reference(cfg, world["data"], None)
+    assert not isinstance(e.value, ReferenceCacheError)
 
 
 def test_incomplete_or_not_a_cache(world, tmp_path):

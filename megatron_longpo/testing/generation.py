@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from megatron_longpo.convert.testing import build_tiny_hf
+from megatron_longpo.testing.convert import build_tiny_hf
 from megatron_longpo.generation.backends import CHATML_TEMPLATE
 
 _WORDS = ("archive ledger harbor council river granite lantern orchard meadow beacon quarry vessel "
@@ -15,7 +15,7 @@ _WORDS = ("archive ledger harbor council river granite lantern orchard meadow be
 
 
 def build_tiny_chat_model(out: str | Path, seed: int = 0) -> Path:
-    """A tiny random Llama (megatron_longpo.convert.testing) whose tokenizer has a ChatML template."""
+    """A tiny random Llama (megatron_longpo.testing.convert) whose tokenizer has a ChatML template."""
     out = build_tiny_hf(out, "llama", seed=seed)
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())

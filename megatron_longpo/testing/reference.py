@@ -16,7 +16,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megatron_longpo.convert.hf_to_megatron import convert_hf_to_megatron
-from megatron_longpo.convert.testing import hf_config, randomize_
+from megatron_longpo.testing.convert import hf_config, randomize_
 from megatron_longpo.data.preprocess import PreprocessOptions, preprocess
 from megatron_longpo.data.synthetic import random_text
 
