@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE
 from megatron_longpo.data.layout import build_reference_batch
 from megatron_longpo.loss.forward import model_segment_logprobs
 from megatron_longpo.runtime.distributed import ParallelGroups
@@ -72,7 +73,7 @@ def score_sequences(
     pad_multiple: int,
     tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
     sequence_parallel: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
     on_batch: Optional[Callable[[int], None]] = None,  # called with the tokens of each batch done here
 ) -> list[SampleScore]:
     """Scores of every sequence, identical on every rank. Collective over the default group's

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_SIZE = 4096
+from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE as DEFAULT_CHUNK_SIZE  # the one default (config.py)
 
 
 def _rank_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:

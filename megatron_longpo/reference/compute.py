@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE
 from megatron_longpo.data.indexed import FIXED_SEQUENCES, SEQUENCES_PER_TURN
 from megatron_longpo.data.layout import build_reference_batch
 from megatron_longpo.loss.forward import unwrap_model
@@ -130,7 +131,7 @@ def sequence_logprob_sums(
     pad_id: int,
     pad_to_multiple: int,
     sequence_parallel: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sums [n] float64, response-token counts [n] int64) of n sequences in ONE forward.
 
@@ -179,7 +180,7 @@ def compute_items(
     tokens_per_batch: int,
     pad_to_multiple: int,
     sequence_parallel: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(values [n] float64, counts [n] int64) of ``items``, batched by :func:`plan_batches`."""
     seqs = item_sequences(dataset, items, mode, turns)

@@ -34,7 +34,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from megatron_longpo.config import ConfigError, ParallelConfig, seq_length_multiple, validate_model
+from megatron_longpo.config import (
+    DEFAULT_LOGPROB_CHUNK_SIZE,
+    ConfigError,
+    ParallelConfig,
+    seq_length_multiple,
+    validate_model,
+)
 from megatron_longpo.fsutil import write_text_atomic
 from megatron_longpo.reference.cache import FORMAT_VERSION, ReferenceCacheError, write_cache
 from megatron_longpo.reference.compute import (
@@ -73,7 +79,7 @@ class PrecomputeOptions:
     rope_theta: Optional[float] = None  # override the checkpoint's RoPE base (rare)
     params_dtype: Optional[str] = None  # override the checkpoint's dtype: fp32 | bf16
     attention_backend: str = "auto"
-    logprob_chunk_size: int = 4096
+    logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE
     overwrite: bool = False  # replace an existing cache at --output
     restart: bool = False  # discard an interrupted run's partial results
     progress: bool = True

@@ -26,37 +26,13 @@ from megatron_longpo.data.batch import PairBatch
 from megatron_longpo.loss.forward import unwrap_model
 from megatron_longpo.loss.logprobs import host_to_device, segment_logprob_sums
 from megatron_longpo.loss.longpo import longpo_loss
-from megatron_longpo.models.attention import attention_inputs
 from megatron_longpo.runtime.distributed import ParallelGroups
-from megatron_longpo.runtime.zigzag import zigzag_slice
-
-_SEQ_FIELDS = ("tokens", "position_ids", "target_ids", "response_segment", "nll_segment")
-
 
 
 def validate_batch(batch: PairBatch, groups: ParallelGroups, sequence_parallel: bool, loss_cfg: LossConfig) -> None:
-    """Check the PairBatch contract (data/batch.py) before any model work."""
-    rows, s = batch.tokens.shape
+    """Check the PairBatch contract (data/batch.py) and what the loss mode needs, before any model work."""
+    batch.validate(groups.cp_size, groups.tp_size, sequence_parallel)
     b = batch.num_pairs
-    expect_rows = 2 * b if batch.layout == "two_sequences" else b
-    if batch.layout not in ("two_sequences", "shared_prefix"):
-        raise ValueError(f"PairBatch.layout={batch.layout!r}; expected two_sequences or shared_prefix (data.pair_layout)")
-    if rows != expect_rows:
-        raise ValueError(f"PairBatch.tokens has {rows} rows; layout {batch.layout} with {b} pairs needs {expect_rows}")
-    for name in _SEQ_FIELDS:
-        if getattr(batch, name).shape != (rows, s):
-            raise ValueError(f"PairBatch.{name} has shape {tuple(getattr(batch, name).shape)}, expected {(rows, s)}")
-    mult = (2 * groups.cp_size if groups.cp_size > 1 else 1) * (groups.tp_size if sequence_parallel else 1)
-    if s % mult:
-        raise ValueError(
-            f"sequence length {s} is not a multiple of {mult} (2*cp, times tp with sequence parallelism); "
-            "pad to config.seq_length_multiple(parallel)"
-        )
-    if int(batch.response_segment.max()) >= 2 * b or int(batch.nll_segment.max()) >= b:
-        raise ValueError(
-            f"PairBatch segment ids out of range: response_segment must be < 2B = {2 * b}, "
-            f"nll_segment < B = {b} (got max {int(batch.response_segment.max())} / {int(batch.nll_segment.max())})"
-        )
     if loss_cfg.mode != "sft":
         for name in ("ref_chosen_logps", "ref_rejected_logps"):
             ref = getattr(batch, name)
@@ -84,31 +60,30 @@ def microbatch_forward(
     The loss is the same on every TP and CP rank of the micro-batch. ``token_normalizer`` is the
     NLL-token normalizer of ``token_mean`` (see :func:`megatron_longpo.loss.longpo.nll_term`).
     Model inputs (this CP rank's tokens, position ids and, for shared_prefix rows, the branch
-    layout passed as ``attention_mask``) come from :func:`models.attention.attention_inputs`.
+    layout passed as ``attention_mask``) come from :meth:`PairBatch.for_cp_rank`, the one CP slice.
     """
     validate_batch(batch, groups, sequence_parallel, loss_cfg)
     inner = unwrap_model(model)
     weight = inner.output_weight()  # [V_pad/tp, h]
     dev = weight.device
-    inp = attention_inputs(batch, groups)  # zigzag slices; branch layout stays on the CPU
-    if inp.attention_mask is not None and not getattr(inner, "explicit_rope", False):
+    # This CP rank's zigzag slices; ids stay on the host (segment_logprob_sums plans on them without
+    # device syncs) and the branch layout stays on the CPU.
+    local = batch.for_cp_rank(groups.cp_rank, groups.cp_size)
+    if local.attention_mask is not None and not getattr(inner, "explicit_rope", False):
         # Megatron's default attention is plainly causal and its RoPE ignores position_ids:
         # the rejected branch would attend to the chosen branch and get the wrong positions.
         raise ValueError(
             "data.pair_layout=shared_prefix needs the project attention (parallel.attention_backend="
             "auto|sdpa|flash and build_model(..., pair_layout='shared_prefix'))"
         )
-    # Ids stay on the host: segment_logprob_sums plans on them without device syncs.
-    local = {n: zigzag_slice(getattr(batch, n), groups.cp_rank, groups.cp_size, dim=1)
-             for n in ("target_ids", "response_segment", "nll_segment")}
-    hidden = model(host_to_device(inp.tokens, dev), host_to_device(inp.position_ids, dev), inp.attention_mask,
+    hidden = model(host_to_device(local.tokens, dev), host_to_device(local.position_ids, dev), local.attention_mask,
                    return_hidden=True)
     b = batch.num_pairs
     resp, nll = segment_logprob_sums(
         hidden,  # [s_local(/tp), rows, h]
         weight,
-        local["target_ids"],
-        [local["response_segment"], local["nll_segment"]],
+        local.target_ids,
+        [local.response_segment, local.nll_segment],
         [2 * b, b],
         vocab_size=vocab_size,
         tp_group=groups.tp_group,

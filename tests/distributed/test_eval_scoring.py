@@ -153,7 +153,6 @@ def _dropin(ckpt: str, prefix: str, tp: int, cp: int):
     from megatron_longpo.data.layout import build_pair_batch
     from megatron_longpo.loss.forward import model_segment_logprobs
     from megatron_longpo.loss.longpo import longpo_loss
-    from megatron_longpo.models.attention.inputs import shared_prefix_layout
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.reference.model import read_reference_checkpoint
     from megatron_longpo.runtime.distributed import init_model_parallel
@@ -174,7 +173,7 @@ def _dropin(ckpt: str, prefix: str, tp: int, cp: int):
             batch = build_pair_batch([ds[0], ds[1]], layout, 64, ds.pad_id, "sequence")
             b = batch.num_pairs
             loss, metrics = microbatch_forward(model, batch, groups, loss_cfg, ck.model.vocab_size, False)
-            mask = shared_prefix_layout(batch.branch_ids) if layout == "shared_prefix" else None
+            mask = batch.pair_layout().attention_mask()
             resp, nll = model_segment_logprobs(
                 model, batch.tokens, batch.position_ids, batch.target_ids, [batch.response_segment, batch.nll_segment],
                 [2 * b, b], groups, vocab_size=ck.model.vocab_size, attention_mask=mask, chunk_size=64)
