@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from megatron_longpo.data.batch import LAYOUTS
+from megatron_longpo.data.pair_layout import LAYOUTS
 
 
 def _rss_now_mib() -> float:

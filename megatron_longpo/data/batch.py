@@ -5,10 +5,8 @@ split: :meth:`PairBatch.for_cp_rank` is the one CP slice (Megatron's get_batch_o
 taken once per micro-batch after :meth:`PairBatch.validate`. ``S`` is a multiple of
 :func:`megatron_longpo.config.seq_length_multiple`.
 
-This module owns the pair layout: :data:`LAYOUTS`, :func:`rows_per_pair` and :class:`PairLayout`
-(each row's branch boundaries). Collation (data/layout.py) encodes it, the attention reads its
-``attention_mask()``, and the FLOP count / memory model ask it; the attention rule over those
-boundaries is models/attention/plan.py.
+The pair layout (names, rows per pair, each row's branch boundaries) is owned by
+data/pair_layout.py; :meth:`PairBatch.pair_layout` decodes ``branch_ids`` with it.
 
 Layouts (``rows`` = number of model rows):
 - ``two_sequences``: rows = 2B; row b is pair b's chosen sequence S_w, row B+b its rejected S_l.
@@ -32,97 +30,10 @@ from typing import Optional
 import torch
 
 from megatron_longpo.config import check_split_length
+from megatron_longpo.data.pair_layout import PairLayout, check_layout, rows_per_pair
 from megatron_longpo.runtime.zigzag import zigzag_slice
 
-LAYOUTS = ("two_sequences", "shared_prefix")
-_ROWS_PER_PAIR = {"two_sequences": 2, "shared_prefix": 1}
 _SEQ_FIELDS = ("tokens", "position_ids", "target_ids", "response_segment", "nll_segment", "branch_ids")
-
-
-def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"pair layout {layout!r} is not one of {list(LAYOUTS)} (data.pair_layout)")
-
-
-def rows_per_pair(layout: str) -> int:
-    """Model rows one preference pair takes: 2 (two_sequences) or 1 (shared_prefix)."""
-    check_layout(layout)
-    return _ROWS_PER_PAIR[layout]
-
-
-def _runs(row: torch.Tensor) -> str:
-    vals, counts = torch.unique_consecutive(row, return_counts=True)
-    return " ".join(f"{int(v)}x{int(c)}" for v, c in zip(vals, counts))
-
-
-@dataclass(frozen=True)
-class PairLayout:
-    """Where each row's parts lie: [0, P) prefix, [P, R) chosen branch, [R, E) rejected branch,
-    [E, S) padding. ``two_sequences`` rows are one whole sequence: P = R = E = its length."""
-
-    name: str  # "two_sequences" | "shared_prefix"
-    bounds: torch.Tensor  # [rows, 3] int64 CPU: (prefix_end P, rejected_start R, end E)
-
-    @classmethod
-    def of_pair(cls, name: str, prefix: int, chosen: int, rejected: int) -> "PairLayout":
-        """The rows of ONE pair whose S_w = prefix + chosen and S_l = prefix + rejected tokens
-        (shared_prefix: the branches are ``chosen`` and ``rejected`` tokens after the prefix)."""
-        if rows_per_pair(name) == 2:
-            rows = [[prefix + chosen] * 3, [prefix + rejected] * 3]
-        else:
-            rows = [[prefix, prefix + chosen, prefix + chosen + rejected]]
-        return cls(name, torch.tensor(rows, dtype=torch.int64))
-
-    @classmethod
-    def stack(cls, name: str, rows: list[tuple[int, int, int]]) -> "PairLayout":
-        return cls(name, torch.tensor(rows, dtype=torch.int64).reshape(-1, 3))
-
-    @classmethod
-    def from_branch_ids(cls, name: str, branch_ids: torch.Tensor) -> "PairLayout":
-        """Decode PairBatch.branch_ids (the inverse of :meth:`branch_ids`), checking each row is
-        ``0...0 1...1 2...2 -1...-1`` (two_sequences: ``0...0 -1...-1``)."""
-        check_layout(name)
-        ids = branch_ids.detach().to("cpu", torch.int64)
-        p = (ids == 0).sum(1)
-        r = p + (ids == 1).sum(1)
-        e = r + (ids == 2).sum(1)
-        layout = cls(name, torch.stack([p, r, e], dim=1))
-        bad = (layout.branch_ids(ids.shape[1]) != ids).any(1)
-        if name == "two_sequences":
-            bad |= e != p
-        rows = bad.nonzero().flatten().tolist()
-        if rows:
-            i = rows[0]
-            parts = ("sequence (0), then padding (-1)" if name == "two_sequences" else
-                     "prefix (0), chosen branch (1), rejected branch (2), then padding (-1)")
-            raise ValueError(
-                f"PairBatch row {i}: {name} branch_ids must be {parts}, each one contiguous run; got runs "
-                f"(value x count) {_runs(ids[i])}. The pair layout is built by the data pipeline "
-                "(see megatron_longpo/data/batch.py)."
-            )
-        return layout
-
-    def branch_ids(self, seq_len: int) -> torch.Tensor:
-        """[rows, S] int64: 0 prefix / whole sequence, 1 chosen branch, 2 rejected branch, -1 padding."""
-        pos = torch.arange(seq_len).unsqueeze(0)
-        p, r, e = (self.bounds[:, i : i + 1] for i in range(3))
-        return torch.where(pos < p, 0, torch.where(pos < r, 1, torch.where(pos < e, 2, -1)))
-
-    @property
-    def rows_per_pair(self) -> int:
-        return rows_per_pair(self.name)
-
-    def num_tokens(self) -> int:
-        """Non-padding tokens."""
-        return int(self.bounds[:, 2].sum())
-
-    def attention_mask(self) -> Optional[torch.Tensor]:
-        """What the model takes as ``attention_mask``: None for plain causal rows (two_sequences,
-        also right for TE attention), else the branch layout int64 CPU [rows, 2] = (P, R) that the
-        project attention (models/attention/core.py) understands."""
-        if self.name == "two_sequences":
-            return None
-        return self.bounds[:, :2].contiguous()
 
 
 @dataclass
@@ -167,7 +78,8 @@ class PairBatch:
         return int((self.branch_ids >= 0).sum())
 
     def pair_layout(self) -> PairLayout:
-        return PairLayout.from_branch_ids(self.layout, self.branch_ids)
+        """The row boundaries, decoded from (and checked against) ``branch_ids`` on the host."""
+        return PairLayout.from_branch_ids(self.layout, self.branch_ids.detach().cpu().numpy())
 
     def validate(self, cp_size: int = 1, tp_size: int = 1, sequence_parallel: bool = False) -> None:
         """Check this module's contract before any model work (the one batch check)."""
@@ -195,5 +107,12 @@ class PairBatch:
         return CPSlice(
             tokens=sl(self.tokens), position_ids=sl(self.position_ids), target_ids=sl(self.target_ids),
             response_segment=sl(self.response_segment), nll_segment=sl(self.nll_segment),
-            attention_mask=self.pair_layout().attention_mask(),
+            attention_mask=self.attention_mask(),
         )
+
+    def attention_mask(self) -> Optional[torch.Tensor]:
+        """The model's ``attention_mask`` for these FULL rows: None (causal rows, also right for TE
+        attention) or the branch layout int64 CPU [rows, 2] (prefix_end, rejected_start) that the
+        project attention understands (models/attention/core.py)."""
+        bounds = self.pair_layout().branch_bounds()
+        return None if bounds is None else torch.from_numpy(bounds)

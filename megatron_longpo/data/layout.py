@@ -1,6 +1,6 @@
-"""Collation of PreferenceSamples into a PairBatch (see batch.py for the contract; its
-:class:`PairLayout` owns the layout names, rows per pair and the branch boundaries, which the
-collation records here and encodes into ``branch_ids`` through it).
+"""Collation of PreferenceSamples into a PairBatch (see batch.py for the contract; pair_layout.py
+owns the layout names, rows per pair, row lengths and branch boundaries: the collation records
+each row's boundaries and encodes ``branch_ids`` with :class:`PairLayout`).
 
 ``two_sequences``: rows 2B, row b = S_w of pair b, row B+b = S_l of pair b.
 ``shared_prefix``: rows B, row b = [prefix (P) | chosen branch (Lc) | rejected branch (Lr)] with
@@ -20,7 +20,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_longpo.data.batch import PairBatch, PairLayout, check_layout, rows_per_pair
+from megatron_longpo.data.batch import PairBatch
+from megatron_longpo.data.pair_layout import PairLayout, check_layout, rows_per_pair
 from megatron_longpo.data.sample import PreferenceSample
 
 NLL_TARGETS = ("sequence", "responses")
@@ -119,7 +120,7 @@ def build_pair_batch(
             bounds.append((P, r, end))
     pair_layout = PairLayout.stack(layout, bounds)
     sample_index = torch.tensor([s.index for s in samples], dtype=torch.int64)
-    return PairBatch(**rows.torch(), branch_ids=pair_layout.branch_ids(rows.tokens.shape[1]), num_pairs=B,
+    return PairBatch(**rows.torch(), branch_ids=torch.from_numpy(pair_layout.branch_ids(rows.tokens.shape[1])), num_pairs=B,
                      layout=layout, sample_index=sample_index)
 
 

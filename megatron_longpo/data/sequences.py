@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_longpo.data.pair_layout import row_length
 from megatron_longpo.data.sample import PreferenceSample, ReferenceTurn
 from megatron_longpo.data.schema import DataError, LongPORecord, PairRecord, Record
 from megatron_longpo.data.templates import ChatMessage, ChatTemplate, Piece
@@ -40,8 +41,8 @@ TEMPLATE_ERROR = "template_error"
 def shared_prefix_row_length(len_w: int, len_l: int, mask_w: np.ndarray) -> int:
     """Row length of the pair in the shared_prefix layout: both sequences minus the prefix P they
     share (P = first response token - 1, as :func:`split_shared_prefix` cuts it)."""
-    p = int(np.argmax(mask_w)) - 1 if mask_w.any() else 0
-    return len_w + len_l - max(p, 0)
+    p = max(int(np.argmax(mask_w)) - 1 if mask_w.any() else 0, 0)
+    return row_length("shared_prefix", p, len_w - p, len_l - p)
 
 
 class OverlongError(DataError):
@@ -306,7 +307,7 @@ def build_sample(
         enc_l = encode_pieces(rendered.rejected, tok)
     except DataError as e:
         raise DataError(f"{where}: {e}") from e
-    full_len = max(len(enc_w.ids), len(enc_l.ids))
+    full_len = row_length("two_sequences", 0, len(enc_w.ids), len(enc_l.ids))
     ids_w, mask_w, ids_l, mask_l = enc_w.ids, enc_w.response, enc_l.ids, enc_l.response
     truncated = 0
     kw = dict(identical=identical, identical_turns=n_same, two_sequences_length=full_len)

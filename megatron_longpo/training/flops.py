@@ -18,7 +18,7 @@ from typing import Union
 import torch
 
 from megatron_longpo.config import ModelConfig
-from megatron_longpo.data.batch import PairLayout
+from megatron_longpo.data.pair_layout import PairLayout
 from megatron_longpo.models.attention.plan import attended_pairs as row_attended_pairs
 
 
@@ -27,7 +27,7 @@ def attended_pairs(layout: Union[PairLayout, torch.Tensor]) -> int:
     :class:`PairLayout` or its ``PairBatch.branch_ids`` [rows, S]. The rule is the attention's
     (models/attention/plan.py)."""
     if isinstance(layout, torch.Tensor):
-        layout = PairLayout.from_branch_ids("shared_prefix", layout)  # generic decode: 0 | 1 | 2 | -1 runs
+        layout = PairLayout.from_branch_ids("shared_prefix", layout.cpu().numpy())  # any 0 | 1 | 2 | -1 runs
     return sum(row_attended_pairs(p, r, e) for p, r, e in layout.bounds.tolist())
 
 

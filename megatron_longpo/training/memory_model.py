@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_longpo.config import LongPOConfig, padded_vocab_size
-from megatron_longpo.data.batch import PairLayout, rows_per_pair
+from megatron_longpo.data.pair_layout import PairLayout, rows_per_pair
 from megatron_longpo.training.flops import attended_pairs, train_flops
 
 GiB = 1024**3

@@ -173,7 +173,7 @@ def _dropin(ckpt: str, prefix: str, tp: int, cp: int):
             batch = build_pair_batch([ds[0], ds[1]], layout, 64, ds.pad_id, "sequence")
             b = batch.num_pairs
             loss, metrics = microbatch_forward(model, batch, groups, loss_cfg, ck.model.vocab_size, False)
-            mask = batch.pair_layout().attention_mask()
+            mask = batch.attention_mask()
             resp, nll = model_segment_logprobs(
                 model, batch.tokens, batch.position_ids, batch.target_ids, [batch.response_segment, batch.nll_segment],
                 [2 * b, b], groups, vocab_size=ck.model.vocab_size, attention_mask=mask, chunk_size=64)

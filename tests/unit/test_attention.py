@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_longpo.config import ConfigError, LongPOConfig, validate
-from megatron_longpo.data.batch import PairLayout
+from megatron_longpo.data.pair_layout import PairLayout
 from megatron_longpo.models.attention import (
     allowed,
     attend_local,
