@@ -44,8 +44,19 @@ class CPSlice:
     position_ids: torch.Tensor  # [rows, S/cp] int64 RoPE positions
     target_ids: torch.Tensor  # [rows, S/cp] int64
     response_segment: torch.Tensor  # [rows, S/cp] int64
-    nll_segment: torch.Tensor  # [rows, S/cp] int64
+    nll_segment: Optional[torch.Tensor]  # [rows, S/cp] int64 (None for reference batches: no NLL)
     attention_mask: Optional[torch.Tensor]  # None or branch layout int64 CPU [rows, 2] (GLOBAL indices)
+
+
+def cp_slice(batch, cp_rank: int, cp_size: int, attention_mask: Optional[torch.Tensor] = None) -> CPSlice:
+    """The CP slice of any laid-out batch (PairBatch, ReferenceBatch): its [rows, S] tensors
+    zigzag-sliced along S, on the device they are on."""
+    sl = lambda t: None if t is None else zigzag_slice(t, cp_rank, cp_size, dim=1)  # noqa: E731
+    return CPSlice(
+        tokens=sl(batch.tokens), position_ids=sl(batch.position_ids), target_ids=sl(batch.target_ids),
+        response_segment=sl(batch.response_segment), nll_segment=sl(getattr(batch, "nll_segment", None)),
+        attention_mask=attention_mask,
+    )
 
 
 @dataclass
@@ -103,12 +114,7 @@ class PairBatch:
     def for_cp_rank(self, cp_rank: int, cp_size: int) -> CPSlice:
         """This CP rank's slice of every [rows, S] tensor (zigzag along S) and the attention layout
         of the FULL rows. Ids stay where they are (host), so the step plans without device syncs."""
-        sl = lambda t: zigzag_slice(t, cp_rank, cp_size, dim=1)  # noqa: E731
-        return CPSlice(
-            tokens=sl(self.tokens), position_ids=sl(self.position_ids), target_ids=sl(self.target_ids),
-            response_segment=sl(self.response_segment), nll_segment=sl(self.nll_segment),
-            attention_mask=self.attention_mask(),
-        )
+        return cp_slice(self, cp_rank, cp_size, self.attention_mask())
 
     def attention_mask(self) -> Optional[torch.Tensor]:
         """The model's ``attention_mask`` for these FULL rows: None (causal rows, also right for TE

@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_longpo.data.batch import PairBatch
+from megatron_longpo.data.batch import CPSlice, PairBatch, cp_slice
 from megatron_longpo.data.pair_layout import PairLayout, check_layout, rows_per_pair
 from megatron_longpo.data.sample import PreferenceSample
 
@@ -133,6 +133,10 @@ class ReferenceBatch:
     target_ids: torch.Tensor  # [n, S] int64 next token (0 where none)
     response_segment: torch.Tensor  # [n, S] int64: row index i where the target is a response token, else -1
     lengths: torch.Tensor  # [n] int64 unpadded lengths
+
+    def for_cp_rank(self, cp_rank: int, cp_size: int) -> CPSlice:
+        """This CP rank's slice (plain causal rows: attention_mask None, no NLL segments)."""
+        return cp_slice(self, cp_rank, cp_size)
 
 
 def build_reference_batch(

@@ -122,10 +122,7 @@ def model_segment_logprobs(
     inner = unwrap_model(model)
     weight = inner.output_weight()  # [V_pad/tp, h]
     dev = weight.device
-    cp_rank, cp = groups.cp_rank, groups.cp_size
-    if cp > 1 and tokens.shape[1] % (2 * cp):
-        raise ValueError(f"sequence length {tokens.shape[1]} is not a multiple of 2*cp = {2 * cp}; pad to "
-                         "megatron_longpo.config.seq_length_multiple(parallel)")
+    cp_rank, cp = groups.cp_rank, groups.cp_size  # zigzag_slice checks S against the CP split
 
     def local(x: torch.Tensor) -> torch.Tensor:
         return zigzag_slice(x.to(dev), cp_rank, cp, dim=1)  # [rows, S/cp]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_longpo.config import DataConfig
-from megatron_longpo.data.layout import build_pair_batch
+from megatron_longpo.data.layout import build_pair_batch, build_reference_batch
 from megatron_longpo.data.pair_layout import LAYOUTS, PairLayout, row_length, rows_per_pair
 from megatron_longpo.data.sample import PreferenceSample
 from megatron_longpo.models.attention.plan import allowed
@@ -62,6 +62,19 @@ def test_for_cp_rank_is_the_zigzag_slice(layout):
                 assert (part.attention_mask is None) == (expect is None)
                 if expect is not None:
                     assert part.attention_mask.tolist() == expect and part.attention_mask.dtype == torch.int64
+
+
+def test_reference_batch_for_cp_rank_is_the_zigzag_slice():
+    rng = np.random.default_rng(1)
+    seqs = [(rng.integers(1, 50, n), (rng.random(n) < 0.5).astype(np.uint8)) for n in (5, 17, 11)]
+    batch = build_reference_batch(seqs, pad_to_multiple=24, pad_id=0)
+    for cp in (2, 3):
+        for r in range(cp):
+            part = batch.for_cp_rank(r, cp)
+            idx = _explicit_zigzag(batch.tokens.shape[1], r, cp)
+            for name in ("tokens", "position_ids", "target_ids", "response_segment"):
+                assert torch.equal(getattr(part, name), getattr(batch, name)[:, idx])
+            assert part.attention_mask is None and part.nll_segment is None
 
 
 def _scan(row: list[int]) -> tuple[bool, tuple[int, int, int]]:

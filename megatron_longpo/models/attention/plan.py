@@ -18,11 +18,11 @@ index t sees keys
 Padding sits after the rejected branch and follows the rejected rule; its outputs are never used.
 
 Under context parallelism the row is cut into 2*cp chunks of c = S/(2*cp) tokens and rank r holds
-chunks r and 2*cp-1-r (zigzag; runtime/zigzag.py owns that arithmetic). Each held chunk is split at R into at most two query blocks, and
-every block's allowed keys, concatenated in order, form a LOWER-RIGHT causal pattern: with Lq
-queries and Lk concatenated keys, query i sees keys 0 .. Lk-Lq+i. That is the pattern flash
-attention and SDPA's ``causal_lower_right`` compute without a mask, so no [S, S] (or [c, S]) mask
-is needed on CUDA.
+chunks r and 2*cp-1-r (zigzag; runtime/zigzag.py owns that arithmetic). Each held chunk is split
+at R into at most two query blocks, and every block's allowed keys, concatenated in order, form
+a LOWER-RIGHT causal pattern: with Lq queries and Lk concatenated keys, query i sees keys
+0 .. Lk-Lq+i. That is the pattern flash attention and SDPA's ``causal_lower_right`` compute
+without a mask, so no [S, S] (or [c, S]) mask is needed on CUDA.
 """
 
 from __future__ import annotations
