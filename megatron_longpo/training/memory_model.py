@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from megatron_longpo.config import LongPOConfig, padded_vocab_size
 from megatron_longpo.data.pair_layout import PairLayout, rows_per_pair
-from megatron_longpo.training.flops import attended_pairs, train_flops
 
 GiB = 1024**3
 
@@ -103,6 +102,9 @@ def estimate_step_seconds(cfg: LongPOConfig, world_size: int, tflops_per_gpu: fl
     A pair is two full rows of ``seq_tokens`` (two_sequences), or one row of ``seq_tokens`` whose
     last ``shared_prefix_response_tokens`` are the two branches, half each (shared_prefix).
     """
+    # deferred: flops.py imports torch; estimate_memory.py answers --help / config errors first
+    from megatron_longpo.training.flops import attended_pairs, train_flops
+
     m = cfg.model
     s = seq_tokens or cfg.data.max_seq_length
     pairs = cfg.training.global_batch_size
