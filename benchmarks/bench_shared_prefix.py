@@ -27,7 +27,7 @@ import time
 
 import torch
 
-LAYOUTS = ("two_sequences", "shared_prefix")
+from megatron_longpo.data.pair_layout import LAYOUTS
 
 
 def _rss_now_mib() -> float:
@@ -118,11 +118,10 @@ def _step_fn(model, mcfg, groups, layout: str, args: argparse.Namespace):
     """A closure running forward + per-sequence log-probs + LongPO-style loss + backward."""
     import torch.nn.functional as F
 
-    from megatron_longpo.models.attention import attention_inputs
     from megatron_longpo.runtime.capabilities import device
 
     batch = make_batch(layout, args.prefix, args.response, mcfg.vocab_size, 64).to(device())
-    inp = attention_inputs(batch, groups)
+    inp = batch.for_cp_rank(groups.cp_rank, groups.cp_size)
 
     def step() -> None:
         logits = model(inp.tokens, inp.position_ids, inp.attention_mask)[..., : mcfg.vocab_size]

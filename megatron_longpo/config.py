@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +113,11 @@ class DataConfig:
         True, "Refuse data whose tokenizer splits text differently from the tokenizer of the model checkpoint.")
 
 
+# Positions per chunk of the vocab-parallel log-prob: the default of training, reference and
+# evaluation (here because the torch-free CLIs need it too; loss/logprobs.py re-exports it).
+DEFAULT_LOGPROB_CHUNK_SIZE = 4096
+
+
 @dataclass
 class LossConfig:
     """The LongPO objective (see docs/loss.md)."""
@@ -130,7 +134,7 @@ class LossConfig:
     nll_target: Literal["sequence", "responses"] = _f(
         "sequence", "NLL over the whole chosen sequence or only its responses."
     )
-    logprob_chunk_size: int = _f(4096, "Positions per chunk in the vocab-parallel log-prob.")
+    logprob_chunk_size: int = _f(DEFAULT_LOGPROB_CHUNK_SIZE, "Positions per chunk in the vocab-parallel log-prob.")
 
 
 @dataclass
@@ -432,19 +436,36 @@ def save_config(cfg: LongPOConfig, path: str | Path) -> None:
 
 def seq_length_multiple(parallel: ParallelConfig) -> int:
     """Every laid-out sequence length must be a multiple of this (CP zigzag, SP, FP8)."""
-    cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
-    m = 2 * cp if cp > 1 else 1
-    if parallel.sequence_parallel:
-        m *= tp
-    if parallel.fp8:
-        # TE FP8 GEMMs need each rank's token count to be a multiple of 16 (32 for mxfp8).
-        a = fp8_alignment(getattr(parallel, "fp8_recipe", "delayed"))
-        m = _lcm(m, a * (2 * cp if cp > 1 else 1) * (tp if parallel.sequence_parallel else 1))
-    return m
+    # TE FP8 GEMMs need each rank's token count to be a multiple of 16 (32 for mxfp8).
+    alignment = fp8_alignment(getattr(parallel, "fp8_recipe", "delayed")) if parallel.fp8 else 1
+    return split_length_multiple(parallel.context_parallel_size, parallel.tensor_model_parallel_size,
+                                 parallel.sequence_parallel, alignment)
 
 
-def _lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)
+def split_length_multiple(cp_size: int, tp_size: int = 1, sequence_parallel: bool = False, alignment: int = 1) -> int:
+    """THE divisibility rule of a laid-out length S (the one statement; everything else asks it).
+
+    2*cp zigzag chunks (none without CP), each rank's share split over tp with sequence
+    parallelism, and ``alignment`` tokens per chunk (and SP shard) for FP8 GEMMs (1 without FP8).
+    Here rather than in runtime/zigzag.py because config validation needs it and stays torch-free.
+    """
+    return (2 * cp_size if cp_size > 1 else 1) * (tp_size if sequence_parallel else 1) * alignment
+
+
+def check_split_length(seq_len: int, cp_size: int, tp_size: int = 1, sequence_parallel: bool = False) -> None:
+    """Raise ValueError naming the rule if ``seq_len`` cannot be split over the CP (and SP) ranks."""
+    mult = split_length_multiple(cp_size, tp_size, sequence_parallel)
+    if seq_len % mult == 0:
+        return
+    why = []
+    if cp_size > 1:
+        why.append(f"context parallelism needs a multiple of 2*cp = {2 * cp_size}")
+    if sequence_parallel and tp_size > 1:
+        why.append(f"times tp = {tp_size} with sequence parallelism")
+    raise ValueError(
+        f"sequence length {seq_len} is not a multiple of {mult}: {', '.join(why)}; pad batches to "
+        "megatron_longpo.config.seq_length_multiple(parallel)"
+    )
 
 
 def padded_vocab_size(model: ModelConfig, tp: int) -> int:

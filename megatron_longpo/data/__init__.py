@@ -18,6 +18,8 @@ _EXPORTS = {
     "build_pair_batch": "layout",
     "build_reference_batch": "layout",
     "pair_batches": "layout",
+    "LAYOUTS": "pair_layout",
+    "PairLayout": "pair_layout",
     "PreferenceSample": "sample",
     "ReferenceTurn": "sample",
     "PreferenceSampler": "sampler",

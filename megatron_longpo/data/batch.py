@@ -1,8 +1,12 @@
 """The micro-batch contract between the data pipeline, the model forward and the loss.
 
 A micro-batch holds ``B`` preference pairs, laid out and padded, BEFORE the context-parallel
-split (the step applies :func:`megatron_longpo.runtime.zigzag.zigzag_slice` to every [rows, S]
-tensor along dim 1). ``S`` is a multiple of :func:`megatron_longpo.config.seq_length_multiple`.
+split: :meth:`PairBatch.for_cp_rank` is the one CP slice (Megatron's get_batch_on_this_cp_rank),
+taken once per micro-batch after :meth:`PairBatch.validate`. ``S`` is a multiple of
+:func:`megatron_longpo.config.seq_length_multiple`.
+
+The pair layout (names, rows per pair, each row's branch boundaries) is owned by
+data/pair_layout.py; :meth:`PairBatch.pair_layout` decodes ``branch_ids`` with it.
 
 Layouts (``rows`` = number of model rows):
 - ``two_sequences``: rows = 2B; row b is pair b's chosen sequence S_w, row B+b its rejected S_l.
@@ -24,6 +28,35 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+
+from megatron_longpo.config import check_split_length
+from megatron_longpo.data.pair_layout import PairLayout, check_layout, rows_per_pair
+from megatron_longpo.runtime.zigzag import zigzag_slice
+
+_SEQ_FIELDS = ("tokens", "position_ids", "target_ids", "response_segment", "nll_segment", "branch_ids")
+
+
+@dataclass
+class CPSlice:
+    """This CP rank's part of a micro-batch: what the model forward and the log-prob sums take."""
+
+    tokens: torch.Tensor  # [rows, S/cp] int64, zigzag slice
+    position_ids: torch.Tensor  # [rows, S/cp] int64 RoPE positions
+    target_ids: torch.Tensor  # [rows, S/cp] int64
+    response_segment: torch.Tensor  # [rows, S/cp] int64
+    nll_segment: Optional[torch.Tensor]  # [rows, S/cp] int64 (None for reference batches: no NLL)
+    attention_mask: Optional[torch.Tensor]  # None or branch layout int64 CPU [rows, 2] (GLOBAL indices)
+
+
+def cp_slice(batch, cp_rank: int, cp_size: int, attention_mask: Optional[torch.Tensor] = None) -> CPSlice:
+    """The CP slice of any laid-out batch (PairBatch, ReferenceBatch): its [rows, S] tensors
+    zigzag-sliced along S, on the device they are on."""
+    sl = lambda t: None if t is None else zigzag_slice(t, cp_rank, cp_size, dim=1)  # noqa: E731
+    return CPSlice(
+        tokens=sl(batch.tokens), position_ids=sl(batch.position_ids), target_ids=sl(batch.target_ids),
+        response_segment=sl(batch.response_segment), nll_segment=sl(getattr(batch, "nll_segment", None)),
+        attention_mask=attention_mask,
+    )
 
 
 @dataclass
@@ -54,3 +87,38 @@ class PairBatch:
     def num_tokens(self) -> int:
         """Non-padding tokens (for throughput accounting)."""
         return int((self.branch_ids >= 0).sum())
+
+    def pair_layout(self) -> PairLayout:
+        """The row boundaries, decoded from (and checked against) ``branch_ids`` on the host."""
+        return PairLayout.from_branch_ids(self.layout, self.branch_ids.detach().cpu().numpy())
+
+    def validate(self, cp_size: int = 1, tp_size: int = 1, sequence_parallel: bool = False) -> None:
+        """Check this module's contract before any model work (the one batch check)."""
+        check_layout(self.layout)
+        rows, s = self.tokens.shape
+        b = self.num_pairs
+        expect_rows = rows_per_pair(self.layout) * b
+        if rows != expect_rows:
+            raise ValueError(f"PairBatch.tokens has {rows} rows; layout {self.layout} with {b} pairs needs {expect_rows}")
+        for name in _SEQ_FIELDS:
+            if getattr(self, name).shape != (rows, s):
+                raise ValueError(f"PairBatch.{name} has shape {tuple(getattr(self, name).shape)}, expected {(rows, s)}")
+        check_split_length(s, cp_size, tp_size, sequence_parallel)
+        if int(self.response_segment.max()) >= 2 * b or int(self.nll_segment.max()) >= b:
+            raise ValueError(
+                f"PairBatch segment ids out of range: response_segment must be < 2B = {2 * b}, "
+                f"nll_segment < B = {b} (got max {int(self.response_segment.max())} / {int(self.nll_segment.max())})"
+            )
+        self.pair_layout()  # branch runs
+
+    def for_cp_rank(self, cp_rank: int, cp_size: int) -> CPSlice:
+        """This CP rank's slice of every [rows, S] tensor (zigzag along S) and the attention layout
+        of the FULL rows. Ids stay where they are (host), so the step plans without device syncs."""
+        return cp_slice(self, cp_rank, cp_size, self.attention_mask())
+
+    def attention_mask(self) -> Optional[torch.Tensor]:
+        """The model's ``attention_mask`` for these FULL rows: None (causal rows, also right for TE
+        attention) or the branch layout int64 CPU [rows, 2] (prefix_end, rejected_start) that the
+        project attention understands (models/attention/core.py)."""
+        bounds = self.pair_layout().branch_bounds()
+        return None if bounds is None else torch.from_numpy(bounds)

@@ -37,6 +37,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 
 from megatron_longpo.config import ConfigError
+from megatron_longpo.data.pair_layout import LAYOUTS, row_length
 from megatron_longpo.data.paths import dataset_files, ids_path, sidecar_path
 from megatron_longpo.data.sample import PreferenceSample, ReferenceTurn
 from megatron_longpo.data.schema import DataError
@@ -188,11 +189,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def lengths(self, layout: str) -> np.ndarray:
         """[N] row length of every sample in ``layout`` (before padding)."""
-        if layout == "two_sequences":
-            return self.prefix_lengths + np.maximum(self.chosen_branch_lengths, self.rejected_branch_lengths)
-        if layout == "shared_prefix":
-            return self.prefix_lengths + self.chosen_branch_lengths + self.rejected_branch_lengths
-        raise ValueError(f"unknown pair layout {layout!r}")
+        return row_length(layout, self.prefix_lengths, self.chosen_branch_lengths, self.rejected_branch_lengths)
 
     @property
     def pad_id(self) -> int:
@@ -223,7 +220,7 @@ def check_dataset_fits(meta: dict[str, Any], layout: str, max_seq_length: int, o
     """Every pair must fit ``data.max_seq_length`` in the chosen layout."""
     stats = meta["lengths"].get(layout)
     if stats is None:
-        raise ConfigError(f"data.pair_layout {layout!r} is not one of ['two_sequences', 'shared_prefix']")
+        raise ConfigError(f"data.pair_layout {layout!r} is not one of {list(LAYOUTS)}")
     if stats["max"] > max_seq_length:
         raise ConfigError(
             f"{option}: the longest pair needs {stats['max']} tokens in the {layout} layout, more than "

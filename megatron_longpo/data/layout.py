@@ -1,4 +1,6 @@
-"""Collation of PreferenceSamples into a PairBatch (see batch.py for the contract).
+"""Collation of PreferenceSamples into a PairBatch (see batch.py for the contract; pair_layout.py
+owns the layout names, rows per pair, row lengths and branch boundaries: the collation records
+each row's boundaries and encodes ``branch_ids`` with :class:`PairLayout`).
 
 ``two_sequences``: rows 2B, row b = S_w of pair b, row B+b = S_l of pair b.
 ``shared_prefix``: rows B, row b = [prefix (P) | chosen branch (Lc) | rejected branch (Lr)] with
@@ -18,10 +20,10 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_longpo.data.batch import PairBatch
+from megatron_longpo.data.batch import CPSlice, PairBatch, cp_slice
+from megatron_longpo.data.pair_layout import PairLayout, check_layout, rows_per_pair
 from megatron_longpo.data.sample import PreferenceSample
 
-LAYOUTS = ("two_sequences", "shared_prefix")
 NLL_TARGETS = ("sequence", "responses")
 
 
@@ -46,9 +48,8 @@ class _Rows:
         self.target_ids = np.zeros((rows, seq), dtype=np.int64)
         self.response_segment = np.full((rows, seq), -1, dtype=np.int64)
         self.nll_segment = np.full((rows, seq), -1, dtype=np.int64)
-        self.branch_ids = np.full((rows, seq), -1, dtype=np.int64)
 
-    def put(self, row: int, start: int, seq: np.ndarray, mask: np.ndarray, pos0: int, branch: int,
+    def put(self, row: int, start: int, seq: np.ndarray, mask: np.ndarray, pos0: int,
             resp_seg: int, nll_seg: int, nll_all: bool, next_token: Optional[int] = None) -> int:
         """Place ``seq`` at [start, start+L) with positions pos0.. ; position t targets seq[t+1]
         (the last one targets ``next_token`` if given, else nothing). Returns the end column."""
@@ -56,7 +57,6 @@ class _Rows:
         end = start + L
         self.tokens[row, start:end] = seq
         self.position_ids[row, start:end] = np.arange(pos0, pos0 + L)
-        self.branch_ids[row, start:end] = branch
         tgt = np.asarray(seq[1:], dtype=np.int64)
         tmask = np.asarray(mask[1:], dtype=bool)
         if next_token is not None:
@@ -75,7 +75,7 @@ class _Rows:
 
     def torch(self) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(getattr(self, k)) for k in
-                ("tokens", "position_ids", "target_ids", "response_segment", "nll_segment", "branch_ids")}
+                ("tokens", "position_ids", "target_ids", "response_segment", "nll_segment")}
 
 
 def build_pair_batch(
@@ -89,8 +89,7 @@ def build_pair_batch(
     """Lay out B pairs; ``nll_target``: 'sequence' (every target of S_w, document included) or
     'responses' (chosen response targets only). ``pad_to_length`` fixes S (else: longest row
     rounded up to ``pad_to_multiple``)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"pair layout {layout!r} is not one of {list(LAYOUTS)}")
+    check_layout(layout)
     if nll_target not in NLL_TARGETS:
         raise ValueError(f"nll_target {nll_target!r} is not one of {list(NLL_TARGETS)}")
     if not samples:
@@ -99,24 +98,30 @@ def build_pair_batch(
     nll_all = nll_target == "sequence"
     if layout == "two_sequences":
         longest = max(s.two_sequences_length for s in samples)
-        rows = _Rows(2 * B, _padded_length(longest, pad_to_multiple, pad_to_length), pad_id)
+        rows = _Rows(rows_per_pair(layout) * B, _padded_length(longest, pad_to_multiple, pad_to_length), pad_id)
+        bounds = [(0, 0, 0)] * (2 * B)
         for b, s in enumerate(samples):
             for row, seq, mask, nll in ((b, s.chosen, s.chosen_mask, b), (B + b, s.rejected, s.rejected_mask, -1)):
-                end = rows.put(row, 0, seq, mask, 0, 0, row, nll, nll_all)
+                end = rows.put(row, 0, seq, mask, 0, row, nll, nll_all)
                 rows.pad_positions(row, end, end)
+                bounds[row] = (end, end, end)
     else:
         longest = max(s.shared_prefix_length for s in samples)
-        rows = _Rows(B, _padded_length(longest, pad_to_multiple, pad_to_length), pad_id)
+        rows = _Rows(rows_per_pair(layout) * B, _padded_length(longest, pad_to_multiple, pad_to_length), pad_id)
+        bounds = []
         for b, s in enumerate(samples):
             P = s.prefix_length
             cb, rb = s.chosen_branch, s.rejected_branch
             assert cb[0] == rb[0], f"sample {s.id}: branches must start with the same token"
-            end = rows.put(b, 0, s.prefix, np.zeros(P, np.uint8), 0, 0, -1, b, nll_all, next_token=int(cb[0])) if P else 0
-            end = rows.put(b, end, cb, s.chosen_branch_mask, P, 1, b, b, nll_all)
-            end = rows.put(b, end, rb, s.rejected_branch_mask, P, 2, B + b, -1, nll_all)
+            end = rows.put(b, 0, s.prefix, np.zeros(P, np.uint8), 0, -1, b, nll_all, next_token=int(cb[0])) if P else 0
+            r = rows.put(b, end, cb, s.chosen_branch_mask, P, b, b, nll_all)
+            end = rows.put(b, r, rb, s.rejected_branch_mask, P, B + b, -1, nll_all)
             rows.pad_positions(b, end, P + len(rb))
+            bounds.append((P, r, end))
+    pair_layout = PairLayout.stack(layout, bounds)
     sample_index = torch.tensor([s.index for s in samples], dtype=torch.int64)
-    return PairBatch(**rows.torch(), num_pairs=B, layout=layout, sample_index=sample_index)
+    return PairBatch(**rows.torch(), branch_ids=torch.from_numpy(pair_layout.branch_ids(rows.tokens.shape[1])), num_pairs=B,
+                     layout=layout, sample_index=sample_index)
 
 
 @dataclass
@@ -128,6 +133,10 @@ class ReferenceBatch:
     target_ids: torch.Tensor  # [n, S] int64 next token (0 where none)
     response_segment: torch.Tensor  # [n, S] int64: row index i where the target is a response token, else -1
     lengths: torch.Tensor  # [n] int64 unpadded lengths
+
+    def for_cp_rank(self, cp_rank: int, cp_size: int) -> CPSlice:
+        """This CP rank's slice (plain causal rows: attention_mask None, no NLL segments)."""
+        return cp_slice(self, cp_rank, cp_size)
 
 
 def build_reference_batch(
@@ -145,7 +154,7 @@ def build_reference_batch(
     for i, (toks, mask) in enumerate(ref_sequences):
         if len(toks) != len(mask):
             raise ValueError(f"reference sequence {i}: {len(toks)} tokens but {len(mask)} mask entries")
-        end = rows.put(i, 0, toks, mask, 0, 0, i, -1, False)
+        end = rows.put(i, 0, toks, mask, 0, i, -1, False)
         rows.pad_positions(i, end, end)
     t = rows.torch()
     return ReferenceBatch(

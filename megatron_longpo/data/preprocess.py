@@ -22,6 +22,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from megatron_longpo.data.pair_layout import LAYOUTS
 from megatron_longpo.data.paths import dataset_files, rejected_path
 from megatron_longpo.data.schema import DataError, InvalidRecord, LongPORecord, PairRecord, read_records
 from megatron_longpo.data.sequences import (
@@ -72,8 +73,8 @@ def _check_options(o: PreprocessOptions) -> None:
             raise DataError(f"--input {p}: does not exist")
     if o.max_seq_length is not None and o.max_seq_length <= 0:
         raise DataError(f"--max-seq-length must be > 0 (got {o.max_seq_length})")
-    if o.pair_layout not in ("two_sequences", "shared_prefix"):
-        raise DataError(f"--pair-layout {o.pair_layout!r} is not one of ['two_sequences', 'shared_prefix']")
+    if o.pair_layout not in LAYOUTS:
+        raise DataError(f"--pair-layout {o.pair_layout!r} is not one of {list(LAYOUTS)}")
     if o.overlong not in OVERLONG_CHOICES:
         raise DataError(f"--overlong {o.overlong!r} is not one of {list(OVERLONG_CHOICES)}")
     if o.overlong != "error" and o.max_seq_length is None:
@@ -424,7 +425,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="longest allowed max(len chosen sequence, len rejected sequence), in tokens")
     p.add_argument("--overlong", choices=OVERLONG_CHOICES, default="error",
                    help="longer records: fail (default), drop them, or cut the middle of the document")
-    p.add_argument("--pair-layout", choices=["two_sequences", "shared_prefix"], default="two_sequences",
+    p.add_argument("--pair-layout", choices=list(LAYOUTS), default="two_sequences",
                    help="the training layout (data.pair_layout) whose row --max-seq-length bounds; shared_prefix rows "
                         "[document | chosen | rejected] are the longer ones")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output identical for any value)")

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_longpo.data.pair_layout import row_length
+
 
 @dataclass
 class ReferenceTurn:
@@ -62,12 +64,12 @@ class PreferenceSample:
     @property
     def two_sequences_length(self) -> int:
         """Row length the pair needs in the two_sequences layout: max(len S_w, len S_l)."""
-        return self.prefix_length + max(len(self.chosen_branch), len(self.rejected_branch))
+        return row_length("two_sequences", self.prefix_length, len(self.chosen_branch), len(self.rejected_branch))
 
     @property
     def shared_prefix_length(self) -> int:
         """Row length in the shared_prefix layout: P + Lc + Lr."""
-        return self.prefix_length + len(self.chosen_branch) + len(self.rejected_branch)
+        return row_length("shared_prefix", self.prefix_length, len(self.chosen_branch), len(self.rejected_branch))
 
     @property
     def num_turns(self) -> int:

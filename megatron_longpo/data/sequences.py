@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_longpo.data.pair_layout import row_length
 from megatron_longpo.data.sample import PreferenceSample, ReferenceTurn
 from megatron_longpo.data.schema import DataError, LongPORecord, PairRecord, Record
 from megatron_longpo.data.templates import ChatMessage, ChatTemplate, Piece
@@ -37,11 +38,11 @@ IDENTICAL = "chosen_equals_rejected"
 TEMPLATE_ERROR = "template_error"
 
 
-def shared_prefix_row_length(len_w: int, len_l: int, mask_w: np.ndarray) -> int:
-    """Row length of the pair in the shared_prefix layout: both sequences minus the prefix P they
-    share (P = first response token - 1, as :func:`split_shared_prefix` cuts it)."""
-    p = int(np.argmax(mask_w)) - 1 if mask_w.any() else 0
-    return len_w + len_l - max(p, 0)
+def pair_row_length(layout: str, len_w: int, len_l: int, mask_w: np.ndarray) -> int:
+    """Row length of the pair in ``layout`` (:func:`megatron_longpo.data.pair_layout.row_length`),
+    the shared prefix P cut where :func:`split_shared_prefix` cuts it (first response token - 1)."""
+    p = max(int(np.argmax(mask_w)) - 1 if mask_w.any() else 0, 0)
+    return row_length(layout, p, len_w - p, len_l - p)
 
 
 class OverlongError(DataError):
@@ -306,12 +307,12 @@ def build_sample(
         enc_l = encode_pieces(rendered.rejected, tok)
     except DataError as e:
         raise DataError(f"{where}: {e}") from e
-    full_len = max(len(enc_w.ids), len(enc_l.ids))
+    full_len = row_length("two_sequences", 0, len(enc_w.ids), len(enc_l.ids))
     ids_w, mask_w, ids_l, mask_l = enc_w.ids, enc_w.response, enc_l.ids, enc_l.response
     truncated = 0
     kw = dict(identical=identical, identical_turns=n_same, two_sequences_length=full_len)
     # Removing k document tokens (inside the shared prefix) shortens either layout's row by k.
-    row_len = full_len if pair_layout == "two_sequences" else shared_prefix_row_length(len(ids_w), len(ids_l), mask_w)
+    row_len = pair_row_length(pair_layout, len(ids_w), len(ids_l), mask_w)
     if max_seq_length is not None and row_len > max_seq_length:
         what = "longest of chosen/rejected sequence" if pair_layout == "two_sequences" else "shared_prefix row"
         msg = f"{where} needs {row_len} tokens ({what}), more than --max-seq-length {max_seq_length}"

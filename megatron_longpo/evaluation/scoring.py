@@ -1,6 +1,6 @@
 """Teacher-forced scoring of evaluation samples on a Megatron model under TP / CP / DP.
 
-Per sample, through :func:`megatron_longpo.loss.forward.model_segment_logprobs` (the training
+Per sample, through :func:`megatron_longpo.loss.forward.rank_segment_logprobs` (the training
 forward: zigzag CP slice, hidden states, chunked vocab-parallel log-probs, never [S, V] logits):
 - ``loglik``: sum over answer tokens of log p(token | prefix);
 - ``matches``: answer positions whose token is the argmax over the full vocabulary;
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE
 from megatron_longpo.data.layout import build_reference_batch
-from megatron_longpo.loss.forward import model_segment_logprobs
+from megatron_longpo.loss.forward import rank_segment_logprobs
 from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import ParallelGroups
 
@@ -69,7 +70,7 @@ def score_sequences(
     pad_multiple: int,
     tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
     sequence_parallel: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
     on_batch: Optional[Callable[[int], None]] = None,  # called with the tokens of each batch done here
 ) -> list[SampleScore]:
     """Scores of every sequence, identical on every rank. Collective over the default group's
@@ -82,9 +83,10 @@ def score_sequences(
     out = np.zeros((len(sequences), 3), dtype=np.float64)  # loglik, num_tokens, matches
     for rows in plan[groups.dp_rank:: groups.dp_size]:
         batch = build_reference_batch([sequences[r] for r in rows], pad_multiple, pad_id)
-        (res,) = model_segment_logprobs(
-            model, batch.tokens, batch.position_ids, batch.target_ids, [batch.response_segment], [len(rows)], groups,
-            vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=chunk_size, argmax=True,
+        local = batch.for_cp_rank(groups.cp_rank, groups.cp_size)
+        (res,) = rank_segment_logprobs(
+            model, local.tokens, local.position_ids, None, local.target_ids, [local.response_segment], [len(rows)],
+            groups, vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=chunk_size, argmax=True,
         )
         out[rows, 0] = res.sums.cpu().numpy()
         out[rows, 1] = res.counts.cpu().numpy()

@@ -6,7 +6,13 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from megatron_longpo.config import ConfigError, LongPOConfig, ParallelConfig, seq_length_multiple
+from megatron_longpo.config import (
+    DEFAULT_LOGPROB_CHUNK_SIZE,
+    ConfigError,
+    LongPOConfig,
+    ParallelConfig,
+    seq_length_multiple,
+)
 from megatron_longpo.data.indexed import load_metadata
 from megatron_longpo.data.schema import DataError
 from megatron_longpo.data.templates import ChatTemplate, get_template
@@ -51,7 +57,7 @@ def text_pipeline(tokenizer: Optional[str], chat_template: str, data_prefix: Opt
 
 
 def build_evaluator(o: SuiteOptions, tok: Tokenizer, template: ChatTemplate, *, vocab_size: int,
-                    parallel: ParallelConfig, chunk_size: int = 4096, option: str = "evaluation",
+                    parallel: ParallelConfig, chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE, option: str = "evaluation",
                     progress: Optional[Callable[[int], None]] = None) -> Evaluator:
     """Tokenize every sample of the suite (errors name ``option``) and wrap it in an Evaluator."""
     spec = SuiteSpec(tuple(o.tasks), tuple(int(n) for n in o.lengths), int(o.samples), int(o.seed))

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE
 from megatron_longpo.data.templates import ChatTemplate
 from megatron_longpo.evaluation.haystack import Haystack
 from megatron_longpo.evaluation.prompts import EvalSample, TokenCounter, make_sample
@@ -132,7 +133,7 @@ class Evaluator:
     """A built suite that scores models: ``Evaluator(...).evaluate(model, groups)``."""
 
     def __init__(self, samples: Sequence[EvalSample], *, vocab_size: int, pad_id: int, pad_multiple: int,
-                 tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, chunk_size: int = 4096,
+                 tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
                  sequence_parallel: bool = False):
         if not samples:
             raise ValueError("an Evaluator needs at least one sample")

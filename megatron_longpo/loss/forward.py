@@ -11,9 +11,9 @@ logits (:func:`vocab_parallel_target_is_argmax`: per chunk a local max over this
 shard, one all-gather over TP of (local max, target logit), no gradient). Teacher-forced exact
 match of a segment is ``matches == counts``.
 
-:func:`model_segment_logprobs` does the same from FULL (un-split) sequences: it cuts this CP
-rank's zigzag slice first. Callers: training/step.py (rank inputs of a PairBatch),
-reference/compute.py and evaluation/scoring.py (full sequences).
+Callers pass this CP rank's slice, cut once by the batch (``PairBatch.for_cp_rank`` /
+``ReferenceBatch.for_cp_rank``, data/batch.py): training/step.py, reference/compute.py and
+evaluation/scoring.py.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from megatron_longpo.loss.logprobs import (
     segment_logprob_sums,
 )
 from megatron_longpo.runtime.distributed import ParallelGroups
-from megatron_longpo.runtime.zigzag import zigzag_slice
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -104,7 +103,7 @@ class SegmentStats:
     def exact_match(self) -> torch.Tensor:
         """[n] bool: every position of the segment is an argmax match (teacher-forced greedy)."""
         if self.argmax_matches is None:
-            raise ValueError("argmax matches were not computed; call model_segment_logprobs(..., argmax=True)")
+            raise ValueError("argmax matches were not computed; call rank_segment_logprobs(..., argmax=True)")
         return (self.argmax_matches == self.counts) & (self.counts > 0)
 
 
@@ -151,41 +150,6 @@ def rank_segment_logprobs(
         matches = _segment_argmax_matches(hidden, weight, target_ids, segment_ids, num_segments, vocab_size, groups,
                                           sequence_parallel, chunk_size)
     return [SegmentStats(r.sums, r.counts, m) for r, m in zip(results, matches)]
-
-
-def model_segment_logprobs(
-    model: torch.nn.Module,
-    tokens: torch.Tensor,  # [rows, S] int64, full sequences (not CP-sliced)
-    position_ids: torch.Tensor,  # [rows, S] int64
-    target_ids: torch.Tensor,  # [rows, S] int64
-    segment_ids: Sequence[torch.Tensor],  # K x [rows, S] int64: segment id or -1
-    num_segments: Sequence[int],
-    groups: ParallelGroups,
-    *,
-    vocab_size: int,
-    attention_mask: Optional[torch.Tensor] = None,  # None (causal) or a branch layout [rows, 2] (CPU)
-    sequence_parallel: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    argmax: bool = False,
-) -> list[SegmentStats]:
-    """:func:`rank_segment_logprobs` of full sequences: cuts this CP rank's zigzag slice first.
-
-    Collective over the TP and CP groups: every rank of them passes the same full tensors.
-    S must be a multiple of ``config.seq_length_multiple(parallel)``.
-    """
-    cp_rank, cp = groups.cp_rank, groups.cp_size
-    if cp > 1 and tokens.shape[1] % (2 * cp):
-        raise ValueError(f"sequence length {tokens.shape[1]} is not a multiple of 2*cp = {2 * cp}; pad to "
-                         "megatron_longpo.config.seq_length_multiple(parallel)")
-
-    def local(x: torch.Tensor) -> torch.Tensor:
-        return zigzag_slice(x, cp_rank, cp, dim=1)  # [rows, S/cp], on the device it came on
-
-    return rank_segment_logprobs(
-        model, local(tokens), local(position_ids), attention_mask, local(target_ids),
-        [local(s) for s in segment_ids], num_segments, groups, vocab_size=vocab_size,
-        sequence_parallel=sequence_parallel, chunk_size=chunk_size, argmax=argmax,
-    )
 
 
 def _segment_argmax_matches(hidden, weight, target_ids, segs, num_segments, vocab_size, groups: ParallelGroups,

@@ -36,7 +36,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
-DEFAULT_CHUNK_SIZE = 4096
+from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE as DEFAULT_CHUNK_SIZE  # the one default (config.py)
 
 
 def _rank_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:

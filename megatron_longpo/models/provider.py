@@ -178,7 +178,7 @@ class LongPOGPTModel(GPTModel):
             if position_ids.shape[1:] != input_ids.shape[1:] or position_ids.shape[0] not in (1, input_ids.shape[0]):
                 raise ValueError(
                     f"position_ids {tuple(position_ids.shape)} do not match input_ids {tuple(input_ids.shape)}: "
-                    "pass this CP rank's slice of both (models.attention.attention_inputs)"
+                    "pass this CP rank's slice of both (PairBatch.for_cp_rank, data/batch.py)"
                 )
             position_ids = position_ids.expand_as(input_ids)
             # [s_local, b, 1, rot_dim]: broadcast over heads, per row over the batch.

@@ -25,9 +25,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE
 from megatron_longpo.data.indexed import FIXED_SEQUENCES, SEQUENCES_PER_TURN
 from megatron_longpo.data.layout import build_reference_batch
-from megatron_longpo.loss.forward import model_segment_logprobs
+from megatron_longpo.loss.forward import rank_segment_logprobs
 from megatron_longpo.reference.precompute_args import (  # noqa: F401  (defined with the torch-free CLI)
     DEFAULT_PAD_MULTIPLE,
     DEFAULT_TOKENS_PER_BATCH,
@@ -128,16 +129,16 @@ def sequence_logprob_sums(
     pad_id: int,
     pad_to_multiple: int,
     sequence_parallel: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sums [n] float64, response-token counts [n] int64) of n sequences in ONE forward.
 
     Collective over the TP and CP groups (every rank of them passes the same sequences).
     ``pad_to_multiple`` must be a multiple of ``config.seq_length_multiple`` of the model's layout.
     """
-    batch = build_reference_batch(sequences, pad_to_multiple, pad_id)
-    (res,) = model_segment_logprobs(
-        model, batch.tokens, batch.position_ids, batch.target_ids, [batch.response_segment], [len(sequences)],
+    local = build_reference_batch(sequences, pad_to_multiple, pad_id).for_cp_rank(groups.cp_rank, groups.cp_size)
+    (res,) = rank_segment_logprobs(
+        model, local.tokens, local.position_ids, None, local.target_ids, [local.response_segment], [len(sequences)],
         groups, vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=chunk_size,
     )
     return res.sums.cpu().numpy().astype(np.float64), res.counts.cpu().numpy().astype(np.int64)
@@ -168,7 +169,7 @@ def compute_items(
     tokens_per_batch: int,
     pad_to_multiple: int,
     sequence_parallel: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(values [n] float64, counts [n] int64) of ``items``, batched by :func:`plan_batches`."""
     seqs = item_sequences(dataset, items, mode, turns)

@@ -38,7 +38,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_longpo.config import ConfigError, ParallelConfig, seq_length_multiple, validate_model
+from megatron_longpo.config import (
+    DEFAULT_LOGPROB_CHUNK_SIZE,
+    ConfigError,
+    ParallelConfig,
+    seq_length_multiple,
+    validate_model,
+)
 from megatron_longpo.data.indexed import (
     PreferenceDataset,
     check_dataset_supports_mode,
@@ -86,7 +92,7 @@ class PrecomputeOptions:
     rope_theta: Optional[float] = None  # override the checkpoint's RoPE base (rare)
     params_dtype: Optional[str] = None  # override the checkpoint's dtype: fp32 | bf16
     attention_backend: str = "auto"
-    logprob_chunk_size: int = 4096
+    logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE
     overwrite: bool = False  # replace an existing cache at --output
     restart: bool = False  # discard an interrupted run's partial results
     progress: bool = True

@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_longpo.data.batch import PairBatch
-from megatron_longpo.models.attention import ContextParallelAttention, allowed, attention_inputs
+from megatron_longpo.models.attention import ContextParallelAttention, allowed
 from megatron_longpo.models.provider import build_model
 from megatron_longpo.models.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
@@ -98,7 +98,7 @@ def run_pair_model(
 
     results = []
     for i, batch in enumerate(batches):
-        inp = attention_inputs(batch, g)
+        inp = batch.for_cp_rank(g.cp_rank, cp)
         logits = model(inp.tokens, inp.position_ids, inp.attention_mask)  # [rows, S/cp, V/tp]
         logits = gather_from_tensor_model_parallel_region(logits)[..., : mcfg.vocab_size]
         logp = F.log_softmax(logits.double(), dim=-1)

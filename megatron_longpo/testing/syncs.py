@@ -34,7 +34,7 @@ HOST_PHASE = {
     ("megatron_longpo.loss.logprobs", "plan_rows"),
     ("megatron_longpo.training.step", "validate_batch"),
     ("megatron_longpo.training.step", "global_token_normalizer"),
-    ("megatron_longpo.models.attention.inputs", "attention_inputs"),
+    ("megatron_longpo.data.batch", "for_cp_rank"),  # host ids, branch layout decoded on the CPU
     ("megatron_longpo.models.attention.core", "row_layouts"),  # branch layout is a CPU tensor
 }
 

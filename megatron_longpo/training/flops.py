@@ -13,25 +13,22 @@ as MFU is usually reported).
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 from megatron_longpo.config import ModelConfig
+from megatron_longpo.data.pair_layout import PairLayout
+from megatron_longpo.models.attention.plan import attended_pairs as row_attended_pairs
 
 
-def attended_pairs(branch_ids: torch.Tensor) -> int:
-    """(query, key) pairs computed for one micro-batch, from PairBatch.branch_ids [rows, S].
-
-    A row is [prefix(0) | chosen(1) | rejected(2) | padding(-1)]; rejected tokens attend to the
-    prefix and to earlier rejected tokens; everything else is causal. Padding is not counted.
-    """
-    total = 0
-    for row in branch_ids:
-        p = int((row == 0).sum())
-        c = int((row == 1).sum())
-        r = int((row == 2).sum())
-        pc = p + c
-        total += pc * (pc + 1) // 2 + r * p + r * (r + 1) // 2
-    return total
+def attended_pairs(layout: Union[PairLayout, torch.Tensor]) -> int:
+    """(query, key) pairs computed for one micro-batch (padding not counted), from its
+    :class:`PairLayout` or its ``PairBatch.branch_ids`` [rows, S]. The rule is the attention's
+    (models/attention/plan.py)."""
+    if isinstance(layout, torch.Tensor):
+        layout = PairLayout.from_branch_ids("shared_prefix", layout.cpu().numpy())  # any 0 | 1 | 2 | -1 runs
+    return sum(row_attended_pairs(p, r, e) for p, r, e in layout.bounds.tolist())
 
 
 def forward_flops(model: ModelConfig, n_tokens: int, n_attended: int, n_logit_positions: int) -> float:

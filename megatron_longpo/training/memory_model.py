@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_longpo.config import LongPOConfig, padded_vocab_size
+from megatron_longpo.data.pair_layout import PairLayout, rows_per_pair
 
 GiB = 1024**3
 
@@ -63,7 +64,7 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
     tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
     dp = max(1, world_size // (tp * cp * p.pipeline_model_parallel_size))
     s = seq_tokens or cfg.data.max_seq_length
-    rows = cfg.training.micro_batch_size * (2 if cfg.data.pair_layout == "two_sequences" else 1)
+    rows = cfg.training.micro_batch_size * rows_per_pair(cfg.data.pair_layout)
     h, f = m.hidden_size, m.ffn_hidden_size
     kv = m.num_query_groups * m.head_dim
     n = parameter_count(cfg)
@@ -96,22 +97,24 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
 
 def estimate_step_seconds(cfg: LongPOConfig, world_size: int, tflops_per_gpu: float, seq_tokens: int | None = None,
                           shared_prefix_response_tokens: int = 4096) -> float:
-    """Seconds per optimizer step at an assumed sustained model TFLOP/s per GPU."""
+    """Seconds per optimizer step at an assumed sustained model TFLOP/s per GPU.
+
+    A pair is two full rows of ``seq_tokens`` (two_sequences), or one row of ``seq_tokens`` whose
+    last ``shared_prefix_response_tokens`` are the two branches, half each (shared_prefix).
+    """
     # deferred: flops.py imports torch; estimate_memory.py answers --help / config errors first
-    from megatron_longpo.training.flops import train_flops
+    from megatron_longpo.training.flops import attended_pairs, train_flops
 
     m = cfg.model
     s = seq_tokens or cfg.data.max_seq_length
     pairs = cfg.training.global_batch_size
     if cfg.data.pair_layout == "two_sequences":
-        tokens = 2 * s
-        attended = 2 * s * (s + 1) // 2
+        pair = PairLayout.of_pair("two_sequences", prefix=0, chosen=s, rejected=s)
     else:
-        r = shared_prefix_response_tokens // 2
-        prefix = s - 2 * r
-        tokens = s
-        attended = (prefix + r) * (prefix + r + 1) // 2 + r * prefix + r * (r + 1) // 2
-    flops = pairs * train_flops(m, tokens, attended, n_logit_positions=tokens)
+        r = min(shared_prefix_response_tokens, s) // 2  # a row shorter than the responses: no prefix
+        pair = PairLayout.of_pair("shared_prefix", prefix=s - 2 * r, chosen=r, rejected=r)
+    tokens = pair.num_tokens()
+    flops = pairs * train_flops(m, tokens, attended_pairs(pair), n_logit_positions=tokens)
     # Full recompute adds one forward of the layers (4/3 of model FLOPs).
     if cfg.training.recompute_granularity == "full":
         flops *= 4.0 / 3.0

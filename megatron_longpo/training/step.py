@@ -31,38 +31,14 @@ from megatron_longpo.data.batch import PairBatch
 from megatron_longpo.loss.forward import rank_segment_logprobs
 from megatron_longpo.loss.logprobs import host_to_device
 from megatron_longpo.loss.longpo import longpo_loss
-from megatron_longpo.models.attention import attention_inputs
 from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import ParallelGroups
-from megatron_longpo.runtime.zigzag import zigzag_slice
-
-_SEQ_FIELDS = ("tokens", "position_ids", "target_ids", "response_segment", "nll_segment")
-
 
 
 def validate_batch(batch: PairBatch, groups: ParallelGroups, sequence_parallel: bool, loss_cfg: LossConfig) -> None:
-    """Check the PairBatch contract (data/batch.py) before any model work."""
-    rows, s = batch.tokens.shape
+    """Check the PairBatch contract (data/batch.py) and what the loss mode needs, before any model work."""
+    batch.validate(groups.cp_size, groups.tp_size, sequence_parallel)
     b = batch.num_pairs
-    expect_rows = 2 * b if batch.layout == "two_sequences" else b
-    if batch.layout not in ("two_sequences", "shared_prefix"):
-        raise ValueError(f"PairBatch.layout={batch.layout!r}; expected two_sequences or shared_prefix (data.pair_layout)")
-    if rows != expect_rows:
-        raise ValueError(f"PairBatch.tokens has {rows} rows; layout {batch.layout} with {b} pairs needs {expect_rows}")
-    for name in _SEQ_FIELDS:
-        if getattr(batch, name).shape != (rows, s):
-            raise ValueError(f"PairBatch.{name} has shape {tuple(getattr(batch, name).shape)}, expected {(rows, s)}")
-    mult = (2 * groups.cp_size if groups.cp_size > 1 else 1) * (groups.tp_size if sequence_parallel else 1)
-    if s % mult:
-        raise ValueError(
-            f"sequence length {s} is not a multiple of {mult} (2*cp, times tp with sequence parallelism); "
-            "pad to config.seq_length_multiple(parallel)"
-        )
-    if int(batch.response_segment.max()) >= 2 * b or int(batch.nll_segment.max()) >= b:
-        raise ValueError(
-            f"PairBatch segment ids out of range: response_segment must be < 2B = {2 * b}, "
-            f"nll_segment < B = {b} (got max {int(batch.response_segment.max())} / {int(batch.nll_segment.max())})"
-        )
     if loss_cfg.mode != "sft":
         for name in ("ref_chosen_logps", "ref_rejected_logps"):
             ref = getattr(batch, name)
@@ -90,17 +66,16 @@ def microbatch_forward(
     The loss is the same on every TP and CP rank of the micro-batch. ``token_normalizer`` is the
     NLL-token normalizer of ``token_mean`` (see :func:`megatron_longpo.loss.longpo.nll_term`).
     Model inputs (this CP rank's tokens, position ids and, for shared_prefix rows, the branch
-    layout passed as ``attention_mask``) come from :func:`models.attention.attention_inputs`.
+    layout passed as ``attention_mask``) come from :meth:`PairBatch.for_cp_rank`, the one CP slice.
     """
     validate_batch(batch, groups, sequence_parallel, loss_cfg)
-    inp = attention_inputs(batch, groups)  # zigzag slices; branch layout stays on the CPU
-    # Ids stay on the host: segment_logprob_sums plans on them without device syncs.
-    local = {n: zigzag_slice(getattr(batch, n), groups.cp_rank, groups.cp_size, dim=1)
-             for n in ("target_ids", "response_segment", "nll_segment")}
+    # This CP rank's zigzag slices (the one CP slice); ids stay on the host (the log-prob sums plan
+    # on them without device syncs) and the branch layout stays on the CPU.
+    local = batch.for_cp_rank(groups.cp_rank, groups.cp_size)
     b = batch.num_pairs
     resp, nll = rank_segment_logprobs(
-        model, inp.tokens, inp.position_ids, inp.attention_mask,
-        local["target_ids"], [local["response_segment"], local["nll_segment"]], [2 * b, b], groups,
+        model, local.tokens, local.position_ids, local.attention_mask,
+        local.target_ids, [local.response_segment, local.nll_segment], [2 * b, b], groups,
         vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=loss_cfg.logprob_chunk_size,
     )
     dev = resp.sums.device

@@ -145,15 +145,14 @@ def test_parallel_equals_serial(env, tp, cp, sp):
 
 
 def _dropin(ckpt: str, prefix: str, tp: int, cp: int):
-    """model_segment_logprobs vs training's microbatch_forward on the same PairBatch, both layouts:
+    """rank_segment_logprobs on PairBatch.for_cp_rank vs training's microbatch_forward on the same PairBatch, both layouts:
     (loss, logps/chosen, logps/rejected) from each, which must be bit-identical."""
     from megatron_longpo.checkpoint import load_model_checkpoint
     from megatron_longpo.config import LossConfig
     from megatron_longpo.data.indexed import PreferenceDataset
     from megatron_longpo.data.layout import build_pair_batch
-    from megatron_longpo.loss.forward import model_segment_logprobs
+    from megatron_longpo.loss.forward import rank_segment_logprobs
     from megatron_longpo.loss.longpo import longpo_loss
-    from megatron_longpo.models.attention.inputs import shared_prefix_layout
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.reference.model import read_reference_checkpoint
     from megatron_longpo.runtime.distributed import init_model_parallel
@@ -174,10 +173,11 @@ def _dropin(ckpt: str, prefix: str, tp: int, cp: int):
             batch = build_pair_batch([ds[0], ds[1]], layout, 64, ds.pad_id, "sequence")
             b = batch.num_pairs
             loss, metrics = microbatch_forward(model, batch, groups, loss_cfg, ck.model.vocab_size, False)
-            mask = shared_prefix_layout(batch.branch_ids) if layout == "shared_prefix" else None
-            resp, nll = model_segment_logprobs(
-                model, batch.tokens, batch.position_ids, batch.target_ids, [batch.response_segment, batch.nll_segment],
-                [2 * b, b], groups, vocab_size=ck.model.vocab_size, attention_mask=mask, chunk_size=64)
+            local = batch.for_cp_rank(groups.cp_rank, groups.cp_size)
+            resp, nll = rank_segment_logprobs(
+                model, local.tokens, local.position_ids, local.attention_mask, local.target_ids,
+                [local.response_segment, local.nll_segment], [2 * b, b], groups, vocab_size=ck.model.vocab_size,
+                chunk_size=64)
             loss2, metrics2 = longpo_loss(resp.sums[:b], resp.sums[b:], None, None, -nll.sums, nll.counts, loss_cfg)
             out.append([(float(loss), float(metrics["logps/chosen"]), float(metrics["logps/rejected"])),
                         (float(loss2), float(metrics2["logps/chosen"]), float(metrics2["logps/rejected"]))])

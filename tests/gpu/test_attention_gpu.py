@@ -97,7 +97,6 @@ def single_process_groups():
 def _model_logps(groups, batch, core, weights=None, arch="llama"):
     import torch.nn.functional as F
 
-    from megatron_longpo.models.attention import attention_inputs
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.runtime.distributed import set_seed
     from megatron_longpo.testing.models import parallel_config, tiny_model_config
@@ -109,7 +108,7 @@ def _model_logps(groups, batch, core, weights=None, arch="llama"):
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(weights[n])
-    inp = attention_inputs(batch.to("cuda"), groups)
+    inp = batch.to("cuda").for_cp_rank(groups.cp_rank, groups.cp_size)
     logits = model(inp.tokens.cuda(), inp.position_ids.cuda(), inp.attention_mask)[..., : mcfg.vocab_size]
     tok = F.log_softmax(logits.double(), -1).gather(-1, batch.target_ids.cuda()[..., None]).squeeze(-1)
     seg = batch.response_segment.cuda()

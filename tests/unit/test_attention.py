@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from megatron_longpo.config import ConfigError, LongPOConfig, validate
+from megatron_longpo.data.pair_layout import PairLayout
 from megatron_longpo.models.attention import (
     attend_local,
-    attention_inputs,
     plan_blocks,
     resolve_attention_backend,
     row_layouts,
-    shared_prefix_layout,
 )
 from megatron_longpo.models.attention.kernels import sdpa_lower_right
 from megatron_longpo.models.rope import rope_angles
@@ -111,7 +110,7 @@ def test_attend_local_emulated_cp_matches_float64(cp, seq):
 def test_row_layouts_rejects_dense_masks():
     assert row_layouts(None, 2) == [None, None]
     assert row_layouts(torch.tensor([[3, 5], [4, 4]]), 2) == [(3, 5), (4, 4)]
-    with pytest.raises(ValueError, match="attention_inputs"):
+    with pytest.raises(ValueError, match="for_cp_rank"):
         row_layouts(torch.ones(2, 1, 8, 8, dtype=torch.bool), 2)
 
 
@@ -141,40 +140,35 @@ def test_rope_angles_match_megatron_table(scaling):
 
 
 # ------------------------------------------------------------------------------------------------
-# attention_inputs, backend selection, config rule
+# model inputs of a CP rank (PairBatch.for_cp_rank), backend selection, config rule
 # ------------------------------------------------------------------------------------------------
 
 
-class _G:
-    def __init__(self, cp_rank, cp_size):
-        self.cp_rank, self.cp_size = cp_rank, cp_size
-
-
 @pytest.mark.parametrize("spec", [SINGLE_TURN, MULTI_TURN])
-def test_attention_inputs_shared_prefix(spec):
+def test_cp_rank_inputs_shared_prefix(spec):
     pairs = make_pairs(spec, 50, seed=1)
     batch = raw_pair_batch(pairs, "shared_prefix", 24)
     for r in range(2):
-        inp = attention_inputs(batch, _G(r, 2))
+        inp = batch.for_cp_rank(r, 2)
         assert torch.equal(inp.tokens, zigzag_slice(batch.tokens, r, 2))
         assert torch.equal(inp.position_ids, zigzag_slice(batch.position_ids, r, 2))
         expect = [[len(p.prefix), len(p.prefix) + len(p.chosen)] for p in pairs]
         assert inp.attention_mask.tolist() == expect
         assert inp.attention_mask.device.type == "cpu"
     two = raw_pair_batch(pairs, "two_sequences", 24)
-    assert attention_inputs(two, _G(0, 2)).attention_mask is None
+    assert two.for_cp_rank(0, 2).attention_mask is None
 
 
-def test_attention_inputs_rejects_bad_batches():
+def test_cp_rank_inputs_reject_bad_batches():
     pairs = make_pairs(SINGLE_TURN, 50, seed=1)
     batch = raw_pair_batch(pairs, "shared_prefix", 24)
     bad = batch.branch_ids.clone()
     bad[1, 2] = 1  # a chosen token inside the prefix of row 1
     with pytest.raises(ValueError, match=r"row 1: .*0x2 1x1 0x2"):
-        shared_prefix_layout(bad)
+        PairLayout.from_branch_ids("shared_prefix", bad)
     odd = raw_pair_batch(pairs, "shared_prefix", 26)
     with pytest.raises(ValueError, match="multiple of 2\\*cp = 4"):
-        attention_inputs(odd, _G(0, 2))
+        odd.for_cp_rank(0, 2)
 
 
 def test_backend_resolution_on_this_machine():

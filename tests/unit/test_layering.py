@@ -35,11 +35,7 @@ LAYERS: list[set[str]] = [
     {"checks", "launch"},  # what tools/ run
 ]
 # Edges between units of one layer or upwards that are known and scheduled to go; keep empty.
-ALLOWED_EXCEPTIONS: set[tuple[str, str]] = {
-    # TODO(i16a): models/attention/inputs.py slices a data.batch.PairBatch; PairBatch.for_cp_rank
-    # removes this edge. Delete this entry when that lands.
-    ("models", "data"),
-}
+ALLOWED_EXCEPTIONS: set[tuple[str, str]] = set()
 OPTIONAL_ROOTS = {
     "transformer_engine", "flash_attn", "fused_weight_gradient_mlp_cuda", "apex", "vllm", "wandb",
     "matplotlib", "pyarrow", "openai",

@@ -2,7 +2,8 @@
 
 - :class:`ContextParallelAttention` / :class:`FlashContextParallelAttention`: Megatron core
   attention modules (drop-in for DotProductAttention) that run with any CP size on any device.
-- :func:`attention_inputs`: a PairBatch -> (tokens, position_ids, attention_mask) on a CP rank.
+- ``attention_mask``: None (causal rows) or a branch layout int64 CPU [rows, 2] (see core.py);
+  the data side builds it (``PairBatch.for_cp_rank(...).attention_mask``, data/batch.py).
 - :func:`resolve_attention_backend` / :func:`core_attention_class`: backend selection.
 """
 
@@ -15,23 +16,19 @@ from megatron_longpo.models.attention.core import (
     gather_global_sequence,
     row_layouts,
 )
-from megatron_longpo.models.attention.inputs import AttentionInputs, attention_inputs, shared_prefix_layout
-from megatron_longpo.models.attention.plan import Block, allowed, local_chunks, plan_blocks
+from megatron_longpo.models.attention.plan import Block, allowed, attended_pairs, plan_blocks
 
 __all__ = [
-    "AttentionInputs",
     "Block",
     "ContextParallelAttention",
     "FlashContextParallelAttention",
     "allowed",
     "attend_local",
-    "attention_inputs",
+    "attended_pairs",
     "branch_layout_tensor",
     "core_attention_class",
     "gather_global_sequence",
-    "local_chunks",
     "plan_blocks",
     "resolve_attention_backend",
     "row_layouts",
-    "shared_prefix_layout",
 ]

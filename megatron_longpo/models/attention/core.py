@@ -18,8 +18,9 @@ How the layout reaches this module: ``attention_mask`` is either None (plain cau
 (prefix_end, rejected_start) of a shared-prefix row. It is a tensor so it passes unchanged through
 GPTModel -> TransformerBlock -> TransformerLayer -> SelfAttention and is saved and replayed by
 Megatron's activation recomputation like any other checkpoint argument; it lives on the CPU so
-reading it costs no device synchronisation. :func:`megatron_longpo.models.attention.inputs.attention_inputs`
-builds it from a PairBatch.
+reading it costs no device synchronisation. The data side builds it
+(``PairLayout.attention_mask()`` via ``PairBatch.for_cp_rank``, data/batch.py); models never see a
+PairBatch.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def row_layouts(attention_mask: Optional[torch.Tensor], batch: int) -> list[RowL
         raise ValueError(
             "the project context-parallel attention takes attention_mask=None (causal) or a branch "
             f"layout (int64 [batch={batch}, 2]: prefix_end, rejected_start), got a {desc}; build "
-            "the model inputs with megatron_longpo.models.attention.attention_inputs"
+            "the model inputs with PairBatch.for_cp_rank (megatron_longpo/data/batch.py)"
         )
     return [(int(p), int(r)) for p, r in attention_mask.tolist()]
 

@@ -1,6 +1,8 @@
 """Which keys each local query may see: the block plan of the project's CP attention.
 
-Everything here is pure integer arithmetic on host ints (no tensors, no process groups).
+Everything here is pure integer arithmetic on host ints (no tensors, no process groups). This
+module states the branch-attention rule once: the kernels run :func:`plan_blocks`, and the FLOP
+count and the memory/step-time model ask :func:`attended_pairs` (derived from the same plan).
 
 Global layout of one row (length S, positions in layout order)::
 
@@ -16,16 +18,18 @@ index t sees keys
 Padding sits after the rejected branch and follows the rejected rule; its outputs are never used.
 
 Under context parallelism the row is cut into 2*cp chunks of c = S/(2*cp) tokens and rank r holds
-chunks r and 2*cp-1-r (zigzag). Each held chunk is split at R into at most two query blocks, and
-every block's allowed keys, concatenated in order, form a LOWER-RIGHT causal pattern: with Lq
-queries and Lk concatenated keys, query i sees keys 0 .. Lk-Lq+i. That is the pattern flash
-attention and SDPA's ``causal_lower_right`` compute without a mask, so no [S, S] (or [c, S]) mask
-is needed on CUDA.
+chunks r and 2*cp-1-r (zigzag; runtime/zigzag.py owns that arithmetic). Each held chunk is split
+at R into at most two query blocks, and every block's allowed keys, concatenated in order, form
+a LOWER-RIGHT causal pattern: with Lq queries and Lk concatenated keys, query i sees keys
+0 .. Lk-Lq+i. That is the pattern flash attention and SDPA's ``causal_lower_right`` compute
+without a mask, so no [S, S] (or [c, S]) mask is needed on CUDA.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from megatron_longpo.runtime.zigzag import zigzag_chunks
 
 
 @dataclass(frozen=True)
@@ -48,17 +52,6 @@ class Block:
         return sum(e - s for s, e in self.kv_ranges)
 
 
-def local_chunks(seq_len: int, cp_rank: int, cp_size: int) -> list[tuple[int, int]]:
-    """Global [start, end) ranges held by ``cp_rank``, in local order (zigzag)."""
-    if cp_size == 1:
-        return [(0, seq_len)]
-    if seq_len % (2 * cp_size):
-        raise ValueError(f"sequence length {seq_len} is not a multiple of 2*cp = {2 * cp_size}")
-    c = seq_len // (2 * cp_size)
-    j = 2 * cp_size - 1 - cp_rank
-    return [(cp_rank * c, (cp_rank + 1) * c), (j * c, (j + 1) * c)]
-
-
 def plan_blocks(
     seq_len: int, cp_rank: int, cp_size: int, prefix_end: int | None = None, rejected_start: int | None = None
 ) -> list[Block]:
@@ -75,7 +68,7 @@ def plan_blocks(
         raise ValueError(f"need 0 <= prefix_end ({p}) <= rejected_start ({r}) <= seq_len ({seq_len})")
     blocks: list[Block] = []
     offset = 0
-    for g0, g1 in local_chunks(seq_len, cp_rank, cp_size):
+    for g0, g1 in zigzag_chunks(seq_len, cp_rank, cp_size):
         if g0 < r:  # causal part: queries [g0, min(g1, r))
             e = min(g1, r)
             blocks.append(Block(offset, offset + e - g0, ((0, e),)))
@@ -87,6 +80,19 @@ def plan_blocks(
             blocks.append(Block(offset + s - g0, offset + g1 - g0, ranges))
         offset += g1 - g0
     return blocks
+
+
+def attended_pairs(prefix_end: int, rejected_start: int, end: int) -> int:
+    """(query, key) pairs a row computes: queries [0, end) (padding excluded) under the rule.
+
+    Counted from the single-rank plan, so it is exactly what the kernels compute (per block,
+    lower-right causal: Lq queries over Lk keys see Lq*(Lk-Lq) + Lq*(Lq+1)/2 keys).
+    """
+    total = 0
+    for blk in plan_blocks(end, 0, 1, prefix_end, rejected_start):
+        q, k = blk.num_queries, blk.num_keys
+        total += q * (k - q) + q * (q + 1) // 2
+    return total
 
 
 def allowed(t: int, k: int, prefix_end: int, rejected_start: int) -> bool:
