@@ -23,3 +23,9 @@ gpu-test: setup
 # The prepared one-shot GPU check (docs/scaling.md); GPU_CHECK_ARGS=--smoke runs it at toy size on the CPU.
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(PY) tools/gpu_check.py --out gpu_check.json $(GPU_CHECK_ARGS)
+
+.PHONY: self-evolve
+# LongPO's self-evolution loop end to end on CPU at toy scale (docs/self_evolution.md);
+# SELF_EVOLVE_ARGS=--quick is the CI-sized plumbing check, --fresh starts over.
+self-evolve: setup
+	PYTHONPATH=$(CURDIR) $(PY) examples/self_evolution/run.py $(SELF_EVOLVE_ARGS)

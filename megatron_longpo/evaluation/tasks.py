@@ -23,11 +23,18 @@ Tasks (``TASKS``):
   the haystack; answer: the variable names in chain order.
 - ``kv_retrieval``: a JSON object of UUID key-value pairs (the distractor pairs are the haystack,
   as in RULER; documents are not used); answer: the value of one key.
+- ``kv_recall``: short key-value records ``key bako plum.``, one per paragraph (the
+  distractor records are the haystack); answer: the one-word value of one key. Short keys and
+  values keep the answer to a token or two even with tiny tokenizers, and the paragraph-per-record
+  context chunks at blank lines like any document, which is what the CPU self-evolution loop needs
+  (examples/self_evolution/). Its prompt is exactly a LongPO answer prompt: no intro, the context,
+  then ``"\n\n"`` and the question.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -42,6 +49,11 @@ _NOUN = ("falcon", "lantern", "meadow", "quartz", "harbor", "violin", "cactus", 
 NIAH_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
               "I will quiz you about the numbers afterwards.\n")
 VT_INTRO = "Memorize and track the chain of variable assignments hidden in the following text.\n"
+# kv_recall values: one word each, none of them a key word (so a value never matches a key).
+_VALUES = ("plum", "lime", "pear", "fig", "kiwi", "mango", "grape", "peach", "apple", "melon", "olive", "lemon",
+           "cherry", "date", "guava", "papaya", "red", "blue", "green", "gray", "pink", "teal", "navy", "gold",
+           "silver", "bronze", "copper", "iron", "tin", "zinc", "jade", "ruby", "salt", "rice", "corn", "bean",
+           "wool", "silk", "clay", "sand", "oak", "pine", "elm", "ash", "fern", "moss", "reed", "kelp")
 KV_INTRO = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n{"
 
 
@@ -170,6 +182,50 @@ class _KVPairs(Haystack):
             yield f'\n "{uuid_from(rng)}": "{uuid_from(rng)}",'
 
 
+# kv_recall keys: 320 pronounceable four-letter words (consonant-vowel-consonant-vowel), fixed
+# order; a small tokenizer can hold each as one token, and none is a substring of a value.
+_KV_KEYS = tuple(
+    w for w in (c1 + v1 + c2 + v2 for c1 in "bdfgklmnprstvz" for v1 in "aeiou" for c2 in "bdgklmnprstvz"
+                for v2 in "aiou")
+    if not any(w in v or v in w for v in _VALUES)
+)[::11][:320]
+
+
+def _kv_key(rng: random.Random) -> str:
+    return rng.choice(_KV_KEYS)
+
+
+def kv_record(key: str, value: str) -> str:
+    """One kv_recall record: its own paragraph (leading blank line)."""
+    return f"\n\nkey {key} {value}."
+
+
+def kv_recall_question(key: str) -> str:
+    """The kv_recall question as a LongPO instruction (the task prompt puts a blank line before it)."""
+    return f"What is the value of key {key}?"
+
+
+def kv_recall_values(text: str, key: str) -> list[str]:
+    """The values of every ``key`` record in ``text`` (kv_recall format), in text order."""
+    return re.findall(rf"(?:^|\n)key {re.escape(key)} (\w+)\.", text)
+
+
+def _kv_recall(rng: random.Random) -> _Facts:
+    key, value = _kv_key(rng), rng.choice(_VALUES)
+    return _Facts("", [kv_record(key, value)], [rng.random()], "\n\n" + kv_recall_question(key),
+                  f"Key {key}", f" {value}", [value], [key, value])
+
+
+class _KVRecords(Haystack):
+    """Distractor kv_recall records (the haystack of kv_recall)."""
+
+    description = "distractor key-value records"
+
+    def sentences(self, rng: random.Random):
+        while True:
+            yield kv_record(_kv_key(rng), rng.choice(_VALUES))
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -186,6 +242,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("niah_multiquery", _niah(4, 1, 4)),
         TaskSpec("variable_tracking", _variable_tracking(4)),
         TaskSpec("kv_retrieval", _kv_retrieval, own_haystack=_KVPairs()),
+        TaskSpec("kv_recall", _kv_recall, own_haystack=_KVRecords()),
     )
 }
 TASK_NAMES = tuple(TASKS)
