@@ -26,7 +26,7 @@ from megatron_longpo.data.templates import get_template
 from megatron_longpo.data.tokenizer import Tokenizer as ProjectTokenizer
 from megatron_longpo.evaluation.haystack import get_haystack
 from megatron_longpo.evaluation.prompts import TokenCounter, make_sample
-from megatron_longpo.evaluation.tasks import _KV_KEYS, _VALUES, kv_record, kv_recall_question, make_instance
+from megatron_longpo.evaluation.tasks import KV_KEYS, KV_VALUES, kv_record, kv_recall_question, make_instance
 from megatron_longpo.generation.backends import CHATML_TEMPLATE
 
 TASK = "kv_recall"
@@ -38,11 +38,11 @@ DOC_SEED_BASE = 2_000_000_000
 
 def _corpus(n: int, seed: int) -> Iterator[str]:
     rng = random.Random(seed)
-    words = list(_KV_KEYS) + list(_VALUES)
+    words = list(KV_KEYS) + list(KV_VALUES)
     for _ in range(n):
-        k = rng.choice(_KV_KEYS)
-        yield (f"<|im_start|>user{kv_record(k, rng.choice(_VALUES))}\n\n{kv_recall_question(k)}"
-               f"<|im_end|>\n<|im_start|>assistant\nKey {k} {rng.choice(_VALUES)}.<|im_end|>\n "
+        k = rng.choice(KV_KEYS)
+        yield (f"<|im_start|>user{kv_record(k, rng.choice(KV_VALUES))}\n\n{kv_recall_question(k)}"
+               f"<|im_end|>\n<|im_start|>assistant\nKey {k} {rng.choice(KV_VALUES)}.<|im_end|>\n "
                + " ".join(rng.choice(words) for _ in range(8)))
 
 
@@ -67,7 +67,7 @@ def build_tokenizer(out: Path, vocab_size: int = 1024) -> Path:
     fast.chat_template = CHATML_TEMPLATE
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
-    multi = [w for w in (*_KV_KEYS, *_VALUES) if len(fast.encode(" " + w, add_special_tokens=False)) != 1]
+    multi = [w for w in (*KV_KEYS, *KV_VALUES) if len(fast.encode(" " + w, add_special_tokens=False)) != 1]
     if multi:
         raise RuntimeError(f"toy tokenizer splits {multi}; raise vocab_size")
     return out

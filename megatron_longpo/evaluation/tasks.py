@@ -50,7 +50,7 @@ NIAH_INTRO = ("Some special magic numbers are hidden within the following text. 
               "I will quiz you about the numbers afterwards.\n")
 VT_INTRO = "Memorize and track the chain of variable assignments hidden in the following text.\n"
 # kv_recall values: one word each, none of them a key word (so a value never matches a key).
-_VALUES = ("plum", "lime", "pear", "fig", "kiwi", "mango", "grape", "peach", "apple", "melon", "olive", "lemon",
+KV_VALUES = ("plum", "lime", "pear", "fig", "kiwi", "mango", "grape", "peach", "apple", "melon", "olive", "lemon",
            "cherry", "date", "guava", "papaya", "red", "blue", "green", "gray", "pink", "teal", "navy", "gold",
            "silver", "bronze", "copper", "iron", "tin", "zinc", "jade", "ruby", "salt", "rice", "corn", "bean",
            "wool", "silk", "clay", "sand", "oak", "pine", "elm", "ash", "fern", "moss", "reed", "kelp")
@@ -184,15 +184,15 @@ class _KVPairs(Haystack):
 
 # kv_recall keys: 320 pronounceable four-letter words (consonant-vowel-consonant-vowel), fixed
 # order; a small tokenizer can hold each as one token, and none is a substring of a value.
-_KV_KEYS = tuple(
+KV_KEYS = tuple(
     w for w in (c1 + v1 + c2 + v2 for c1 in "bdfgklmnprstvz" for v1 in "aeiou" for c2 in "bdgklmnprstvz"
                 for v2 in "aiou")
-    if not any(w in v or v in w for v in _VALUES)
+    if not any(w in v or v in w for v in KV_VALUES)
 )[::11][:320]
 
 
 def _kv_key(rng: random.Random) -> str:
-    return rng.choice(_KV_KEYS)
+    return rng.choice(KV_KEYS)
 
 
 def kv_record(key: str, value: str) -> str:
@@ -211,7 +211,7 @@ def kv_recall_values(text: str, key: str) -> list[str]:
 
 
 def _kv_recall(rng: random.Random) -> _Facts:
-    key, value = _kv_key(rng), rng.choice(_VALUES)
+    key, value = _kv_key(rng), rng.choice(KV_VALUES)
     return _Facts("", [kv_record(key, value)], [rng.random()], "\n\n" + kv_recall_question(key),
                   f"Key {key}", f" {value}", [value], [key, value])
 
@@ -223,7 +223,7 @@ class _KVRecords(Haystack):
 
     def sentences(self, rng: random.Random):
         while True:
-            yield kv_record(_kv_key(rng), rng.choice(_VALUES))
+            yield kv_record(_kv_key(rng), rng.choice(KV_VALUES))
 
 
 @dataclass(frozen=True)
