@@ -3,7 +3,7 @@
     python examples/self_evolution/run.py                 # full run (make self-evolve)
     python examples/self_evolution/run.py --quick         # plumbing check (CI)
 
-1. build a tokenizer and train a tiny Llama from scratch on ``kv_recall`` at SHORT lengths only;
+1. build a tokenizer and train a tiny Llama from scratch (copy runs, then ``kv_recall`` at SHORT lengths only);
 2. the model writes its own LongPO pairs through tools/generate_longpo_data.py: for a record in a
    chunk of a long document, chosen = its answer given the chunk, rejected = its answer given the
    whole document (questions come from the task template via --questions);
@@ -53,9 +53,10 @@ class LoopConfig:
     long_len: int = 1024  # the target length
     base_rope_theta: float = 10000.0
     policy_rope_theta: float = 100000.0
-    base_steps: int = 1500
+    base_copy_steps: int = 2000  # stage 0: copy runs (toy.CopyRuns)
+    base_steps: int = 1500  # stage 1: kv_recall conversations
     base_batch: int = 32
-    base_lr: float = 3e-3
+    base_lr: float = 1e-3
     num_documents: int = 128
     max_turns: int = 2
     chunk_min_tokens: int = 48
@@ -72,7 +73,7 @@ class LoopConfig:
     seed: int = 0
 
 
-QUICK = LoopConfig(base_steps=20, base_batch=8, num_documents=6, train_iters=2, global_batch=4, eval_samples=4,
+QUICK = LoopConfig(base_copy_steps=10, base_steps=20, base_batch=8, num_documents=6, train_iters=2, global_batch=4, eval_samples=4,
                    eval_interval=1, eval_samples_during=2)
 
 
@@ -107,10 +108,13 @@ def stage_base(out: Path, cfg: LoopConfig) -> None:
     samples = toy.TrainingSamples(tok_dir, min_len=cfg.short_len // 3, max_len=cfg.short_len)
     shape = toy.ModelShape(rope_theta=cfg.base_rope_theta)
     model = toy.build_model(tok_dir, shape, cfg.seed)
-    log(f"base model: {sum(p.numel() for p in model.parameters()):,} parameters; training {cfg.base_steps} steps "
-        f"of {cfg.base_batch} kv_recall conversations of {cfg.short_len // 3}-{cfg.short_len} tokens")
+    log(f"base model: {sum(p.numel() for p in model.parameters()):,} parameters; training {cfg.base_copy_steps} steps "
+        f"of copy runs, then {cfg.base_steps} steps of {cfg.base_batch} kv_recall conversations of "
+        f"{cfg.short_len // 3}-{cfg.short_len} tokens")
     torch.manual_seed(cfg.seed)
-    history = toy.train_base(model, samples, steps=cfg.base_steps, batch_size=cfg.base_batch, lr=cfg.base_lr,
+    history = toy.train_base(model, toy.CopyRuns(samples), steps=cfg.base_copy_steps, batch_size=cfg.base_batch,
+                             lr=cfg.base_lr, seed=cfg.seed + 1, log_every=max(1, min(250, cfg.base_copy_steps // 8)))
+    history += toy.train_base(model, samples, steps=cfg.base_steps, batch_size=cfg.base_batch, lr=cfg.base_lr,
                              seed=cfg.seed, log_every=max(1, min(100, cfg.base_steps // 10)))
     tmp = out / "hf_base.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

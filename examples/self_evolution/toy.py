@@ -137,6 +137,29 @@ class TrainingSamples:
         return tokens, mask
 
 
+class CopyRuns:
+    """Stage 0 of the base: a run of distinct key/value tokens after a random prefix, then the run
+    again, with the loss on the repeat. Only content matching solves it (the repeat starts at a
+    random offset), so it grows the find-the-earlier-occurrence-and-copy-the-next-token circuit
+    that kv_recall needs, on 10-20x denser targets than conversations give. Measured on this
+    model: the loss leaves its plateau after ~900 steps at lr 1e-3 (docs/self_evolution.md)."""
+
+    def __init__(self, samples: "TrainingSamples", max_run: int = 24):
+        self.tok = samples.tok
+        self.words = sorted({int(samples.counter.ids(" " + w)[0]) for w in (*KV_KEYS, *KV_VALUES)})
+        self.max_run = max_run
+
+    def sample(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = random.Random(seed)
+        n = rng.randint(4, self.max_run)
+        pre = rng.randint(0, self.max_run - n)
+        x = rng.sample(self.words, n + pre)
+        tokens = np.array(x + x[pre:], np.int64)
+        mask = np.zeros(len(tokens), np.int64)
+        mask[n + pre + 1:] = 1
+        return tokens, mask
+
+
 def _record(text: str) -> tuple[str, str]:
     """(key, value) of a kv_recall record."""
     _, key, value = text.strip().rstrip(".").split(" ")
