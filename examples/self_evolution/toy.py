@@ -9,13 +9,12 @@ it good at LONG lengths with its own answers (LongPO), see README.md next to thi
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from megatron_longpo.data.templates import get_template
 from megatron_longpo.data.tokenizer import Tokenizer as ProjectTokenizer
 from megatron_longpo.evaluation.haystack import get_haystack
 from megatron_longpo.evaluation.prompts import TokenCounter, make_sample
-from megatron_longpo.evaluation.tasks import KV_KEYS, KV_VALUES, kv_record, kv_recall_question, make_instance
+from megatron_longpo.evaluation.tasks import KV_KEYS, KV_VALUES, kv_record, kv_recall_question
 from megatron_longpo.generation.backends import CHATML_TEMPLATE
 
 TASK = "kv_recall"
