@@ -78,7 +78,14 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = _f(1, "Tensor-parallel size (TP).")
     context_parallel_size: int = _f(1, "Context-parallel size (CP): sequence split over ranks.")
-    pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size; only 1 is supported now.")
+    pipeline_model_parallel_size: int = _f(
+        1, "Pipeline-parallel size (PP): layers split into PP stages (1F1B schedule when > 1).")
+    virtual_pipeline_model_parallel_size: Optional[int] = _f(
+        None, "Virtual pipeline stages per PP rank (VPP, interleaved 1F1B); null = not interleaved. Needs PP > 1.")
+    num_layers_in_first_pipeline_stage: Optional[int] = _f(
+        None, "Layers on the first PP stage (uneven split; it also holds the embedding); null = even split.")
+    num_layers_in_last_pipeline_stage: Optional[int] = _f(
+        None, "Layers on the last PP stage (uneven split; it also holds the output layer); null = even split.")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs TP > 1).")
     fp8: Optional[Literal["hybrid", "e4m3"]] = _f(None, "Transformer Engine FP8 recipe format.")
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = _f(
@@ -473,6 +480,79 @@ def padded_vocab_size(model: ModelConfig, tp: int) -> int:
     return ((model.vocab_size + m - 1) // m) * m
 
 
+def pipeline_stage_layers(num_layers: int, parallel: ParallelConfig) -> list[list[int]]:
+    """Transformer layers per (PP rank, virtual stage): ``out[rank][chunk]`` (pure; Megatron's split).
+
+    Even split unless ``num_layers_in_first/last_pipeline_stage`` are set; the remaining layers are
+    spread evenly over the middle stages. Each PP rank's layers are split evenly over its VPP
+    chunks. Raises ConfigError (naming the option and the fix) for a split that does not add up.
+    """
+    errs = pipeline_layout_errors(num_layers, parallel)
+    if errs:
+        raise ConfigError("; ".join(errs))
+    return _stage_layers(num_layers, parallel)
+
+
+def _rank_layers(num_layers: int, p: ParallelConfig) -> list[int]:
+    """Layers per PP rank: the fixed first/last counts, the rest evenly over the middle stages."""
+    pp = p.pipeline_model_parallel_size
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    middle = pp - (first is not None) - (last is not None)
+    even = (num_layers - (first or 0) - (last or 0)) // middle if middle > 0 else 0
+    out = [even] * pp
+    if first is not None:
+        out[0] = first
+    if last is not None:
+        out[-1] = last
+    return out
+
+
+def _stage_layers(num_layers: int, p: ParallelConfig) -> list[list[int]]:
+    v = p.virtual_pipeline_model_parallel_size or 1
+    return [[n // v] * v for n in _rank_layers(num_layers, p)]
+
+
+def pipeline_layout_errors(num_layers: int, p: ParallelConfig) -> list[str]:
+    """Rules of the pipeline split (Megatron's TransformerConfig checks, naming our options)."""
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    if pp < 1:
+        return []  # reported by validate_model
+    errs = []
+    if vpp is not None and (vpp < 2 or pp < 2):
+        errs.append(
+            f"parallel.virtual_pipeline_model_parallel_size={vpp} needs parallel.pipeline_model_parallel_size > 1 "
+            "and a value >= 2 (interleaved stages per PP rank); set it to null for the plain 1F1B schedule")
+    for name, n in (("num_layers_in_first_pipeline_stage", first), ("num_layers_in_last_pipeline_stage", last)):
+        if n is not None and (pp < 2 or n < 1):
+            errs.append(f"parallel.{name}={n} needs parallel.pipeline_model_parallel_size > 1 and a value >= 1; "
+                        "set it to null for an even split")
+    if errs:
+        return errs
+    middle = pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    if first is not None or last is not None:
+        if rest < 0 or (middle == 0 and rest != 0) or (middle > 0 and (rest <= 0 or rest % middle)):
+            return [
+                f"parallel.num_layers_in_first_pipeline_stage={first} + num_layers_in_last_pipeline_stage={last} "
+                f"leave {rest} of model.num_layers={num_layers} layers for {middle} middle stage(s) of "
+                f"parallel.pipeline_model_parallel_size={pp}: the rest must split evenly over the middle stages "
+                "(and be 0 without one); change the first/last stage layer counts"]
+    elif num_layers % pp or num_layers < pp:
+        return [
+            f"model.num_layers ({num_layers}) must be a positive multiple of parallel.pipeline_model_parallel_size "
+            f"({pp}); use another PP size or set parallel.num_layers_in_first_pipeline_stage / "
+            "num_layers_in_last_pipeline_stage for an uneven split"]
+    v = vpp or 1
+    for rank, n in enumerate(_rank_layers(num_layers, p)):
+        if n % v or n < v:
+            return [
+                f"pipeline stage {rank} holds {n} layer(s), which parallel.virtual_pipeline_model_parallel_size={v} "
+                f"cannot split into {v} equal chunks of >= 1 layer; use a VPP size that divides every stage's "
+                "layer count (or null)"]
+    return []
+
+
 def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     """Model/parallel rules shared by training, precompute and conversion tools."""
     tp = parallel.tensor_model_parallel_size
@@ -514,8 +594,7 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
         )
     if model.head_dim % 2:
         errs.append(f"head dim ({model.head_dim}) must be even for RoPE")
-    if parallel.pipeline_model_parallel_size != 1:
-        errs.append("parallel.pipeline_model_parallel_size must be 1 (pipeline parallelism is not supported yet)")
+    errs += pipeline_layout_errors(model.num_layers, parallel)
     if parallel.sequence_parallel and tp == 1:
         errs.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
     if model.rope_scaling is not None and model.rope_scaling.get("rope_type", model.rope_scaling.get("type")) != "llama3":
@@ -561,6 +640,14 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
                 f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
                 f"micro_batch_size*dp = {t.micro_batch_size}*{dp}"
             )
+        elif p.virtual_pipeline_model_parallel_size and (t.global_batch_size // (t.micro_batch_size * dp)) % \
+                p.pipeline_model_parallel_size:
+            n_mb = t.global_batch_size // (t.micro_batch_size * dp)
+            errs.append(
+                f"parallel.virtual_pipeline_model_parallel_size needs the micro-batches per step and DP rank "
+                f"(training.global_batch_size / (micro_batch_size*dp) = {n_mb}) to be a multiple of "
+                f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size}) (Megatron's interleaved "
+                "schedule); change training.global_batch_size or micro_batch_size")
     if t.train_iters < 0:
         errs.append("training.train_iters must be >= 0")
     if t.num_epochs is not None and t.num_epochs <= 0:

@@ -111,6 +111,32 @@ class PairBatch:
             )
         self.pair_layout()  # branch runs
 
+    def padded_to(self, seq_len: int) -> "PairBatch":
+        """This batch with every row padded at the end to ``seq_len`` (pipeline stages exchange one
+        shape per step). Padding has no target, no segment, branch -1 and positions that keep
+        counting; it comes after every real token, so causal attention leaves real positions as
+        they were."""
+        s = self.seq_len
+        if seq_len == s:
+            return self
+        if seq_len < s:
+            raise ValueError(f"cannot pad a PairBatch of length {s} to {seq_len}")
+        extra = seq_len - s
+
+        def ext(t: torch.Tensor, value: Optional[int] = None) -> torch.Tensor:
+            if value is None:  # continue each row: last position + 1, 2, ...
+                tail = t[:, -1:] + torch.arange(1, extra + 1, dtype=t.dtype, device=t.device)
+            else:
+                tail = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+            return torch.cat([t, tail], dim=1)
+
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        kw.update(tokens=torch.cat([self.tokens, self.tokens[:, -1:].expand(-1, extra)], dim=1),
+                  position_ids=ext(self.position_ids), target_ids=ext(self.target_ids, 0),
+                  response_segment=ext(self.response_segment, -1), nll_segment=ext(self.nll_segment, -1),
+                  branch_ids=ext(self.branch_ids, -1))
+        return PairBatch(**kw)
+
     def for_cp_rank(self, cp_rank: int, cp_size: int) -> CPSlice:
         """This CP rank's slice of every [rows, S] tensor (zigzag along S) and the attention layout
         of the FULL rows. Ids stay where they are (host), so the step plans without device syncs."""

@@ -1,9 +1,12 @@
 """Model -> per-segment log-prob sums (and argmax matches): the one forward of training, reference
 and evaluation.
 
-:func:`rank_segment_logprobs` is the single place that goes from a model to per-segment
-statistics: it takes this CP rank's inputs, runs the model's hidden-state forward and reduces with
-:func:`segment_logprob_sums` (chunked, vocab-parallel, summed over CP; never a [S, V] tensor).
+Two steps, so that a pipelined model runs the first on every stage and the second on the last
+stage only (Megatron's ``forward_step`` / ``loss_func`` contract, training/step.py):
+:func:`stage_forward` (model -> this stage's output, the final hidden states on the last stage)
+and :func:`hidden_segment_logprobs` (final hidden states -> per-segment statistics with
+:func:`segment_logprob_sums`: chunked, vocab-parallel, summed over CP; never a [S, V] tensor).
+:func:`rank_segment_logprobs` is the two in a row, for a model that is not pipelined.
 Target and segment ids stay on the host, so the reduction plans on them without a device sync
 (megatron_longpo/testing/syncs.py counts this for the training step). With ``argmax=True`` it
 also counts, per segment, the positions whose target token is the argmax of the full-vocabulary
@@ -107,6 +110,64 @@ class SegmentStats:
         return (self.argmax_matches == self.counts) & (self.counts > 0)
 
 
+def stage_forward(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,  # [rows, S/cp] int64, this CP rank's zigzag slice (host or device)
+    position_ids: torch.Tensor,  # [rows, S/cp] int64
+    attention_mask: Optional[torch.Tensor],  # None (causal) or a branch layout [rows, 2] (CPU, full rows)
+) -> torch.Tensor:
+    """Model -> this pipeline stage's output [S/cp(/tp with SP), rows, h].
+
+    Without pipeline parallelism (or on the last stage) that is the final hidden states after the
+    final norm; on an earlier stage the activations sent to the next stage (its input comes from
+    the previous stage through ``set_input_tensor``, Megatron's schedule). Token inputs are copied
+    to the model's device without blocking the host.
+    """
+    inner = unwrap_model(model)
+    if attention_mask is not None and not getattr(inner, "explicit_rope", False):
+        # Megatron's default attention is plainly causal and its RoPE ignores position_ids:
+        # the rejected branch would attend to the chosen branch and get the wrong positions.
+        raise ValueError(
+            "data.pair_layout=shared_prefix needs the project attention (parallel.attention_backend="
+            "auto|sdpa|flash and build_model(..., pair_layout='shared_prefix'))"
+        )
+    dev = next(inner.parameters()).device
+    return model(host_to_device(tokens, dev), host_to_device(position_ids, dev), attention_mask, return_hidden=True)
+
+
+def hidden_segment_logprobs(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,  # [S/cp(/tp), rows, h] final hidden states (last pipeline stage)
+    target_ids: torch.Tensor,  # [rows, S/cp] int64, host (CPU) for a sync-free step
+    segment_ids: Sequence[torch.Tensor],  # K x [rows, S/cp] int64: segment id or -1 (host)
+    num_segments: Sequence[int],
+    groups: ParallelGroups,
+    *,
+    vocab_size: int,
+    sequence_parallel: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    argmax: bool = False,
+) -> list[SegmentStats]:
+    """Final hidden states -> per-segment statistics with ``model``'s output layer, summed over CP
+    (identical on every TP and CP rank). Runs on the last pipeline stage only (the one holding the
+    output layer): Megatron's ``loss_func`` step.
+
+    Collective over the TP and CP groups. Differentiable in ``sums`` unless called under
+    ``torch.no_grad()``.
+    """
+    weight = unwrap_model(model).output_weight()  # [V_pad/tp, h]
+    results = segment_logprob_sums(
+        hidden, weight, target_ids, segment_ids, num_segments, vocab_size=vocab_size, tp_group=groups.tp_group,
+        cp_group=groups.cp_group, sequence_parallel=sequence_parallel, chunk_size=chunk_size,
+    )
+    if not argmax:
+        return [SegmentStats(r.sums, r.counts) for r in results]
+    with torch.no_grad():
+        matches = _segment_argmax_matches(hidden, weight, target_ids, segment_ids, num_segments, vocab_size, groups,
+                                          sequence_parallel, chunk_size)
+    return [SegmentStats(r.sums, r.counts, m) for r, m in zip(results, matches)]
+
+
 def rank_segment_logprobs(
     model: torch.nn.Module,
     tokens: torch.Tensor,  # [rows, S/cp] int64, this CP rank's zigzag slice (host or device)
@@ -122,34 +183,16 @@ def rank_segment_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     argmax: bool = False,
 ) -> list[SegmentStats]:
-    """Forward ``model`` on this CP rank's inputs and reduce to per-segment statistics, summed
-    over CP (identical on every TP and CP rank).
+    """:func:`stage_forward` then :func:`hidden_segment_logprobs` on a model that is not pipelined
+    (the whole model on this rank): per-segment statistics, summed over CP.
 
     Collective over the TP and CP groups. Differentiable in ``sums`` unless called under
-    ``torch.no_grad()``. Token inputs are copied to the model's device without blocking the host.
+    ``torch.no_grad()``.
     """
-    inner = unwrap_model(model)
-    if attention_mask is not None and not getattr(inner, "explicit_rope", False):
-        # Megatron's default attention is plainly causal and its RoPE ignores position_ids:
-        # the rejected branch would attend to the chosen branch and get the wrong positions.
-        raise ValueError(
-            "data.pair_layout=shared_prefix needs the project attention (parallel.attention_backend="
-            "auto|sdpa|flash and build_model(..., pair_layout='shared_prefix'))"
-        )
-    weight = inner.output_weight()  # [V_pad/tp, h]
-    dev = weight.device
-    hidden = model(host_to_device(tokens, dev), host_to_device(position_ids, dev), attention_mask,
-                   return_hidden=True)  # [S/cp(/tp), rows, h]
-    results = segment_logprob_sums(
-        hidden, weight, target_ids, segment_ids, num_segments, vocab_size=vocab_size, tp_group=groups.tp_group,
-        cp_group=groups.cp_group, sequence_parallel=sequence_parallel, chunk_size=chunk_size,
-    )
-    if not argmax:
-        return [SegmentStats(r.sums, r.counts) for r in results]
-    with torch.no_grad():
-        matches = _segment_argmax_matches(hidden, weight, target_ids, segment_ids, num_segments, vocab_size, groups,
-                                          sequence_parallel, chunk_size)
-    return [SegmentStats(r.sums, r.counts, m) for r, m in zip(results, matches)]
+    hidden = stage_forward(model, tokens, position_ids, attention_mask)
+    return hidden_segment_logprobs(model, hidden, target_ids, segment_ids, num_segments, groups,
+                                   vocab_size=vocab_size, sequence_parallel=sequence_parallel,
+                                   chunk_size=chunk_size, argmax=argmax)
 
 
 def _segment_argmax_matches(hidden, weight, target_ids, segs, num_segments, vocab_size, groups: ParallelGroups,

@@ -22,13 +22,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_longpo.config import ConfigError, ModelConfig, ParallelConfig, padded_vocab_size
@@ -64,6 +65,19 @@ def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext
         apply_rope_fusion=te and te_attention,
         gradient_accumulation_fusion=te and grad_accum_ext and ddp,
     )
+
+
+def batch_p2p_comm(parallel: ParallelConfig) -> bool:
+    """Megatron's batched p2p exchange, except for interleaved PP=2 (measured, docs/cpu_compat.md).
+
+    With two stages the previous and the next stage are the same rank, and the interleaved
+    schedule's steady state sends an activation AND a gradient to it in one batch: the batched
+    ops match them to the peer's receives in posting order ([send_prev, recv_prev, send_next,
+    recv_next] on both ranks), which pairs the gradient with the activation receive; same shapes,
+    so the swap is silent (the PP=2 x VPP=2 loss was off by 0.2%). Megatron's unbatched path
+    sends the two directions of a 2-rank group over two different groups, which keeps them apart.
+    """
+    return not (parallel.pipeline_model_parallel_size == 2 and parallel.virtual_pipeline_model_parallel_size)
 
 
 def params_dtype(model: ModelConfig) -> torch.dtype:
@@ -108,6 +122,9 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -116,6 +133,7 @@ def transformer_config(
         use_cpu_initialization=on_cpu,
         perform_initialization=True,
         cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
+        batch_p2p_comm=batch_p2p_comm(parallel),
     )
     if recompute_granularity:
         kwargs.update(recompute_granularity=recompute_granularity)
@@ -137,10 +155,13 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(model: ModelConfig, impl: str, core_attention: Optional[type] = None) -> ModuleSpec | TransformerBlockSubmodules:
+def layer_spec(model: ModelConfig, impl: str, core_attention: Optional[type] = None,
+               num_layers: Optional[int] = None) -> ModuleSpec | TransformerBlockSubmodules:
     """Layer spec: TE modules on CUDA, Megatron local modules + project RMSNorm elsewhere.
 
     ``core_attention`` replaces DotProductAttention (the project's context-parallel attention).
+    ``num_layers``: layers of this pipeline stage / virtual chunk (default: all of the model); the
+    TE spec leaves the count to Megatron's block (the same helper).
     """
     if impl == "transformer_engine":
         spec = get_gpt_layer_with_transformer_engine_spec()
@@ -153,7 +174,8 @@ def layer_spec(model: ModelConfig, impl: str, core_attention: Optional[type] = N
     if core_attention is not None:
         spec.submodules.self_attention.submodules.core_attention = core_attention
     # Final norm of the block is the project RMSNorm too (SP-capable without apex/TE).
-    return TransformerBlockSubmodules(layer_specs=[spec] * model.num_layers, layer_norm=RMSNorm)
+    n = model.num_layers if num_layers is None else num_layers
+    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 
 
 class LongPOGPTModel(GPTModel):
@@ -226,8 +248,13 @@ def build_model(
     recompute_num_layers: Optional[int] = None,
     initialize: bool = True,
     ddp: bool = False,
+    vp_stage: Optional[int] = None,
 ) -> LongPOGPTModel:
-    """Build the model on the current Megatron parallel state (call after init_model_parallel).
+    """Build this pipeline stage's model on the current Megatron parallel state (call after
+    init_model_parallel): the whole model without PP, else only this stage's layers
+    (Megatron's ``get_num_layers_to_build``), the embedding on the first stage and the output
+    layer on the last (``pre_process`` / ``post_process``). ``vp_stage`` picks the virtual
+    chunk under VPP (see :func:`build_model_chunks`).
 
     ``core_attention`` overrides the attention module; by default it follows
     ``parallel.attention_backend`` for ``pair_layout`` (``data.pair_layout``), failing here when the
@@ -252,13 +279,17 @@ def build_model(
     if not initialize:
         cfg = dataclasses.replace(cfg, use_cpu_initialization=True, perform_initialization=False)
     rope_scaling = model.rope_scaling is not None
+    if parallel.virtual_pipeline_model_parallel_size and vp_stage is None:
+        raise ValueError("parallel.virtual_pipeline_model_parallel_size is set: build with build_model_chunks "
+                         "(or pass vp_stage)")
     gpt = LongPOGPTModel(
         config=cfg,
-        transformer_layer_spec=layer_spec(model, impl, core_attention),
+        transformer_layer_spec=layer_spec(model, impl, core_attention, get_num_layers_to_build(cfg, vp_stage)),
         vocab_size=padded_vocab_size(model, parallel.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
         parallel_output=True,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="rope",
@@ -269,3 +300,12 @@ def build_model(
     gpt.explicit_rope = isinstance(core_attention, type) and issubclass(core_attention, ContextParallelAttention)
     install_bounded_rope_cache(gpt.rotary_pos_emb)
     return gpt.to(capabilities.device()) if initialize else gpt
+
+
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, **kwargs) -> list[LongPOGPTModel]:
+    """This PP rank's model chunks: one without VPP, else one per virtual stage (in order), each
+    built by :func:`build_model`. Megatron's schedules take this list."""
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    if not vpp:
+        return [build_model(model, parallel, **kwargs)]
+    return [build_model(model, parallel, vp_stage=v, **kwargs) for v in range(vpp)]

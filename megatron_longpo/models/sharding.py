@@ -14,6 +14,7 @@ Used by tests (TP=N vs TP=1), checkpoint conversion and layout changes.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -100,4 +101,74 @@ def gather_full_state_dict(
             if t is None:
                 t = torch.zeros_like(p)
         out[name] = local_to_full(name, t.detach(), p, tp_group, vocab_size).clone()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline stages: a chunk names its layers 0..n-1; the full layout numbers them globally.
+# ----------------------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
+_TIED_OUTPUT = "output_layer.weight"
+_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def _inner(chunk: torch.nn.Module) -> torch.nn.Module:
+    m = chunk
+    while not hasattr(m, "decoder") and hasattr(m, "module"):
+        m = m.module
+    return m
+
+
+def stage_full_names(chunk: torch.nn.Module) -> dict[str, str]:
+    """``chunk.named_parameters()`` name -> its name in the full (PP=1) model.
+
+    Layer indices get the chunk's global offset (``TransformerLayer.layer_number`` is global,
+    1-based). A last stage that duplicates a tied embedding as ``output_layer.weight`` maps it to
+    the embedding (the one full tensor both stages hold).
+    """
+    inner = _inner(chunk)
+    numbers = [layer.layer_number - 1 for layer in inner.decoder.layers]
+    tied = bool(getattr(inner, "share_embeddings_and_output_weights", False))
+    out = {}
+    for name, _ in chunk.named_parameters():
+        m = _LAYER.match(name)
+        if m:
+            full = f"{m.group(1)}{numbers[int(m.group(2))]}{m.group(3)}"
+        elif tied and name.endswith(_TIED_OUTPUT):
+            full = name[: -len(_TIED_OUTPUT)] + _EMBEDDING
+        else:
+            full = name
+        out[name] = full
+    return out
+
+
+def load_full_state_dict_chunks(chunks: list[torch.nn.Module], full: dict[str, torch.Tensor],
+                                tp_rank: int, tp_size: int) -> None:
+    """Copy a full-layout (PP=1, TP=1) state dict into this rank's pipeline chunks."""
+    for chunk in chunks:
+        names = stage_full_names(chunk)
+        load_full_state_dict(chunk, {local: full[names[local]] for local in names if names[local] in full},
+                             tp_rank, tp_size)
+
+
+def gather_full_state_dict_chunks(
+    chunks: list[torch.nn.Module], tp_group: dist.ProcessGroup, pp_group: Optional[dist.ProcessGroup],
+    vocab_size: Optional[int] = None, grads: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Full-layout (PP=1, TP=1) parameters or gradients of a pipelined model, on every rank of
+    ``pp_group`` (collective over TP, then PP). A tied embedding comes from the first stage."""
+    mine: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        names = stage_full_names(chunk)
+        for local, t in gather_full_state_dict(chunk, tp_group, vocab_size, grads).items():
+            mine.setdefault(names[local], t)
+    if pp_group is None or dist.get_world_size(pp_group) == 1:
+        return mine
+    parts: list = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(parts, mine, group=pp_group)
+    out: dict[str, torch.Tensor] = {}
+    for part in parts:  # stage order: the first stage's embedding wins
+        for k, v in part.items():
+            out.setdefault(k, v)
     return out

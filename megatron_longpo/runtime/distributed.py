@@ -8,6 +8,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,6 +36,14 @@ class ParallelGroups:
     cp_size: int
     dp_rank: int
     dp_size: int
+    pp_group: Optional[dist.ProcessGroup] = None  # pipeline stages of this model replica
+    pp_rank: int = 0
+    pp_size: int = 1
+
+    @property
+    def is_last_stage(self) -> bool:
+        """This rank holds the last pipeline stage (output layer, log-probs, loss, metrics)."""
+        return self.pp_rank == self.pp_size - 1
 
 
 def rank() -> int:
@@ -90,6 +99,7 @@ def init_model_parallel(parallel: ParallelConfig) -> ParallelGroups:
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
@@ -126,6 +136,9 @@ def current_groups() -> ParallelGroups:
         cp_size=ps.get_context_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
     )
 
 

@@ -22,7 +22,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_longpo.config import ConfigError, LongPOConfig, config_changes, load_config, to_dict, validate
 from megatron_longpo.evaluation.setup import evaluator_from_config
-from megatron_longpo.models.provider import build_model
+from megatron_longpo.models.provider import build_model_chunks
 from megatron_longpo.runtime.capabilities import cuda_available
 from megatron_longpo.runtime.distributed import (
     ParallelGroups,
@@ -48,7 +48,7 @@ from megatron_longpo.training.flops import attended_pairs, train_flops
 from megatron_longpo.training.metrics_log import MetricsLogger
 from megatron_longpo.training.optimizer import build_optimizer, use_distributed_optimizer
 from megatron_longpo.training.preemption import StopController
-from megatron_longpo.training.step import train_step, forward_backward
+from megatron_longpo.training.step import forward_backward, model_chunks, train_step
 
 
 @dataclass
@@ -70,22 +70,26 @@ def _print0(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _wrap_ddp(model, cfg: LongPOConfig):
+def _wrap_ddp(chunks: list, cfg: LongPOConfig) -> list:
+    """One Megatron DDP per model chunk (several under VPP; as Megatron-LM, only the first one
+    buckets its gradients)."""
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cuda_available(),
         use_distributed_optimizer=use_distributed_optimizer(cfg.optim),
         check_for_nan_in_grad=True,
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
+    return [DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)]
 
 
-def _build_model(cfg: LongPOConfig):
-    """The policy: cfg.model (its rope_theta overrides the checkpoint's), attention per backend."""
+def _build_model(cfg: LongPOConfig) -> list:
+    """The policy's chunks on this pipeline rank (one without VPP): cfg.model (its rope_theta
+    overrides the checkpoint's), attention per backend."""
     t = cfg.training
-    return build_model(cfg.model, cfg.parallel, pair_layout=cfg.data.pair_layout,
-                       recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
-                       recompute_num_layers=t.recompute_num_layers, ddp=True)
+    return build_model_chunks(cfg.model, cfg.parallel, pair_layout=cfg.data.pair_layout,
+                              recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
+                              recompute_num_layers=t.recompute_num_layers, ddp=True)
 
 
 def train(cfg: LongPOConfig) -> TrainResult:
@@ -114,9 +118,12 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
                 f"train_iters={cfg.training.train_iters}")
         validate(cfg, world)
     evaluator = evaluator_from_config(cfg)  # synthetic long-context tasks (None without evaluation.tasks)
-    model = _build_model(cfg)
-    ddp = _wrap_ddp(model, cfg)
-    optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.model, cfg.training.train_iters)
+    chunks = _build_model(cfg)
+    ddps = _wrap_ddp(chunks, cfg)
+    # Checkpoints take the one chunk of a rank (VPP is refused with checkpoints by validate()).
+    model = chunks[0]
+    ddp = ddps[0] if len(ddps) == 1 else ddps
+    optimizer, scheduler = build_optimizer(ddps, cfg.optim, cfg.model, cfg.training.train_iters)
 
     data_id = _data_identity(cfg)
     state = _load_or_resume(cfg, model, optimizer, scheduler, groups, data_id)
@@ -136,7 +143,8 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
     logger = MetricsLogger(cfg.logging, cfg.training.train_iters, _is_rank0(), to_dict(cfg), start_step=state.iteration,
                            save_dir=cfg.checkpoint.save)
     _print0(
-        f"[longpo] world={world} tp={groups.tp_size} cp={groups.cp_size} dp={groups.dp_size} "
+        f"[longpo] world={world} tp={groups.tp_size} cp={groups.cp_size} pp={groups.pp_size}"
+        f"{'' if len(chunks) == 1 else f'x{len(chunks)} (vpp)'} dp={groups.dp_size} "
         f"layout={cfg.data.pair_layout} mode={cfg.loss.mode} reference={data.reference_description} "
         f"samples={data.num_samples} steps {state.iteration}->{cfg.training.train_iters} "
         f"micro-batches/step/rank={data.num_micro_batches}"
@@ -292,7 +300,9 @@ def _throughput(cfg: LongPOConfig, micro, seconds: float, groups: ParallelGroups
 
 
 def _evaluate(cfg: LongPOConfig, ddp, data: TrainingData, groups: ParallelGroups) -> dict:
-    ddp.eval()
+    chunks = model_chunks(ddp)
+    for c in chunks:
+        c.eval()
     try:
         sums: dict = {}
         batches = data.validation_batches(cfg.training.eval_iters)
@@ -303,7 +313,8 @@ def _evaluate(cfg: LongPOConfig, ddp, data: TrainingData, groups: ParallelGroups
                 sums[k] = sums.get(k, 0.0) + v
         return {k: v / max(len(batches), 1) for k, v in sums.items()}
     finally:
-        ddp.train()
+        for c in chunks:
+            c.train()
 
 
 def main(config_path: Optional[str], overrides: list[str]) -> int:

@@ -1,11 +1,15 @@
 """One LongPO micro-batch forward, and the Megatron-scheduled forward/backward and train step.
 
-Data flow of :func:`microbatch_forward` on one rank:
-PairBatch (full sequences) -> zigzag slice for this CP rank -> model hidden states
-[s_local(/tp), rows, h] -> per-segment log-prob sums and NLL sums/counts (vocab-parallel,
-chunked, summed over CP; :func:`megatron_longpo.loss.forward.rank_segment_logprobs`, the one
-model -> log-prob path shared with reference and evaluation) -> :func:`longpo_loss` with the
-batch's reference log-probs.
+Data flow of one micro-batch, in two steps (Megatron's ``forward_step`` / ``loss_func``):
+1. every pipeline stage, :func:`microbatch_stage_forward`: PairBatch (full sequences) -> zigzag
+   slice for this CP rank -> this stage's layers (loss/forward.stage_forward) -> stage output
+   [s_local(/tp), rows, h], the final hidden states on the last stage;
+2. the last stage only, :func:`microbatch_objective`: hidden states -> per-segment log-prob sums
+   and NLL sums/counts (vocab-parallel, chunked, summed over CP;
+   loss/forward.hidden_segment_logprobs, the path shared with reference and evaluation) ->
+   :func:`longpo_loss` with the batch's reference log-probs.
+Under PP every micro-batch of a step is padded to the step's longest (one exchanged shape) and
+the schedule gets the model's row count (two_sequences: 2 per pair).
 
 Scaling (derived in docs/loss.md): the micro-batch returns its plain mean loss L_m, identical on
 every TP and CP rank. Megatron's schedule (two-value loss_func path) multiplies it by cp and
@@ -27,8 +31,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from megatron_longpo.config import LossConfig
-from megatron_longpo.data.batch import PairBatch
-from megatron_longpo.loss.forward import rank_segment_logprobs
+from megatron_longpo.data.batch import CPSlice, PairBatch
+from megatron_longpo.loss.forward import hidden_segment_logprobs, stage_forward
 from megatron_longpo.loss.logprobs import host_to_device
 from megatron_longpo.loss.longpo import longpo_loss
 from megatron_longpo.runtime.capabilities import collective_device
@@ -51,9 +55,11 @@ def validate_batch(batch: PairBatch, groups: ParallelGroups, sequence_parallel: 
                 raise ValueError(f"PairBatch.{name} has shape {tuple(ref.shape)}, expected ({b},)")
 
 
-def microbatch_forward(
+def microbatch_objective(
     model: torch.nn.Module,
+    hidden: torch.Tensor,
     batch: PairBatch,
+    local: CPSlice,
     groups: ParallelGroups,
     loss_cfg: LossConfig,
     vocab_size: int,
@@ -61,21 +67,15 @@ def microbatch_forward(
     *,
     token_normalizer: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """LongPO loss of one micro-batch on this rank: (unscaled float64 loss, detached metrics).
+    """Final hidden states of one micro-batch -> (unscaled float64 loss, detached metrics).
 
-    The loss is the same on every TP and CP rank of the micro-batch. ``token_normalizer`` is the
-    NLL-token normalizer of ``token_mean`` (see :func:`megatron_longpo.loss.longpo.nll_term`).
-    Model inputs (this CP rank's tokens, position ids and, for shared_prefix rows, the branch
-    layout passed as ``attention_mask``) come from :meth:`PairBatch.for_cp_rank`, the one CP slice.
+    The last pipeline stage's half of the step (Megatron's ``loss_func``): per-segment log-prob
+    sums of this CP rank's slice ``local`` (vocab-parallel, chunked, summed over CP), then the
+    objective with the batch's reference log-probs. Identical on every TP and CP rank.
     """
-    validate_batch(batch, groups, sequence_parallel, loss_cfg)
-    # This CP rank's zigzag slices (the one CP slice); ids stay on the host (the log-prob sums plan
-    # on them without device syncs) and the branch layout stays on the CPU.
-    local = batch.for_cp_rank(groups.cp_rank, groups.cp_size)
     b = batch.num_pairs
-    resp, nll = rank_segment_logprobs(
-        model, local.tokens, local.position_ids, local.attention_mask,
-        local.target_ids, [local.response_segment, local.nll_segment], [2 * b, b], groups,
+    resp, nll = hidden_segment_logprobs(
+        model, hidden, local.target_ids, [local.response_segment, local.nll_segment], [2 * b, b], groups,
         vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=loss_cfg.logprob_chunk_size,
     )
     dev = resp.sums.device
@@ -91,6 +91,37 @@ def microbatch_forward(
         loss_cfg,
         token_normalizer=token_normalizer,
     )
+
+
+def microbatch_stage_forward(model: torch.nn.Module, batch: PairBatch, groups: ParallelGroups,
+                             loss_cfg: LossConfig, sequence_parallel: bool) -> tuple[torch.Tensor, CPSlice]:
+    """Check the batch, cut this CP rank's slice (the one CP slice) and run this pipeline stage:
+    (stage output, the slice). Ids stay on the host (the log-prob sums plan on them without
+    device syncs) and the branch layout on the CPU."""
+    validate_batch(batch, groups, sequence_parallel, loss_cfg)
+    local = batch.for_cp_rank(groups.cp_rank, groups.cp_size)
+    return stage_forward(model, local.tokens, local.position_ids, local.attention_mask), local
+
+
+def microbatch_forward(
+    model: torch.nn.Module,
+    batch: PairBatch,
+    groups: ParallelGroups,
+    loss_cfg: LossConfig,
+    vocab_size: int,
+    sequence_parallel: bool,
+    *,
+    token_normalizer: Optional[float] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LongPO loss of one micro-batch on a model that is not pipelined: (unscaled float64 loss,
+    detached metrics), :func:`microbatch_stage_forward` then :func:`microbatch_objective`.
+
+    The loss is the same on every TP and CP rank of the micro-batch. ``token_normalizer`` is the
+    NLL-token normalizer of ``token_mean`` (see :func:`megatron_longpo.loss.longpo.nll_term`).
+    """
+    hidden, local = microbatch_stage_forward(model, batch, groups, loss_cfg, sequence_parallel)
+    return microbatch_objective(model, hidden, batch, local, groups, loss_cfg, vocab_size, sequence_parallel,
+                                token_normalizer=token_normalizer)
 
 
 def global_token_normalizer(micro_batches: Sequence[PairBatch], dp_group: Optional[dist.ProcessGroup]) -> float:
@@ -137,8 +168,30 @@ def average_metrics(per_microbatch: Sequence[Mapping[str, torch.Tensor]], dp_gro
     return {k: v / vals[-1] for k, v in zip(keys, vals[:-1])}
 
 
+def model_chunks(model: Any) -> list[torch.nn.Module]:
+    """The list of model chunks Megatron's schedules take (one, or one per virtual stage)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def common_length(micro_batches: Sequence[PairBatch]) -> list[PairBatch]:
+    """Every micro-batch padded to the step's longest (pipeline stages exchange one shape)."""
+    s = max(mb.seq_len for mb in micro_batches)
+    return [mb.padded_to(s) for mb in micro_batches]
+
+
+def broadcast_last_stage(metrics: dict[str, float], groups: ParallelGroups) -> dict[str, float]:
+    """The last pipeline stage's metrics on every stage (only it runs the objective), so logging
+    and the loss-is-nan stop see the same values on every rank."""
+    if groups.pp_size == 1:
+        return metrics
+    box = [metrics]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(groups.pp_group, groups.pp_size - 1),
+                               group=groups.pp_group)
+    return box[0]
+
+
 def forward_backward(
-    ddp_model: torch.nn.Module,
+    ddp_model: Any,
     micro_batches: Sequence[PairBatch],
     groups: ParallelGroups,
     loss_cfg: LossConfig,
@@ -149,29 +202,38 @@ def forward_backward(
     zero_grad: bool = True,
     optimizer: Any = None,
 ) -> dict[str, float]:
-    """Run every micro-batch of this DP rank through Megatron's no-pipelining schedule.
+    """Run every micro-batch of this DP rank through Megatron's schedule for this layout
+    (no pipelining, 1F1B with PP > 1, interleaved 1F1B with VPP; ``get_forward_backward_func``).
 
-    Leaves the finalised (DP x CP averaged, SP-norm reduced) gradient of the global batch's mean
-    loss in the DDP grad buffers (``param.main_grad``) and returns the metrics averaged over
-    micro-batches and DP ranks. ``zero_grad`` zeroes the grad buffers first. ``optimizer``
-    (a MegatronOptimizer) supplies the loss scale for fp16/bf16. Every DP rank must pass the
-    same number of micro-batches of the same size.
+    ``ddp_model`` is the DDP-wrapped model, or the list of this PP rank's chunks under VPP.
+    Every stage runs :func:`microbatch_stage_forward`; the last one also the objective
+    (:func:`microbatch_objective`, the schedule's ``loss_func``). Leaves the finalised (DP x CP
+    averaged, SP-norm and tied-embedding reduced) gradient of the global batch's mean loss in the
+    DDP grad buffers (``param.main_grad``) and returns the metrics averaged over micro-batches and
+    DP ranks, on every stage. ``zero_grad`` zeroes the grad buffers first. ``optimizer`` (a
+    MegatronOptimizer) supplies the loss scale for fp16/bf16. Every DP rank must pass the same
+    number of micro-batches of the same size.
     """
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     sizes = {mb.num_pairs for mb in micro_batches}
     if len(sizes) != 1:
         raise ValueError(f"micro-batches must all hold the same number of pairs, got {sorted(sizes)}")
-    config = get_model_config(ddp_model)
+    chunks = model_chunks(ddp_model)
+    config = get_model_config(chunks[0])
     if config.calculate_per_token_loss:
         raise ValueError("TransformerConfig.calculate_per_token_loss must be False: the LongPO loss is a per-pair mean")
+    if groups.pp_size > 1:
+        micro_batches = common_length(micro_batches)
     if not forward_only:
         # Settings the schedule reads from the model config (as Megatron-LM's training loop does).
         config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = getattr(ddp_model, "no_sync", None)
+        no_sync = [getattr(c, "no_sync", None) for c in chunks]
+        config.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
         config.grad_scale_func = optimizer.scale_loss if optimizer is not None else None
         if zero_grad:
-            ddp_model.zero_grad_buffer()
+            for c in chunks:
+                c.zero_grad_buffer()
 
     normalizer = (
         global_token_normalizer(micro_batches, groups.dp_group) if loss_cfg.nll_reduction == "token_mean" else None
@@ -179,29 +241,28 @@ def forward_backward(
 
     def forward_step(data_iterator: Iterator[PairBatch], model: torch.nn.Module):
         batch = next(data_iterator)
-        loss, metrics = microbatch_forward(
-            model, batch, groups, loss_cfg, vocab_size, sequence_parallel,
-            token_normalizer=normalizer,
-        )
+        output, local = microbatch_stage_forward(model, batch, groups, loss_cfg, sequence_parallel)
 
-        def loss_func(output: torch.Tensor):
-            # Two values: the schedule multiplies by cp and divides by num_microbatches.
-            return output, metrics
+        def loss_func(hidden: torch.Tensor):
+            # Last stage only. Two values: the schedule multiplies by cp and divides by num_microbatches.
+            return microbatch_objective(model, hidden, batch, local, groups, loss_cfg, vocab_size, sequence_parallel,
+                                        token_normalizer=normalizer)
 
-        return loss, loss_func
+        return output, loss_func
 
     fb = get_forward_backward_func()
+    data = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         store = fb(
             forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=[ddp_model],
+            data_iterator=data,
+            model=chunks,
             num_microbatches=len(micro_batches),
             seq_length=micro_batches[0].seq_len,
-            micro_batch_size=micro_batches[0].num_pairs,
+            micro_batch_size=int(micro_batches[0].tokens.shape[0]),  # model rows (2 per pair: two_sequences)
             forward_only=forward_only,
         )
-    return average_metrics(store, groups.dp_group)
+    return broadcast_last_stage(average_metrics(store, groups.dp_group), groups)
 
 
 @dataclass
@@ -215,7 +276,7 @@ class StepResult:
 
 
 def train_step(
-    ddp_model: torch.nn.Module,
+    ddp_model: Any,
     optimizer: Any,
     micro_batches: Sequence[PairBatch],
     groups: ParallelGroups,
@@ -229,7 +290,8 @@ def train_step(
     MegatronOptimizer: returns (update_successful, grad_norm, num_zeros_in_grad)). The learning
     rate scheduler is the caller's.
     """
-    ddp_model.zero_grad_buffer()
+    for c in model_chunks(ddp_model):
+        c.zero_grad_buffer()
     optimizer.zero_grad()
     metrics = forward_backward(
         ddp_model, micro_batches, groups, loss_cfg, vocab_size, sequence_parallel,
