@@ -4,8 +4,8 @@ Data flow of :func:`microbatch_forward` on one rank:
 PairBatch (full sequences) -> zigzag slice for this CP rank -> model hidden states
 [s_local(/tp), rows, h] -> per-segment log-prob sums and NLL sums/counts (vocab-parallel,
 chunked, summed over CP; :func:`megatron_longpo.loss.forward.rank_segment_logprobs`, the one
-model -> log-prob path shared with reference and evaluation) -> :func:`longpo_loss` with the
-batch's reference log-probs.
+model -> log-prob path shared with reference and evaluation; only the segments the objective's
+terms need, megatron_longpo/objectives.py) -> :func:`longpo_loss` with the batch's reference log-probs.
 
 Scaling (derived in docs/loss.md): the micro-batch returns its plain mean loss L_m, identical on
 every TP and CP rank. Megatron's schedule (two-value loss_func path) multiplies it by cp and
@@ -31,15 +31,16 @@ from megatron_longpo.data.batch import PairBatch
 from megatron_longpo.loss.forward import rank_segment_logprobs
 from megatron_longpo.loss.logprobs import host_to_device
 from megatron_longpo.loss.longpo import longpo_loss
+from megatron_longpo.objectives import get_objective
 from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import ParallelGroups
 
 
 def validate_batch(batch: PairBatch, groups: ParallelGroups, sequence_parallel: bool, loss_cfg: LossConfig) -> None:
-    """Check the PairBatch contract (data/batch.py) and what the loss mode needs, before any model work."""
+    """Check the PairBatch contract (data/batch.py) and what the objective needs, before any model work."""
     batch.validate(groups.cp_size, groups.tp_size, sequence_parallel)
     b = batch.num_pairs
-    if loss_cfg.mode != "sft":
+    if get_objective(loss_cfg.mode).needs_reference:
         for name in ("ref_chosen_logps", "ref_rejected_logps"):
             ref = getattr(batch, name)
             if ref is None:
@@ -73,11 +74,16 @@ def microbatch_forward(
     # on them without device syncs) and the branch layout stays on the CPU.
     local = batch.for_cp_rank(groups.cp_rank, groups.cp_size)
     b = batch.num_pairs
-    resp, nll = rank_segment_logprobs(
-        model, local.tokens, local.position_ids, local.attention_mask,
-        local.target_ids, [local.response_segment, local.nll_segment], [2 * b, b], groups,
+    # Only the segments the objective's terms need: a zero-weight NLL is not scored (with
+    # nll_target=sequence that is every position of the chosen sequence).
+    with_nll = get_objective(loss_cfg.mode).scores_nll(loss_cfg.nll_weight)
+    stats = rank_segment_logprobs(
+        model, local.tokens, local.position_ids, local.attention_mask, local.target_ids,
+        [local.response_segment, local.nll_segment] if with_nll else [local.response_segment],
+        [2 * b, b] if with_nll else [2 * b], groups,
         vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=loss_cfg.logprob_chunk_size,
     )
+    resp, nll = stats[0], (stats[1] if with_nll else None)
     dev = resp.sums.device
     ref_w = host_to_device(batch.ref_chosen_logps, dev) if batch.ref_chosen_logps is not None else None
     ref_l = host_to_device(batch.ref_rejected_logps, dev) if batch.ref_rejected_logps is not None else None
@@ -86,8 +92,8 @@ def microbatch_forward(
         resp.sums[b:],  # P_l [B]
         ref_w,
         ref_l,
-        -nll.sums,  # summed NLL [B]
-        nll.counts,
+        -nll.sums if nll is not None else None,  # summed NLL [B]
+        nll.counts if nll is not None else None,
         loss_cfg,
         token_normalizer=token_normalizer,
     )
