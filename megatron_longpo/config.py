@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 
 from megatron_longpo.gpu_rules import fp8_alignment, fp8_rule_errors, te_context_parallel_errors
+from megatron_longpo.objectives import OBJECTIVES
 
 
 class ConfigError(ValueError):
@@ -129,8 +130,9 @@ DEFAULT_LOGPROB_CHUNK_SIZE = 4096
 class LossConfig:
     """The LongPO objective (see docs/loss.md)."""
 
-    mode: Literal["longpo", "dpo", "sft"] = _f(
-        "longpo", "Reference on the short context (longpo), on the long one (dpo), or NLL only."
+    mode: Literal["longpo", "dpo", "sft", "sft_rejected"] = _f(
+        "longpo", "Objective (megatron_longpo/objectives.py): LongPO (reference on the short context), dpo (reference "
+        "on the long one), sft (NLL of the chosen sequence) or sft_rejected (NLL of the rejected one)."
     )
     beta: float = _f(0.01, "DPO temperature beta.")
     lam: float = _f(0.01, "Weight lambda of the preference term.")
@@ -658,8 +660,15 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
         errs.append("loss.logprob_chunk_size must be > 0")
     if cfg.loss.lam < 0 or cfg.loss.nll_weight < 0:
         errs.append(f"loss.lam ({cfg.loss.lam}) and loss.nll_weight ({cfg.loss.nll_weight}) must be >= 0")
-    if cfg.loss.mode == "sft" and cfg.loss.nll_weight == 0:
-        errs.append("loss.mode=sft with loss.nll_weight=0 trains nothing; set loss.nll_weight > 0")
+    if cfg.loss.mode in OBJECTIVES:
+        objective = OBJECTIVES[cfg.loss.mode]
+        if not objective.terms(cfg.loss.nll_weight) or (objective.terms(cfg.loss.nll_weight) == ("preference",)
+                                                         and cfg.loss.lam == 0):
+            errs.append(f"loss.mode={cfg.loss.mode} with loss.nll_weight={cfg.loss.nll_weight} and loss.lam="
+                        f"{cfg.loss.lam} trains nothing; set loss.nll_weight > 0" +
+                        (" or loss.lam > 0" if objective.preference else ""))
+    else:
+        errs.append(f"loss.mode={cfg.loss.mode!r} is not an objective; choose from {list(OBJECTIVES)}")
     if cfg.optim.optimizer == "rmsprop" and cfg.optim.use_distributed_optimizer:
         errs.append(
             "optim.optimizer=rmsprop needs optim.use_distributed_optimizer: false (Megatron-Core 0.16.1's "

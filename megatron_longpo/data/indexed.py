@@ -201,12 +201,14 @@ class PreferenceDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
-def check_dataset_supports_mode(meta: dict[str, Any], mode: str, option: str = "data.train_data") -> None:
-    """loss.mode=longpo needs a short-context reference sequence in every sample."""
-    if mode in ("dpo", "sft"):
+def check_dataset_supports_mode(meta: dict[str, Any], reference_mode: Optional[str], option: str = "data.train_data") -> None:
+    """A short-context reference (``reference_mode='longpo'``: loss.mode=longpo, precompute
+    --mode longpo) needs a short-context reference sequence in every sample; ``dpo`` (long
+    context) and None (no reference) need nothing."""
+    if reference_mode in ("dpo", None):
         return
-    if mode != "longpo":
-        raise ConfigError(f"loss.mode {mode!r} is not one of ['longpo', 'dpo', 'sft']")
+    if reference_mode != "longpo":
+        raise ConfigError(f"reference mode {reference_mode!r} is not one of ['longpo', 'dpo']")
     missing = int(meta["counts"]["records_without_short_context"])
     if missing:
         raise ConfigError(

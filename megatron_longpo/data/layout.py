@@ -85,13 +85,18 @@ def build_pair_batch(
     pad_id: int,
     nll_target: str = "sequence",
     pad_to_length: Optional[int] = None,
+    nll_on: str = "chosen",
 ) -> PairBatch:
     """Lay out B pairs; ``nll_target``: 'sequence' (every target of S_w, document included) or
-    'responses' (chosen response targets only). ``pad_to_length`` fixes S (else: longest row
-    rounded up to ``pad_to_multiple``)."""
+    'responses' (chosen response targets only); ``nll_on='rejected'`` puts the NLL segment on S_l
+    instead (SFT-Rejected). ``pad_to_length`` fixes S (else: longest row rounded up to
+    ``pad_to_multiple``)."""
     check_layout(layout)
     if nll_target not in NLL_TARGETS:
         raise ValueError(f"nll_target {nll_target!r} is not one of {list(NLL_TARGETS)}")
+    if nll_on not in ("chosen", "rejected"):
+        raise ValueError(f"nll_on {nll_on!r} is not 'chosen' or 'rejected'")
+    on_rejected = nll_on == "rejected"
     if not samples:
         raise ValueError("build_pair_batch needs at least one sample")
     B = len(samples)
@@ -101,7 +106,8 @@ def build_pair_batch(
         rows = _Rows(rows_per_pair(layout) * B, _padded_length(longest, pad_to_multiple, pad_to_length), pad_id)
         bounds = [(0, 0, 0)] * (2 * B)
         for b, s in enumerate(samples):
-            for row, seq, mask, nll in ((b, s.chosen, s.chosen_mask, b), (B + b, s.rejected, s.rejected_mask, -1)):
+            nll_w, nll_l = (-1, b) if on_rejected else (b, -1)
+            for row, seq, mask, nll in ((b, s.chosen, s.chosen_mask, nll_w), (B + b, s.rejected, s.rejected_mask, nll_l)):
                 end = rows.put(row, 0, seq, mask, 0, row, nll, nll_all)
                 rows.pad_positions(row, end, end)
                 bounds[row] = (end, end, end)
@@ -114,8 +120,8 @@ def build_pair_batch(
             cb, rb = s.chosen_branch, s.rejected_branch
             assert cb[0] == rb[0], f"sample {s.id}: branches must start with the same token"
             end = rows.put(b, 0, s.prefix, np.zeros(P, np.uint8), 0, -1, b, nll_all, next_token=int(cb[0])) if P else 0
-            r = rows.put(b, end, cb, s.chosen_branch_mask, P, b, b, nll_all)
-            end = rows.put(b, r, rb, s.rejected_branch_mask, P, B + b, -1, nll_all)
+            r = rows.put(b, end, cb, s.chosen_branch_mask, P, b, -1 if on_rejected else b, nll_all)
+            end = rows.put(b, r, rb, s.rejected_branch_mask, P, B + b, b if on_rejected else -1, nll_all)
             rows.pad_positions(b, end, P + len(rb))
             bounds.append((P, r, end))
     pair_layout = PairLayout.stack(layout, bounds)

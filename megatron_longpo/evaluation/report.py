@@ -35,7 +35,8 @@ def require_matplotlib():
 
 
 def plot_accuracy(doc: dict, path: str | Path) -> None:
-    """Accuracy vs length, one line per checkpoint: one panel per task plus the mean over tasks."""
+    """Accuracy vs length, one line per checkpoint (error bars: 95% Wilson intervals): one panel per
+    task plus the mean over tasks."""
     matplotlib = require_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # optional: matplotlib is the 'plot' extra
@@ -50,7 +51,13 @@ def plot_accuracy(doc: dict, path: str | Path) -> None:
         for c in ckpts:
             by = c["mean_accuracy"] if task == "mean" else {n: v["accuracy"] for n, v in c["results"][task].items()}
             xs = sorted(by, key=int)
-            ax.plot([int(x) for x in xs], [100 * by[x] for x in xs], marker="o", label=c["label"])
+            ys = [100 * by[x] for x in xs]
+            if task == "mean":
+                ax.plot([int(x) for x in xs], ys, marker="o", label=c["label"])
+            else:  # the 95% Wilson interval of each accuracy as an error bar
+                ci = [c["results"][task][x]["accuracy_ci"] for x in xs]
+                err = [[y - 100 * lo for y, (lo, _) in zip(ys, ci)], [100 * hi - y for y, (_, hi) in zip(ys, ci)]]
+                ax.errorbar([int(x) for x in xs], ys, yerr=err, marker="o", capsize=3, label=c["label"])
         ax.set_xscale("log", base=2)
         ticks = sorted({int(n) for c in ckpts for n in c["mean_accuracy"]})
         ax.set_xticks(ticks, [f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n) for n in ticks])

@@ -20,6 +20,7 @@ from megatron_longpo.data.templates import ChatTemplate
 from megatron_longpo.evaluation.haystack import Haystack
 from megatron_longpo.evaluation.prompts import EvalSample, TokenCounter, make_sample
 from megatron_longpo.evaluation.scoring import DEFAULT_TOKENS_PER_BATCH, SampleScore, score_sequences
+from megatron_longpo.evaluation.stats import wilson_interval
 from megatron_longpo.evaluation.tasks import TASK_NAMES, get_task
 from megatron_longpo.runtime.distributed import ParallelGroups
 
@@ -75,6 +76,7 @@ class CellResult:
     mean_token_loglik: float  # answer log-likelihood per answer token (pooled)
     num_samples: int
     mean_length: float  # tokens per sequence
+    accuracy_ci: tuple[float, float] = (0.0, 1.0)  # 95% Wilson score interval of accuracy (binomial)
 
 
 @dataclass
@@ -97,7 +99,8 @@ class EvalResult:
 
     def to_json(self) -> dict:
         return {
-            "results": {t: {str(n): asdict(c) for n, c in by.items()} for t, by in self.results.items()},
+            "results": {t: {str(n): {**asdict(c), "accuracy_ci": list(c.accuracy_ci)} for n, c in by.items()}
+                        for t, by in self.results.items()},
             "mean_accuracy": {str(n): a for n, a in self.mean_accuracy.items()},
             "seconds": round(self.seconds, 3),
             "samples": self.per_sample,
@@ -111,8 +114,10 @@ def aggregate(samples: Sequence[EvalSample], scores: Sequence[SampleScore]) -> E
     results: dict[str, dict[int, CellResult]] = {}
     for (task, length), items in cells.items():
         n_tok = sum(sc.num_tokens for _, sc in items)
+        exact = sum(bool(sc.exact) for _, sc in items)
         results.setdefault(task, {})[length] = CellResult(
-            accuracy=float(np.mean([sc.exact for _, sc in items])),
+            accuracy=exact / len(items),
+            accuracy_ci=wilson_interval(exact, len(items)),
             token_accuracy=sum(sc.matches for _, sc in items) / max(n_tok, 1),
             mean_loglik=float(np.mean([sc.loglik for _, sc in items])),
             mean_token_loglik=sum(sc.loglik for _, sc in items) / max(n_tok, 1),
@@ -165,14 +170,21 @@ class Evaluator:
         return res
 
 
+def format_cell(c: CellResult) -> str:
+    """``acc% [low-high]``: the accuracy and its 95% Wilson interval, in percent."""
+    lo, hi = c.accuracy_ci
+    return f"{100 * c.accuracy:.1f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
 def format_table(res: EvalResult) -> str:
-    """Accuracy (%) per task and length, plus the mean row."""
+    """Accuracy (%) per task and length with its 95% Wilson interval, plus the mean row."""
     lengths = sorted(res.mean_accuracy)
     w = max([len("task")] + [len(t) for t in res.results] + [4])
-    lines = ["task".ljust(w) + "".join(f"{n:>10}" for n in lengths)]
+    cw = 20
+    lines = ["task".ljust(w) + "".join(f"{n:>{cw}}" for n in lengths)]
     for task, by in res.results.items():
-        lines.append(task.ljust(w) + "".join(f"{100 * by[n].accuracy:>9.1f}%" if n in by else f"{'-':>10}"
+        lines.append(task.ljust(w) + "".join(f"{format_cell(by[n]):>{cw}}" if n in by else f"{'-':>{cw}}"
                                              for n in lengths))
-    lines.append("mean".ljust(w) + "".join(f"{100 * res.mean_accuracy[n]:>9.1f}%" for n in lengths))
+    lines.append("mean".ljust(w) + "".join(f"{100 * res.mean_accuracy[n]:>{cw - 1}.1f}%" for n in lengths))
     return "\n".join(lines)
 

@@ -29,6 +29,10 @@ Tasks (``TASKS``):
   context chunks at blank lines like any document, which is what the CPU self-evolution loop needs
   (examples/self_evolution/). Its prompt is exactly a LongPO answer prompt: no intro, the context,
   then ``"\n\n"`` and the question.
+- ``kv_assign``: the same lookup in another format: records ``let bako plum;``, one per paragraph,
+  the question ``What does bako hold?`` and the answer ``Let bako plum``. The self-evolution loop
+  trains it into its base as a second short-context skill that its LongPO data never contains
+  (held-out retention).
 """
 
 from __future__ import annotations
@@ -216,6 +220,32 @@ def _kv_recall(rng: random.Random) -> _Facts:
                   f"Key {key}", f" {value}", [value], [key, value])
 
 
+def kv_assign_record(key: str, value: str) -> str:
+    """One kv_assign record: its own paragraph (leading blank line)."""
+    return f"\n\nlet {key} {value};"
+
+
+def kv_assign_question(key: str) -> str:
+    """The kv_assign question (the task prompt puts a blank line before it)."""
+    return f"What does {key} hold?"
+
+
+def _kv_assign(rng: random.Random) -> _Facts:
+    key, value = _kv_key(rng), rng.choice(KV_VALUES)
+    return _Facts("", [kv_assign_record(key, value)], [rng.random()], "\n\n" + kv_assign_question(key),
+                  f"Let {key}", f" {value}", [value], [key, value])
+
+
+class _KVAssignRecords(Haystack):
+    """Distractor kv_assign records (the haystack of kv_assign)."""
+
+    description = "distractor assignment records"
+
+    def sentences(self, rng: random.Random):
+        while True:
+            yield kv_assign_record(_kv_key(rng), rng.choice(KV_VALUES))
+
+
 class _KVRecords(Haystack):
     """Distractor kv_recall records (the haystack of kv_recall)."""
 
@@ -243,6 +273,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("variable_tracking", _variable_tracking(4)),
         TaskSpec("kv_retrieval", _kv_retrieval, own_haystack=_KVPairs()),
         TaskSpec("kv_recall", _kv_recall, own_haystack=_KVRecords()),
+        TaskSpec("kv_assign", _kv_assign, own_haystack=_KVAssignRecords()),
     )
 }
 TASK_NAMES = tuple(TASKS)

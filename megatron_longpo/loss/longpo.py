@@ -1,12 +1,14 @@
-"""The LongPO objective on per-pair log-prob sums: pure math, no collectives.
+"""The training objectives on per-pair log-prob sums: pure math, no collectives.
 
     L = nll_weight * NLL + lam * mean_b[ -log sigmoid( beta * ((P_w - R_w) - (P_l - R_l)) ) ]
 
 P_w / P_l: policy log-probs of the chosen / rejected responses on the LONG context (summed over
 response tokens of every turn, no length normalisation). R_w / R_l: reference log-probs of the
-same responses, on the SHORT context (mode ``longpo``) or on the long one (mode ``dpo``); the
-math is the same, only where the cached reference comes from differs. Mode ``sft`` drops the
-preference term (L = nll_weight * NLL) and needs no reference.
+same responses, on the SHORT context (``longpo``) or on the long one (``dpo``); the math is the
+same, only where the cached reference comes from differs. Which terms an objective has, which
+sequence its NLL is on (chosen, or rejected for ``sft_rejected``) and which metrics it logs is
+the registry's (megatron_longpo/objectives.py); this module computes exactly those, and the
+caller scores only the segments they need (a zero-weight NLL is not scored).
 
 Dtype: everything is computed in float64. A log-prob sum over a 512K-token sequence is ~1e6 in
 magnitude; fp32 resolves that to ~0.06, which is the same order as the differences
@@ -22,31 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_longpo.config import LossConfig
+from megatron_longpo.objectives import METRIC_NAMES, REFERENCE_METRICS, get_objective
 
-# Metric names logged per step (TRL DPOTrainer names), in logging order.
-METRIC_NAMES = (
-    "loss",
-    "nll_loss",
-    "pref_loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "logps/ref_chosen",
-    "logps/ref_rejected",
-)
-# Metrics that need reference log-probs (absent in sft mode without a reference).
-REFERENCE_METRICS = (
-    "pref_loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/ref_chosen",
-    "logps/ref_rejected",
-)
+__all__ = ["METRIC_NAMES", "REFERENCE_METRICS", "longpo_loss", "nll_term"]
 
 
 def nll_term(
@@ -84,19 +64,22 @@ def nll_term(
 def longpo_loss(
     policy_chosen_logps: torch.Tensor,  # [B] P_w
     policy_rejected_logps: torch.Tensor,  # [B] P_l
-    ref_chosen_logps: Optional[torch.Tensor],  # [B] R_w (None allowed in sft mode)
+    ref_chosen_logps: Optional[torch.Tensor],  # [B] R_w (None when the objective needs no reference)
     ref_rejected_logps: Optional[torch.Tensor],  # [B] R_l
-    nll_sum: torch.Tensor,  # [B]
-    nll_count: torch.Tensor,  # [B]
+    nll_sum: Optional[torch.Tensor],  # [B] summed NLL of each pair's NLL target (None when not scored)
+    nll_count: Optional[torch.Tensor],  # [B]
     config: LossConfig,
     token_normalizer: Optional[float | torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Return (loss: float64 scalar with grad, metrics: detached float64 scalars).
+    """Return (loss: float64 scalar with grad, metrics: detached float64 scalars) of the objective
+    ``config.mode``; the metrics are exactly ``objective.metric_names(config.nll_weight)``.
 
     Every metric is a mean over the B pairs of the micro-batch (nll_loss as :func:`nll_term`),
     so with equal micro-batch sizes the mean of a metric over micro-batches is its value on the
-    union of those micro-batches.
+    union of those micro-batches. Reference log-probs passed to an objective without a
+    preference term are ignored; an NLL with weight 0 is not computed.
     """
+    objective = get_objective(config.mode)
     b = policy_chosen_logps.shape
     if policy_chosen_logps.dim() != 1:
         raise ValueError(f"policy_chosen_logps must have shape [B], got {tuple(b)}")
@@ -107,28 +90,30 @@ def longpo_loss(
     for name, t in named.items():
         if t is not None and t.shape != b:
             raise ValueError(f"{name} must have shape {tuple(b)} like policy_chosen_logps, got {tuple(t.shape)}")
-    if config.mode not in ("longpo", "dpo", "sft"):
-        raise ValueError(f"loss.mode={config.mode!r}; expected 'longpo', 'dpo' or 'sft'")
-    has_ref = ref_chosen_logps is not None and ref_rejected_logps is not None
-    if config.mode != "sft" and not has_ref:
+    if objective.preference and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(
             f"loss.mode={config.mode} needs reference log-probs (ref_chosen_logps and "
             "ref_rejected_logps); set reference.cache_path or use loss.mode=sft"
         )
+    with_nll = objective.scores_nll(config.nll_weight)
+    if with_nll and (nll_sum is None or nll_count is None):
+        raise ValueError(f"loss.mode={config.mode} with loss.nll_weight={config.nll_weight} needs nll_sum and nll_count")
 
     f64 = torch.float64
     pw, pl = policy_chosen_logps.to(f64), policy_rejected_logps.to(f64)
-    nll = nll_term(nll_sum, nll_count, config.nll_reduction, token_normalizer)
-    metrics: dict[str, torch.Tensor] = {"nll_loss": nll}
-    loss = config.nll_weight * nll
-    if has_ref:
+    metrics: dict[str, torch.Tensor] = {}
+    loss = pw.new_zeros(())
+    if with_nll:
+        nll = nll_term(nll_sum, nll_count, config.nll_reduction, token_normalizer)
+        metrics["nll_loss"] = nll
+        loss = loss + config.nll_weight * nll
+    if objective.preference:
         rw, rl = ref_chosen_logps.to(f64), ref_rejected_logps.to(f64)
         chosen_rewards = config.beta * (pw - rw)  # [B]
         rejected_rewards = config.beta * (pl - rl)  # [B]
         pref = -F.logsigmoid(chosen_rewards - rejected_rewards)  # [B]
         pref_loss = pref.mean()
-        if config.mode != "sft":
-            loss = loss + config.lam * pref_loss
+        loss = loss + config.lam * pref_loss
         metrics.update({
             "pref_loss": pref_loss,
             "rewards/chosen": chosen_rewards.mean(),
@@ -142,5 +127,4 @@ def longpo_loss(
     metrics["logps/chosen"] = pw.mean()
     metrics["logps/rejected"] = pl.mean()
     # clone: Megatron's schedule scales the returned loss in place; a detached view would follow.
-    out = {k: metrics[k].detach().clone() for k in METRIC_NAMES if k in metrics}
-    return loss, out
+    return loss, {k: metrics[k].detach().clone() for k in objective.metric_names(config.nll_weight)}

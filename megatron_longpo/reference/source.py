@@ -1,7 +1,7 @@
 """Reference log-probs for training: from the cache (default) or from a frozen model (online).
 
 training/data_provider.build_training_data opens the sources once, after the process groups exist
-and before the first step (not at all for loss.mode=sft), and fills each micro-batch from them::
+and before the first step (not at all for an objective without a reference, megatron_longpo/objectives.py), and fills each micro-batch from them::
 
     ref = open_reference(cfg, cfg.data.train_data, groups)    # prefix or dataset
     vref = open_reference(cfg, cfg.data.valid_data, groups,    # validation set: reference.valid_cache_path
@@ -33,6 +33,7 @@ import torch
 from megatron_longpo.config import ConfigError, LongPOConfig, seq_length_multiple, validate_model
 from megatron_longpo.data.batch import PairBatch
 from megatron_longpo.data.indexed import PreferenceDataset, check_dataset_supports_mode, load_metadata
+from megatron_longpo.objectives import get_objective
 from megatron_longpo.reference.cache import Expectation, ReferenceCache, ReferenceCacheError, open_cache, rebuild_command
 from megatron_longpo.reference.compute import (
     DEFAULT_PAD_MULTIPLE,
@@ -159,10 +160,12 @@ def check_reference_cache(
     split = _resolve_split(cfg, dataset_prefix, split)
     option = "reference.cache_path" if split == "train" else "reference.valid_cache_path"
     path = cache_path or (cfg.reference.cache_path if split == "train" else cfg.reference.valid_cache_path)
-    mode, r = cfg.loss.mode, cfg.reference
+    mode, r = get_objective(cfg.loss.mode).reference_mode, cfg.reference
+    if mode is None:
+        raise ReferenceCacheError(f"loss.mode={cfg.loss.mode} uses no reference, so it has no reference cache")
     if not path:
         raise ReferenceCacheError(
-            f"loss.mode={mode} with reference.source=cache needs {option}; build the cache with: "
+            f"loss.mode={cfg.loss.mode} with reference.source=cache needs {option}; build the cache with: "
             f"{rebuild_command('CACHE', dataset_prefix, mode, r.load, r.rope_theta)} and set {option}=CACHE "
             "(or use reference.source=online with reference.load)"
         )
@@ -184,15 +187,16 @@ def open_reference(
     split: Optional[str] = None,
     share_model_with: Optional[ReferenceSource] = None,
 ) -> Optional[ReferenceSource]:
-    """The reference source of ``dataset`` (a PreferenceDataset or its prefix); None for loss.mode=sft.
+    """The reference source of ``dataset`` (a PreferenceDataset or its prefix); None for an
+    objective without a reference (loss.mode=sft, sft_rejected).
 
     Every check runs here, before any training step. source=cache: ``cache_path`` (default
     reference.cache_path, or reference.valid_cache_path for the validation set). source=online:
     builds and loads the frozen reference model (collective over the default group); pass
     ``share_model_with`` (the train split's source) to reuse its model for the validation set.
     """
-    mode = cfg.loss.mode
-    if mode == "sft":
+    mode = get_objective(cfg.loss.mode).reference_mode  # the cache mode: longpo (short) or dpo (long)
+    if mode is None:
         return None
     if isinstance(dataset, (str, Path)):
         dataset = PreferenceDataset(str(dataset))

@@ -100,10 +100,12 @@ def make_pairs(spec, vocab: int, seed: int) -> list[RawPair]:
     return [random_pair(gen, vocab, p, c, r) for p, c, r in spec]
 
 
-def raw_pair_batch(pairs: list[RawPair], layout: str, seq_len: int, nll_target: str = "sequence") -> PairBatch:
+def raw_pair_batch(pairs: list[RawPair], layout: str, seq_len: int, nll_target: str = "sequence",
+                   nll_on: str = "chosen") -> PairBatch:
     """Lay out ``pairs`` as a PairBatch (contract: megatron_longpo/data/batch.py) by hand.
 
-    ``nll_target``: 'sequence' (every target of S_w) or 'responses' (chosen response targets).
+    ``nll_target``: 'sequence' (every target of S_w) or 'responses' (chosen response targets);
+    ``nll_on='rejected'``: the same on S_l instead (SFT-Rejected).
     Reference log-probs are fixed ramps; ``sample_index`` is 0..B-1.
     """
     if nll_target not in ("sequence", "responses"):
@@ -143,15 +145,15 @@ def raw_pair_batch(pairs: list[RawPair], layout: str, seq_len: int, nll_target: 
         if layout == "two_sequences":
             sw, sl = p.prefix + p.chosen, p.prefix + p.rejected
             assert max(len(sw), len(sl)) <= seq_len
-            put(b, 0, sw, [False] * P + p.chosen_resp, 0, 0, b, b)
-            put(B + b, 0, sl, [False] * P + p.rejected_resp, 0, 0, B + b, -1)
+            put(b, 0, sw, [False] * P + p.chosen_resp, 0, 0, b, -1 if nll_on == "rejected" else b)
+            put(B + b, 0, sl, [False] * P + p.rejected_resp, 0, 0, B + b, b if nll_on == "rejected" else -1)
         else:
             assert P + len(p.chosen) + len(p.rejected) <= seq_len
             assert not p.chosen_resp[0] and p.chosen[0] == p.rejected[0]
             # The last prefix token predicts the first branch token (shared, not a response).
             put(b, 0, p.prefix, [False] * P, 0, 0, -1, b, last_target=(p.chosen[0], False))
-            put(b, P, p.chosen, p.chosen_resp, P, 1, b, b)
-            put(b, P + len(p.chosen), p.rejected, p.rejected_resp, P, 2, B + b, -1)
+            put(b, P, p.chosen, p.chosen_resp, P, 1, b, -1 if nll_on == "rejected" else b)
+            put(b, P + len(p.chosen), p.rejected, p.rejected_resp, P, 2, B + b, b if nll_on == "rejected" else -1)
     return PairBatch(
         tokens=tokens, position_ids=pos, target_ids=tgt, response_segment=resp, nll_segment=nll,
         branch_ids=branch, num_pairs=B, layout=layout,

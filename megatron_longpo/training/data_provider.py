@@ -17,6 +17,7 @@ from megatron_longpo.data.indexed import (
 )
 from megatron_longpo.data.layout import build_pair_batch
 from megatron_longpo.data.sampler import PreferenceSampler
+from megatron_longpo.objectives import get_objective
 from megatron_longpo.reference import open_reference
 from megatron_longpo.runtime.distributed import ParallelGroups
 
@@ -47,8 +48,8 @@ class TrainingData:
 
     @property
     def reference_description(self) -> str:
-        if self.cfg.loss.mode == "sft":
-            return "none (sft)"
+        if not get_objective(self.cfg.loss.mode).needs_reference:
+            return f"none ({self.cfg.loss.mode})"
         return getattr(self.reference, "description", type(self.reference).__name__)
 
     # -- batches -------------------------------------------------------------------------------
@@ -61,9 +62,10 @@ class TrainingData:
 
     def _batch(self, dataset: PreferenceDataset, indices: list[int], reference: Any) -> PairBatch:
         samples = [dataset[i] for i in indices]
+        objective = get_objective(self.cfg.loss.mode)
         batch = build_pair_batch(samples, self.cfg.data.pair_layout, self.pad_multiple, dataset.pad_id,
-                                 self.cfg.loss.nll_target)
-        if self.cfg.loss.mode != "sft":  # sft: no reference, so no reward / ref metrics are logged
+                                 self.cfg.loss.nll_target, nll_on=objective.nll_on or "chosen")
+        if objective.needs_reference:  # else no reference, so no reward / ref metrics are logged
             batch.ref_chosen_logps, batch.ref_rejected_logps = reference.logps(indices)
         return batch
 
@@ -98,7 +100,7 @@ class TrainingData:
 
 def _check_dataset(cfg: LongPOConfig, prefix: str, option: str) -> dict:
     meta = load_metadata(prefix)
-    check_dataset_supports_mode(meta, cfg.loss.mode, option)
+    check_dataset_supports_mode(meta, get_objective(cfg.loss.mode).reference_mode, option)
     check_dataset_fits(meta, cfg.data.pair_layout, cfg.data.max_seq_length, option)
     check_dataset_vocab(meta, cfg.model.vocab_size, option)
     return meta
@@ -112,7 +114,7 @@ def build_training_data(cfg: LongPOConfig, groups: ParallelGroups) -> TrainingDa
         _check_dataset(cfg, cfg.data.valid_data, "data.valid_data")
         valid = PreferenceDataset(cfg.data.valid_data)
     reference = valid_reference = None
-    if cfg.loss.mode != "sft":
+    if get_objective(cfg.loss.mode).needs_reference:
         reference = open_reference(cfg, cfg.data.train_data, groups)
         if valid is not None:
             valid_reference = open_reference(cfg, cfg.data.valid_data, groups, split="valid", share_model_with=reference)

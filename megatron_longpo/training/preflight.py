@@ -17,6 +17,7 @@ from megatron_longpo.config import ConfigError, LongPOConfig, ModelConfig
 from megatron_longpo.data.checks import check_dataset_files
 from megatron_longpo.data.indexed import load_metadata
 from megatron_longpo.data.tokenizer import Tokenizer
+from megatron_longpo.objectives import get_objective
 from megatron_longpo.reference import check_reference_cache
 
 
@@ -94,7 +95,7 @@ def check_before_init(cfg: LongPOConfig) -> None:
         check_dataset_files(d.valid_data, "data.valid_data")
     check_tokenizer_matches_model(cfg)
     r = cfg.reference
-    if cfg.loss.mode != "sft":
+    if get_objective(cfg.loss.mode).needs_reference:
         if r.source == "cache":
             # Every cache check (present, complete, same dataset / tokenizer / mode / reference
             # checkpoint) on files only; the error names the mismatch and the rebuild command.

@@ -6,8 +6,9 @@ Data flow of one micro-batch, in two steps (Megatron's ``forward_step`` / ``loss
    [s_local(/tp), rows, h], the final hidden states on the last stage;
 2. the last stage only, :func:`microbatch_objective`: hidden states -> per-segment log-prob sums
    and NLL sums/counts (vocab-parallel, chunked, summed over CP;
-   loss/forward.hidden_segment_logprobs, the path shared with reference and evaluation) ->
-   :func:`longpo_loss` with the batch's reference log-probs.
+   loss/forward.hidden_segment_logprobs, the path shared with reference and evaluation; only the
+   segments the objective's terms need, megatron_longpo/objectives.py) -> :func:`longpo_loss` with
+   the batch's reference log-probs.
 Under PP every micro-batch of a step is padded to the step's longest (one exchanged shape) and
 the schedule gets the model's row count (two_sequences: 2 per pair).
 
@@ -35,15 +36,16 @@ from megatron_longpo.data.batch import CPSlice, PairBatch
 from megatron_longpo.loss.forward import hidden_segment_logprobs, stage_forward
 from megatron_longpo.loss.logprobs import host_to_device
 from megatron_longpo.loss.longpo import longpo_loss
+from megatron_longpo.objectives import get_objective
 from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import ParallelGroups
 
 
 def validate_batch(batch: PairBatch, groups: ParallelGroups, sequence_parallel: bool, loss_cfg: LossConfig) -> None:
-    """Check the PairBatch contract (data/batch.py) and what the loss mode needs, before any model work."""
+    """Check the PairBatch contract (data/batch.py) and what the objective needs, before any model work."""
     batch.validate(groups.cp_size, groups.tp_size, sequence_parallel)
     b = batch.num_pairs
-    if loss_cfg.mode != "sft":
+    if get_objective(loss_cfg.mode).needs_reference:
         for name in ("ref_chosen_logps", "ref_rejected_logps"):
             ref = getattr(batch, name)
             if ref is None:
@@ -74,10 +76,16 @@ def microbatch_objective(
     objective with the batch's reference log-probs. Identical on every TP and CP rank.
     """
     b = batch.num_pairs
-    resp, nll = hidden_segment_logprobs(
-        model, hidden, local.target_ids, [local.response_segment, local.nll_segment], [2 * b, b], groups,
+    # Only the segments the objective's terms need: a zero-weight NLL is not scored (with
+    # nll_target=sequence that is every position of the chosen sequence).
+    with_nll = get_objective(loss_cfg.mode).scores_nll(loss_cfg.nll_weight)
+    stats = hidden_segment_logprobs(
+        model, hidden, local.target_ids,
+        [local.response_segment, local.nll_segment] if with_nll else [local.response_segment],
+        [2 * b, b] if with_nll else [2 * b], groups,
         vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=loss_cfg.logprob_chunk_size,
     )
+    resp, nll = stats[0], (stats[1] if with_nll else None)
     dev = resp.sums.device
     ref_w = host_to_device(batch.ref_chosen_logps, dev) if batch.ref_chosen_logps is not None else None
     ref_l = host_to_device(batch.ref_rejected_logps, dev) if batch.ref_rejected_logps is not None else None
@@ -86,8 +94,8 @@ def microbatch_objective(
         resp.sums[b:],  # P_l [B]
         ref_w,
         ref_l,
-        -nll.sums,  # summed NLL [B]
-        nll.counts,
+        -nll.sums if nll is not None else None,  # summed NLL [B]
+        nll.counts if nll is not None else None,
         loss_cfg,
         token_normalizer=token_normalizer,
     )

@@ -34,9 +34,13 @@ STEP_PAIRS = [(9, [12], [8]), (6, [20], [15]), (13, [5], [11]), (7, [9], [4])]
 SMALL_PAIRS = [(5, [4], [3]), (6, [3], [6])]  # fits 16 tokens
 
 
-def make_pair_batch(seed: int, vocab: int, nll_target: str = "sequence") -> PairBatch:
+def make_pair_batch(seed: int, vocab: int, nll_target: str = "sequence", nll_on: str = "chosen") -> PairBatch:
     """The global batch of PAIRS pairs (two_sequences, SEQ tokens)."""
-    return raw_pair_batch(make_pairs(STEP_PAIRS, vocab, seed), "two_sequences", SEQ, nll_target)
+    return raw_pair_batch(make_pairs(STEP_PAIRS, vocab, seed), "two_sequences", SEQ, nll_target, nll_on)
+
+
+def _nll_on(cfg: LossConfig) -> str:
+    return "rejected" if cfg.mode == "sft_rejected" else "chosen"
 
 
 def _ddp(model):
@@ -61,7 +65,7 @@ def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
     set_seed(seed)
     model = build_model(mcfg, parallel_config())
     params = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size)
-    batch = make_pair_batch(seed, mcfg.vocab_size, nll_target)
+    batch = make_pair_batch(seed, mcfg.vocab_size, nll_target, _nll_on(cfg))
     logits = model(batch.tokens, batch.position_ids, None)[..., : mcfg.vocab_size]  # [rows, S, V]
     logp = torch.log_softmax(logits.double(), -1).gather(2, batch.target_ids[..., None]).squeeze(2)
     pw = torch.stack([logp[batch.response_segment == b].sum() for b in range(PAIRS)])
@@ -74,12 +78,15 @@ def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
         nll = nll_sum.sum() / nll_cnt.sum()
     margin = cfg.beta * ((pw - batch.ref_chosen_logps) - (pl - batch.ref_rejected_logps))
     pref = -torch.nn.functional.logsigmoid(margin).mean()
-    loss = cfg.nll_weight * nll + (0.0 if cfg.mode == "sft" else cfg.lam * pref)
+    preference = cfg.mode in ("longpo", "dpo")
+    loss = cfg.nll_weight * nll + (cfg.lam * pref if preference else 0.0)
     loss.backward()
     grads = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size, grads=True)
-    metrics = {"loss": float(loss), "nll_loss": float(nll), "pref_loss": float(pref),
-               "rewards/margins": float(margin.mean()), "logps/chosen": float(pw.mean()),
-               "logps/rejected": float(pl.mean())}
+    metrics = {"loss": float(loss), "logps/chosen": float(pw.mean()), "logps/rejected": float(pl.mean())}
+    if cfg.nll_weight > 0:
+        metrics["nll_loss"] = float(nll)
+    if preference:
+        metrics.update({"pref_loss": float(pref), "rewards/margins": float(margin.mean())})
     return dict(params=params, grads=grads, metrics=metrics)
 
 
@@ -99,7 +106,7 @@ def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: in
     model = build_model(mcfg, pcfg)
     load_full_state_dict(model, full_sd, g.tp_rank, g.tp_size)
     ddp = _ddp(model)
-    batch = make_pair_batch(seed, mcfg.vocab_size, nll_target)
+    batch = make_pair_batch(seed, mcfg.vocab_size, nll_target, _nll_on(cfg))
     per_rank = PAIRS // g.dp_size
     mine = list(range(g.dp_rank * per_rank, (g.dp_rank + 1) * per_rank))
     micro = [select_pairs(batch, mine[i:i + mbs]) for i in range(0, per_rank, mbs)]
@@ -174,10 +181,12 @@ def test_parallel_step_matches_serial(tp, cp, dp, sp, mbs, arch):
         (dict(mode="longpo", beta=0.2, lam=0.5, nll_weight=1.0, nll_reduction="token_mean"), "sequence"),
         (dict(mode="dpo", beta=0.1, lam=1.0, nll_weight=0.0, nll_reduction="sequence_mean"), "responses"),
         (dict(mode="sft", nll_weight=1.0, nll_reduction="token_mean"), "responses"),
+        (dict(mode="sft_rejected", nll_weight=1.0, nll_reduction="token_mean"), "sequence"),
+        (dict(mode="sft_rejected", nll_weight=0.5, nll_reduction="sequence_mean"), "responses"),
     ],
 )
 def test_loss_scaling_over_microbatches_and_dp(loss_kw, nll_target):
-    """dp 2 x 2 micro-batches of 1 pair == 1 process with all 4 pairs, in every mode / reduction.
+    """dp 2 x 2 micro-batches of 1 pair == 1 process with all 4 pairs, in every objective / reduction.
 
     token_mean pools the NLL tokens of the whole global batch (pairs have different lengths, so a
     per-micro-batch pooling would give a different loss and gradient).

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_longpo.evaluation.stats import wilson_interval
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 pytestmark = pytest.mark.slow
@@ -67,6 +69,21 @@ def test_evaluate_tp1_tp2_cp2_identical(base):
     assert cell["num_samples"] == 2 and 0.0 <= cell["accuracy"] <= 1.0 and cell["mean_loglik"] < 0
     assert (d / "tp1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _scores(ref)[0] == _scores(ref)[1]
+    # every accuracy carries its 95% Wilson interval, from the per-sample exact matches
+    for task, by_len in res.items():
+        for n, c in by_len.items():
+            k = sum(s["exact"] for s in ref["checkpoints"][0]["samples"] if s["task"] == task and s["length"] == int(n))
+            assert c["accuracy"] == k / c["num_samples"]
+            assert c["accuracy_ci"] == list(wilson_interval(k, c["num_samples"]))
+            assert c["accuracy_ci"][0] <= c["accuracy"] <= c["accuracy_ci"][1]
+            assert f"{100 * c['accuracy']:.1f}% [" in r.stdout  # the table shows it too
+    # --rope-theta scores the same checkpoint at another RoPE base: same samples, other log-likelihoods
+    _run(_torchrun(1, "tools/evaluate.py", "--load", d / "base", *SUITE, "--rope-theta", "1e5", "--no-progress",
+                   "--output", d / "rope.json"))
+    rope = json.loads((d / "rope.json").read_text())
+    assert rope["checkpoints"][0]["rope_theta"] == 1e5 and ref["checkpoints"][0]["rope_theta"] != 1e5
+    assert [s["seed"] for s in rope["checkpoints"][0]["samples"]] == [s["seed"] for s in ref["checkpoints"][0]["samples"]]
+    assert _logliks(rope)[0] != _logliks(ref)[0]
 
     for name, layout in (("tp2", ["--tp", "2"]), ("cp2", ["--cp", "2"])):
         _run(_torchrun(2, "tools/evaluate.py", "--load", d / "base", d / "base", "--labels", "a,b", *SUITE, *layout,

@@ -220,7 +220,7 @@ def test_mode_checks_for_the_trainer(tmp_path):
                                           r"'short_prompt'.*use loss.mode=dpo .* or loss.mode=sft"):
         check_dataset_supports_mode(res.meta, "longpo")
     check_dataset_supports_mode(res.meta, "dpo")
-    check_dataset_supports_mode(res.meta, "sft")
+    check_dataset_supports_mode(res.meta, None)  # sft, sft_rejected: no reference
     ok, _ = run(tmp_path, [LONGPO], name="lp")
     check_dataset_supports_mode(ok.meta, "longpo")
     two, shared = ok.meta["lengths"]["two_sequences"]["max"], ok.meta["lengths"]["shared_prefix"]["max"]

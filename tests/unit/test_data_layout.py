@@ -67,16 +67,17 @@ def contexts(batch, segment_name):
     return out
 
 
+@pytest.mark.parametrize("nll_on", ["chosen", "rejected"])
 @pytest.mark.parametrize("nll_target", ["sequence", "responses"])
 @pytest.mark.parametrize("source", ["built", "handmade"])
-def test_layouts_give_identical_contexts(tok, nll_target, source):
+def test_layouts_give_identical_contexts(tok, nll_target, source, nll_on):
     if source == "built":
         samples = built_samples(tok)
     else:
         rng = np.random.default_rng(0)
         samples = [handmade_sample(rng, 0, 6, 9), handmade_sample(rng, 13, 7, 3), handmade_sample(rng, 5, 2, 2)]
-    two = build_pair_batch(samples, "two_sequences", 8, pad_id=3, nll_target=nll_target)
-    shared = build_pair_batch(samples, "shared_prefix", 8, pad_id=3, nll_target=nll_target)
+    two = build_pair_batch(samples, "two_sequences", 8, pad_id=3, nll_target=nll_target, nll_on=nll_on)
+    shared = build_pair_batch(samples, "shared_prefix", 8, pad_id=3, nll_target=nll_target, nll_on=nll_on)
     B = len(samples)
     assert two.tokens.shape[0] == 2 * B and shared.tokens.shape[0] == B
     for name in ("response_segment", "nll_segment"):
@@ -93,9 +94,10 @@ def test_layouts_give_identical_contexts(tok, nll_target, source):
             want = {(seg, t): (tuple(seq[: t + 1]), tuple(range(t + 1)), int(seq[t + 1]))
                     for t in range(len(seq) - 1) if mask[t + 1]}
             assert {k: v for k, v in r2.items() if k[0] == seg} == want
-        S_w, m_w = s.chosen, s.chosen_mask
-        want_nll = {(b, t) for t in range(len(S_w) - 1) if nll_target == "sequence" or m_w[t + 1]}
-        assert {k for k in n2 if k[0] == b} == want_nll
+        S, m = (s.chosen, s.chosen_mask) if nll_on == "chosen" else (s.rejected, s.rejected_mask)
+        want_nll = {(b, t): (tuple(S[: t + 1]), tuple(range(t + 1)), int(S[t + 1]))
+                    for t in range(len(S) - 1) if nll_target == "sequence" or m[t + 1]}
+        assert {k: v for k, v in n2.items() if k[0] == b} == want_nll
     np.testing.assert_array_equal(two.sample_index.numpy(), [s.index for s in samples])
 
 

@@ -1,12 +1,23 @@
-"""longpo_loss against a float64 brute force written with Python floats, in every mode and reduction."""
+"""longpo_loss against a float64 brute force written with Python floats, for every objective
+(loss.mode: longpo, dpo, sft, sft_rejected) and reduction; the objective registry's declarations."""
 
 import math
+import typing
 
 import pytest
 import torch
 
 from megatron_longpo.config import LossConfig
 from megatron_longpo.loss.longpo import METRIC_NAMES, REFERENCE_METRICS, longpo_loss
+from megatron_longpo.objectives import OBJECTIVE_NAMES, get_objective
+
+# Written out here, independently of the registry: (reference, preference term, NLL on).
+PAPER_ARMS = {
+    "longpo": ("short", True, "chosen"),
+    "dpo": ("long", True, "chosen"),
+    "sft": (None, False, "chosen"),
+    "sft_rejected": (None, False, "rejected"),
+}
 
 
 def _logsigmoid(x: float) -> float:
@@ -14,22 +25,26 @@ def _logsigmoid(x: float) -> float:
 
 
 def brute_force(pw, pl, rw, rl, nll_sum, nll_count, cfg, token_normalizer=None):
-    """Python-float implementation of the objective and the TRL metrics (per-pair loops)."""
+    """Python-float implementation of the objective and the TRL metrics (per-pair loops).
+    ``nll_sum`` / ``nll_count`` are the sums over whichever sequence the objective's NLL is on."""
     B = len(pw)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    if cfg.nll_reduction == "sequence_mean":
-        nll = mean([s / max(c, 1.0) for s, c in zip(nll_sum, nll_count)])
-    else:
-        norm = token_normalizer if token_normalizer is not None else max(sum(nll_count), 1.0)
-        nll = sum(nll_sum) / norm
-    m = {"nll_loss": nll, "logps/chosen": mean(pw), "logps/rejected": mean(pl)}
-    loss = cfg.nll_weight * nll
-    if rw is not None:
+    _, preference, _ = PAPER_ARMS[cfg.mode]
+    m = {"logps/chosen": mean(pw), "logps/rejected": mean(pl)}
+    loss = 0.0
+    if cfg.nll_weight > 0:
+        if cfg.nll_reduction == "sequence_mean":
+            nll = mean([s / max(c, 1.0) for s, c in zip(nll_sum, nll_count)])
+        else:
+            norm = token_normalizer if token_normalizer is not None else max(sum(nll_count), 1.0)
+            nll = sum(nll_sum) / norm
+        m["nll_loss"] = nll
+        loss += cfg.nll_weight * nll
+    if preference:
         cr = [cfg.beta * (pw[i] - rw[i]) for i in range(B)]
         rr = [cfg.beta * (pl[i] - rl[i]) for i in range(B)]
         pref = mean([-_logsigmoid(cr[i] - rr[i]) for i in range(B)])
-        if cfg.mode != "sft":
-            loss += cfg.lam * pref
+        loss += cfg.lam * pref
         m.update({
             "pref_loss": pref, "rewards/chosen": mean(cr), "rewards/rejected": mean(rr),
             "rewards/margins": mean([cr[i] - rr[i] for i in range(B)]),
@@ -56,27 +71,53 @@ def _check(cfg, inputs, token_normalizer=None, with_ref=True):
     pw, pl, rw, rl, nll, cnt = inputs
     if not with_ref:
         rw = rl = None
-    loss, metrics = longpo_loss(pw, pl, rw, rl, nll, cnt, cfg, token_normalizer=token_normalizer)
+    loss, metrics = longpo_loss(pw, pl, rw, rl, nll if cfg.nll_weight > 0 else None,
+                                cnt if cfg.nll_weight > 0 else None, cfg, token_normalizer=token_normalizer)
     as_list = lambda t: None if t is None else [float(x) for x in t]  # noqa: E731
     ref_loss, ref_m = brute_force(*map(as_list, (pw, pl, rw, rl, nll, cnt)), cfg, token_normalizer)
     assert loss.dtype == torch.float64 and loss.dim() == 0
     assert math.isclose(float(loss), ref_loss, rel_tol=1e-12, abs_tol=1e-12)
-    expected_keys = [k for k in METRIC_NAMES if with_ref or k not in REFERENCE_METRICS]
-    assert list(metrics) == expected_keys
+    assert list(metrics) == [k for k in METRIC_NAMES if k in ref_m]
+    assert list(metrics) == list(get_objective(cfg.mode).metric_names(cfg.nll_weight))
     for k, v in ref_m.items():
         assert not metrics[k].requires_grad
         assert math.isclose(float(metrics[k]), v, rel_tol=1e-12, abs_tol=1e-12), (k, float(metrics[k]), v)
     return loss, metrics
 
 
-@pytest.mark.parametrize("mode", ["longpo", "dpo", "sft"])
+@pytest.mark.parametrize("mode", list(PAPER_ARMS))
 @pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_brute_force(mode, reduction, seed):
     cfg = LossConfig(mode=mode, beta=0.1 + 0.3 * seed, lam=0.7, nll_weight=0.6, nll_reduction=reduction)
     _check(cfg, _inputs(7, seed))
-    if mode == "sft":
+    if PAPER_ARMS[mode][0] is None:  # no reference needed; one passed in is ignored
         _check(cfg, _inputs(7, seed), with_ref=False)
+
+
+@pytest.mark.parametrize("mode", ["longpo", "dpo"])
+def test_zero_nll_weight_drops_the_nll_term(mode):
+    """nll_weight=0: no NLL input needed, no nll_loss metric, the loss is the preference term alone."""
+    cfg = LossConfig(mode=mode, beta=0.2, lam=0.9, nll_weight=0.0)
+    _, m = _check(cfg, _inputs(5, 4))
+    assert "nll_loss" not in m
+
+
+def test_registry_declares_the_paper_arms():
+    assert set(OBJECTIVE_NAMES) == set(PAPER_ARMS)
+    hints = typing.get_type_hints(LossConfig)
+    assert set(typing.get_args(hints["mode"])) == set(PAPER_ARMS)  # loss.mode accepts every objective
+    for name, (ref, pref, nll_on) in PAPER_ARMS.items():
+        o = get_objective(name)
+        assert (o.reference, o.preference, o.nll_on) == (ref, pref, nll_on)
+        assert o.reference_mode == {"short": "longpo", "long": "dpo", None: None}[ref]
+        assert o.terms(1.0) == (("nll",) + (("preference",) if pref else ()))
+        assert o.terms(0.0) == (("preference",) if pref else ())
+        assert o.scores_nll(0.0) is False and o.scores_nll(0.5) is True
+        assert set(o.metric_names(1.0)) >= {"loss", "logps/chosen", "logps/rejected", "nll_loss"}
+        assert bool(set(o.metric_names(1.0)) & set(REFERENCE_METRICS)) == pref
+    with pytest.raises(ValueError, match="choose from"):
+        get_objective("ipo")
 
 
 def test_defaults_are_the_released_hyperparameters():
@@ -117,7 +158,7 @@ def test_token_normalizer_pools_over_microbatches():
 def test_gradient_matches_finite_differences():
     pw, pl, rw, rl, nll, cnt = _inputs(4, 9)
     cnt[0] = 3.0
-    for mode in ("longpo", "sft"):
+    for mode in PAPER_ARMS:
         for reduction in ("sequence_mean", "token_mean"):
             cfg = LossConfig(mode=mode, beta=0.3, lam=0.8, nll_weight=0.5, nll_reduction=reduction)
             f = lambda a, b, c: longpo_loss(a, b, rw, rl, c, cnt, cfg)[0]  # noqa: E731
@@ -142,6 +183,8 @@ def test_errors_name_the_problem():
         longpo_loss(pw, pl, rw, rl[:2], nll, cnt, LossConfig())
     with pytest.raises(ValueError, match="loss.mode"):
         longpo_loss(pw, pl, rw, rl, nll, cnt, LossConfig(mode="ipo"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs nll_sum"):
+        longpo_loss(pw, pl, rw, rl, None, None, LossConfig(mode="sft_rejected"))
     with pytest.raises(ValueError, match="nll_reduction"):
         longpo_loss(pw, pl, rw, rl, nll, cnt, LossConfig(nll_reduction="sum"))  # type: ignore[arg-type]
 
@@ -152,5 +195,12 @@ def test_config_rules():
     validate(load_config(None))
     with pytest.raises(ConfigError, match="loss.lam"):
         validate(load_config(None, ["--loss.lam=-0.1"]))
+    for mode in ("sft", "sft_rejected"):
+        with pytest.raises(ConfigError, match="trains nothing"):
+            validate(load_config(None, [f"--loss.mode={mode}", "--loss.nll_weight=0"]))
     with pytest.raises(ConfigError, match="trains nothing"):
-        validate(load_config(None, ["--loss.mode=sft", "--loss.nll_weight=0"]))
+        validate(load_config(None, ["--loss.mode=longpo", "--loss.nll_weight=0", "--loss.lam=0"]))
+    validate(load_config(None, ["--loss.mode=dpo", "--loss.nll_weight=0"]))
+    validate(load_config(None, ["--loss.mode=sft_rejected"]))
+    with pytest.raises(ConfigError, match="loss.mode"):
+        load_config(None, ["--loss.mode=ipo"])
