@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from megatron_longpo.data.pair_layout import LAYOUTS
 from megatron_longpo.data.paths import dataset_files, rejected_path
-from megatron_longpo.data.schema import DataError, InvalidRecord, LongPORecord, PairRecord, read_records
+from megatron_longpo.data.schema import MISSING_FIELD, DataError, InvalidRecord, LongPORecord, PairRecord, read_records
 from megatron_longpo.data.sequences import (
     DEFAULT_SEPARATOR,
     OVERLONG_CHOICES,
@@ -293,7 +293,7 @@ def _summary(meta: dict, seconds: float, workers: int, prefix: str, had_rejected
 
 def _validate_pass(o: PreprocessOptions) -> tuple[int, int]:
     """Pass 1: count records; raise listing the invalid ones unless skip_invalid."""
-    total, errors, messages = 0, 0, []
+    total, errors, no_id, messages = 0, 0, 0, []
     records = read_records(o.inputs, o.auto_id, o.split)
     if o.progress:
         records = tqdm(records, unit="rec", desc="validate", dynamic_ncols=True, file=sys.stderr, leave=False)
@@ -301,14 +301,21 @@ def _validate_pass(o: PreprocessOptions) -> tuple[int, int]:
         total += 1
         if isinstance(rec, InvalidRecord):
             errors += 1
+            no_id += rec.reason == MISSING_FIELD and ": field 'id' is missing" in rec.message
             if len(messages) < 10:
                 messages.append(rec.message)
     if errors and not o.skip_invalid:
         more = f"\n  ... and {errors - len(messages)} more" if errors > len(messages) else ""
+        if no_id == errors:  # TRL-style pairs without ids: --skip-invalid would drop every one of them
+            fix = ("\nThese records have no 'id' (e.g. TRL-style pairs): pass --auto-id to give each its source "
+                   "FILE:LINE as id")
+        else:
+            fix = (f"\nFix them, or pass --skip-invalid to drop them (they are then written to "
+                   f"{rejected_path(o.output_prefix)})")
+            if no_id:
+                fix += f"; {no_id} of them only lack an 'id': --auto-id gives each its source FILE:LINE as id"
         raise DataError(
-            f"{errors} invalid record(s) in the input; nothing was written:\n  " + "\n  ".join(messages) + more
-            + f"\nFix them, or pass --skip-invalid to drop them (they are then written to "
-            f"{rejected_path(o.output_prefix)})"
+            f"{errors} invalid record(s) in the input; nothing was written:\n  " + "\n  ".join(messages) + more + fix
         )
     return total, errors
 
