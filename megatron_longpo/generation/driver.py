@@ -85,16 +85,30 @@ def summary_path(output: Path) -> Path:
     return output.with_name(name + ".summary.json")
 
 
+_ABSENT = "(not set)"
+
+
+def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested option dicts as dotted keys, so a rerun names the one option that differs."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_run_options(directory: Path, options: dict[str, Any]) -> None:
     """Record the output-determining options; refuse to continue a run made with other ones."""
     directory.mkdir(parents=True, exist_ok=True)
     options = json.loads(json.dumps(options))  # compare in JSON form (tuples -> lists)
     path = directory / "run.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
+        old, new = _flat(json.loads(path.read_text())), _flat(options)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k, _ABSENT) != new.get(k, _ABSENT))
         if diff:
-            lines = [f"  {k}: before {old.get(k)!r}, now {options.get(k)!r}" for k in diff]
+            lines = [f"  {k}: before {old.get(k, _ABSENT)!r}, now {new.get(k, _ABSENT)!r}" for k in diff]
             raise ConfigError(
                 f"{path}: this output was started with different options, so its finished documents would not "
                 "match a fresh run:\n" + "\n".join(lines) +

@@ -361,3 +361,15 @@ def test_parquet_and_save_to_disk_inputs_with_auto_ids_equal_jsonl(tmp_path):
     (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     disk, _ = run(tmp_path, [d], name="disk")
     assert disk.meta["bin_sha256"] == ref.meta["bin_sha256"]
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".idx", ".json"])
+def test_a_dataset_file_named_instead_of_its_prefix_is_explained(tmp_path, suffix):
+    """data.train_data=NAME.bin once said only 'does not exist'; now it names the prefix to pass."""
+    run(tmp_path, [write_jsonl(tmp_path / "in.jsonl", [longpo(0)])])
+    prefix = str(tmp_path / "ds")
+    for opener in (load_metadata, PreferenceDataset):
+        with pytest.raises(DataError, match=rf"{suffix} is a file of the dataset {prefix}: pass the prefix {prefix} "):
+            opener(prefix + suffix)
+    with pytest.raises(DataError, match="create it with tools/preprocess_data.py"):
+        load_metadata(str(tmp_path / "other.bin"))  # no such dataset: no prefix advice
