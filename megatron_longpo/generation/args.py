@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs (less memory, slower)")
     m.add_argument("--openai-base-url", default=os.environ.get("OPENAI_BASE_URL"), help="openai: e.g. http://host:8000/v1 (env OPENAI_BASE_URL)")
     m.add_argument("--openai-model", default=os.environ.get("OPENAI_MODEL"), help="openai: served model name (env OPENAI_MODEL)")
+    m.add_argument("--long-base-url", default=None, metavar="URL",
+                   help="openai: a second server for the long-context (rejected) answers, started with the enlarged "
+                   "RoPE base; required with --long-rope-theta (one server runs one base)")
     m.add_argument("--openai-api", choices=["completions", "chat"], default="completions",
                    help="openai: completions sends the prompt token ids rendered here (same prompts as hf/vllm); chat sends messages")
     m.add_argument("--openai-concurrency", type=int, default=8, help="openai: requests in flight")

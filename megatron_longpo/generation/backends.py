@@ -339,20 +339,26 @@ def openai_body(cfg: OpenAIConfig, r: GenRequest) -> dict[str, Any]:
 
 
 class OpenAIBackend:
+    """A server runs one model at one RoPE base: long-context requests go to ``long_base_url`` (a
+    second server started with the enlarged base) when given, else to the same server."""
+
     name = "openai"
 
-    def __init__(self, cfg: OpenAIConfig, sleep=time.sleep):
+    def __init__(self, cfg: OpenAIConfig, sleep=time.sleep, long_base_url: Optional[str] = None):
         if cfg.api not in ("completions", "chat"):
             raise ConfigError(f"--openai-api {cfg.api!r}: choose completions or chat")
-        if not cfg.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"--openai-base-url {cfg.base_url!r}: must start with http:// or https://")
+        for option, url in (("--openai-base-url", cfg.base_url), ("--long-base-url", long_base_url)):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{option} {url!r}: must start with http:// or https://")
         self.cfg = cfg
-        self.url = cfg.base_url.rstrip("/") + ("/chat/completions" if cfg.api == "chat" else "/completions")
+        path = "/chat/completions" if cfg.api == "chat" else "/completions"
+        self.url = cfg.base_url.rstrip("/") + path
+        self.long_url = (long_base_url or cfg.base_url).rstrip("/") + path
         self._sleep = sleep
         self.model_seconds = 0.0
         self.retries = 0  # retried requests (dropped connections, 429/5xx)
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.cfg.api_key:
@@ -362,29 +368,30 @@ class OpenAIBackend:
             if attempt:
                 self.retries += 1
                 self._sleep(min(60.0, self.cfg.backoff_s * 2 ** (attempt - 1)))
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as e:
                 detail = e.read()[:500].decode(errors="replace")
                 if e.code not in _RETRY_STATUS:
-                    raise GenerationError(f"{self.url}: HTTP {e.code}: {detail}") from e
+                    raise GenerationError(f"{url}: HTTP {e.code}: {detail}") from e
                 last = e
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
                     json.JSONDecodeError) as e:
                 last = e
-            print(f"openai backend: {self.url}: {last!r}; retry {attempt + 1}/{self.cfg.max_retries}",
+            print(f"openai backend: {url}: {last!r}; retry {attempt + 1}/{self.cfg.max_retries}",
                   file=sys.stderr)
-        raise GenerationError(f"{self.url}: failed after {self.cfg.max_retries} retries: {last!r}")
+        raise GenerationError(f"{url}: failed after {self.cfg.max_retries} retries: {last!r}")
 
     def _one(self, r: GenRequest) -> GenResult:
-        resp = self._post(openai_body(self.cfg, r))
+        url = self.long_url if r.long else self.url
+        resp = self._post(url, openai_body(self.cfg, r))
         try:
             choice = resp["choices"][0]
             text = choice["message"]["content"] if self.cfg.api == "chat" else choice["text"]
         except (KeyError, IndexError, TypeError) as e:
-            raise GenerationError(f"{self.url}: unexpected response {str(resp)[:300]}") from e
+            raise GenerationError(f"{url}: unexpected response {str(resp)[:300]}") from e
         usage = resp.get("usage") or {}
         return GenResult(text or "", int(usage.get("completion_tokens", 0)), choice.get("finish_reason") == "stop")
 

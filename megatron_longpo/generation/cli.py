@@ -44,6 +44,25 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     )
 
 
+def check_backend_options(args: argparse.Namespace) -> None:
+    """Backend options that cannot work together, refused before any model loads."""
+    if args.backend == "openai":
+        if not (args.openai_base_url and args.openai_model):
+            raise ConfigError("--backend openai needs --openai-base-url and --openai-model (or OPENAI_BASE_URL / "
+                              "OPENAI_MODEL)")
+        if args.long_rope_theta is not None and args.long_base_url is None:
+            # One server serves one RoPE base: the chosen answers (short context, the model's own base)
+            # would silently be generated at the enlarged base too, or the rejected ones at the original.
+            raise ConfigError(
+                "--backend openai with --long-rope-theta needs --long-base-url: a server runs one RoPE base, so start "
+                "a second server with the enlarged base (vllm serve MODEL --hf-overrides "
+                f"'{{\"rope_theta\": {args.long_rope_theta:g}}}') for the long-context (rejected) answers and pass its "
+                "URL; --openai-base-url keeps the model's own base for questions and chosen answers (docs/generation.md)")
+    elif args.long_base_url is not None:
+        raise ConfigError(f"--long-base-url is for --backend openai; --backend {args.backend} applies "
+                          "--long-rope-theta itself")
+
+
 def run(args: argparse.Namespace, env: dict[str, str]) -> int:
     output = Path(args.output)
     if args.merge:
@@ -68,13 +87,12 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> int:
         if unknown:
             print(f"generate: warning: --questions names {len(unknown)} document id(s) not in --input, e.g. "
                   f"{unknown[:3]}", file=sys.stderr)
-    if args.backend == "openai" and not (args.openai_base_url and args.openai_model):
-        raise ConfigError("--backend openai needs --openai-base-url and --openai-model (or OPENAI_BASE_URL / OPENAI_MODEL)")
+    check_backend_options(args)
     options: dict[str, Any] = {
         "inputs": [str(Path(p).resolve()) for p in args.input], "text_field": args.text_field, "id_field": args.id_field,
         "model": str(Path(args.model).resolve()), "backend": args.backend, "openai_model": args.openai_model,
         "openai_api": args.openai_api if args.backend == "openai" else None,
-        "long_rope_theta": args.long_rope_theta, "config": asdict(cfg),
+        "long_rope_theta": args.long_rope_theta, "long_endpoint": args.long_base_url is not None, "config": asdict(cfg),
         "prompts_sha": _file_sha(prompts.source), "questions_sha": _file_sha(args.questions),
         "chat_template_sha": _sha(template),
     }
@@ -93,13 +111,10 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> int:
                 gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype,
                 enforce_eager=args.enforce_eager, seed=args.seed), args.long_rope_theta)
         else:
-            if args.long_rope_theta is not None:
-                print("generate: note: --long-rope-theta is not sent to an OpenAI-compatible server; start the server "
-                      "with the enlarged base (vllm serve ... --hf-overrides, see docs/generation.md)", file=sys.stderr)
             backend = B.OpenAIBackend(B.OpenAIConfig(
                 base_url=args.openai_base_url, model=args.openai_model, api_key=env.get("OPENAI_API_KEY"),
                 api=args.openai_api, timeout_s=args.openai_timeout, max_retries=args.openai_max_retries,
-                concurrency=args.openai_concurrency))
+                concurrency=args.openai_concurrency), long_base_url=args.long_base_url)
         try:
             pipeline = Pipeline(cfg, prompts, fmt, backend, pool)
             s = run_shard(docs, pipeline, output, shard, options, batch_documents=args.batch_documents, progress=progress)

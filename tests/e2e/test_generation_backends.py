@@ -4,8 +4,6 @@ retries included; the hf backend's long-context RoPE base."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -14,66 +12,7 @@ from megatron_longpo.generation.answers import Sampling
 from megatron_longpo.generation.backends import (ChatFormatter, GenerationError, GenRequest, HFBackend, OpenAIBackend,
                                                  OpenAIConfig)
 from megatron_longpo.generation.cli import main as generate_main
-from megatron_longpo.testing.generation import build_tiny_chat_model, write_documents_jsonl
-
-
-class _Server:
-    """/v1/completions (token-id prompts) and /v1/chat/completions served by an HFBackend.
-
-    ``faults`` is consumed one per request: "drop" closes the connection without an answer,
-    "503" answers Service Unavailable, None serves normally.
-    """
-
-    def __init__(self, backend: HFBackend, formatter: ChatFormatter, faults=()):
-        self.backend, self.fmt, self.faults = backend, formatter, list(faults)
-        self.lock = threading.Lock()
-        self.calls: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.calls.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                    fault = server.faults.pop(0) if server.faults else None
-                    if fault == "drop":
-                        self.close_connection = True
-                        self.connection.shutdown(2)  # the client sees the connection reset / closed
-                        return
-                    if fault == "503":
-                        self.send_error(503, "overloaded")
-                        return
-                    if self.path.endswith("/chat/completions"):
-                        ids = server.fmt.prompt_ids(body["messages"])
-                    else:
-                        ids = body["prompt"]
-                    req = GenRequest([], ids, Sampling(body["temperature"], body["top_p"], body["max_tokens"]), body["seed"])
-                    res = server.backend.generate([req])[0]
-                reason = "stop" if res.finished else "length"
-                choice = ({"message": {"role": "assistant", "content": res.text}} if self.path.endswith("/chat/completions")
-                          else {"text": res.text})
-                out = json.dumps({"choices": [{**choice, "index": 0, "finish_reason": reason}],
-                                  "usage": {"completion_tokens": res.num_tokens}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from megatron_longpo.testing.generation import CompletionServer, build_tiny_chat_model, write_documents_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +36,7 @@ def test_openai_backend_matches_hf_and_retries(tiny):
     reqs = _requests(fmt)
     expected = hf.generate(reqs)
     sleeps = []
-    with _Server(hf, fmt, faults=["drop", "503", None, "drop"]) as srv:
+    with CompletionServer(hf, fmt, faults=["drop", "503", None, "drop"]) as srv:
         cfg = OpenAIConfig(srv.url, "tiny", api_key="secret", max_retries=3, backoff_s=0.01, concurrency=1)
         backend = OpenAIBackend(cfg, sleep=sleeps.append)
         got = backend.generate(reqs)
@@ -106,12 +45,12 @@ def test_openai_backend_matches_hf_and_retries(tiny):
     assert len(srv.calls) == len(reqs) + 3 and all(c["auth"] == "Bearer secret" for c in srv.calls)
     assert all(c["path"] == "/v1/completions" and c["model"] == "tiny" for c in srv.calls)
 
-    with _Server(hf, fmt) as srv:  # chat API: the server renders the same chat template
+    with CompletionServer(hf, fmt) as srv:  # chat API: the server renders the same chat template
         chat = OpenAIBackend(OpenAIConfig(srv.url, "tiny", api="chat", concurrency=3))
         assert chat.generate(reqs) == expected
         assert all(c["path"] == "/v1/chat/completions" for c in srv.calls)
 
-    with _Server(hf, fmt, faults=["drop"] * 10) as srv:
+    with CompletionServer(hf, fmt, faults=["drop"] * 10) as srv:
         gone = OpenAIBackend(OpenAIConfig(srv.url, "tiny", max_retries=2, backoff_s=0.0))
         with pytest.raises(GenerationError, match="failed after 2 retries"):
             gone.generate(reqs[:1])
@@ -126,7 +65,7 @@ def test_cli_with_openai_backend_equals_hf_backend(tiny, tmp_path, monkeypatch):
               "--chunk-max-tokens", "200", "--max-new-tokens", "4", "--min-content-words", "0",
               "--max-repeat-ratio-chosen", "1", "--max-repeat-ratio-rejected", "1", "--no-progress"]
     assert generate_main([*common, "--output", str(tmp_path / "hf.jsonl")]) == 0
-    with _Server(hf, fmt, faults=["drop"]) as srv:
+    with CompletionServer(hf, fmt, faults=["drop"]) as srv:
         monkeypatch.setenv("OPENAI_BASE_URL", srv.url)
         monkeypatch.setenv("OPENAI_MODEL", "tiny")
         rc = generate_main([*common, "--output", str(tmp_path / "oa.jsonl"), "--backend", "openai",
@@ -149,3 +88,42 @@ def test_hf_backend_long_rope_theta(tmp_path):
     torch.testing.assert_close(short.model.rotary_emb.inv_freq.double(), ref(1e6))
     torch.testing.assert_close(long.model.rotary_emb.inv_freq.double(), ref(1e7))
     assert be.model(True) is long  # loaded once
+
+
+def test_openai_long_rope_theta_needs_a_second_endpoint(tiny, tmp_path, capsys):
+    """--backend openai --long-rope-theta only printed a note, so chosen answers were generated at the
+    enlarged RoPE base too. Now: refused without --long-base-url; with it, questions and chosen
+    answers go to the server at the model's own base and the rejected ones to the long-RoPE server,
+    giving exactly the hf backend's records."""
+    d, model, fmt, hf = tiny
+    docs = write_documents_jsonl(tmp_path / "docs.jsonl", 2, paragraphs=(4, 5), words=(3, 5), seed=4)
+    pool = tmp_path / "q.jsonl"
+    pool.write_text('{"question": "What is the code of the harbor?"}\n')
+    common = ["--input", str(docs), "--model", str(model), "--questions", str(pool), "--chunk-min-tokens", "60",
+              "--chunk-max-tokens", "200", "--max-new-tokens", "4", "--min-content-words", "0",
+              "--max-repeat-ratio-chosen", "1", "--max-repeat-ratio-rejected", "1", "--no-progress",
+              "--long-rope-theta", "1e6"]
+    oa = ["--backend", "openai", "--openai-model", "tiny", "--openai-base-url", "http://127.0.0.1:9/v1"]
+    assert generate_main([*common, *oa, "--output", str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--long-rope-theta needs --long-base-url" in err and "rope_theta" in err
+    assert not (tmp_path / "x.jsonl.shards").exists()
+    assert generate_main([*common, "--long-base-url", "http://127.0.0.1:9/v1", "--output", str(tmp_path / "y.jsonl")]) == 2
+    assert "--long-base-url is for --backend openai" in capsys.readouterr().err
+
+    assert generate_main([*common, "--output", str(tmp_path / "hf.jsonl")]) == 0
+    long_hf = HFBackend(model, fmt, long_rope_theta=1e6)
+    with CompletionServer(hf, fmt) as short_srv, CompletionServer(long_hf, fmt, long=True) as long_srv:
+        rc = generate_main([*common, "--output", str(tmp_path / "oa.jsonl"), "--backend", "openai",
+                            "--openai-base-url", short_srv.url, "--long-base-url", long_srv.url,
+                            "--openai-model", "tiny"])
+    assert rc == 0
+    hf_out = (tmp_path / "hf.jsonl").read_text()
+    assert hf_out and (tmp_path / "oa.jsonl").read_text() == hf_out
+    records = [json.loads(x) for x in hf_out.splitlines()]
+    turns = sum(len(r["turns"]) for r in records)
+    # the short server saw the chosen prompts (chunk + question), the long one the rejected (document + question)
+    docs_text = {r["document"] for r in records}
+    assert len(long_srv.calls) == turns and len(short_srv.calls) == turns
+    assert all(any(fmt.decode(c["prompt"]).count(doc) for doc in docs_text) for c in long_srv.calls)
+    assert not any(any(fmt.decode(c["prompt"]).count(doc) for doc in docs_text) for c in short_srv.calls)
