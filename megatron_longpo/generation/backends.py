@@ -14,7 +14,6 @@ Every backend receives the same prompts: the messages rendered by the tokenizer'
 
 from __future__ import annotations
 
-import gc
 import http.client
 import json
 import socket
@@ -147,6 +146,23 @@ def rope_theta_of(config: dict) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def hf_sample(model: torch.nn.Module, prompt_ids: Sequence[int], sampling: Sampling, seed: int,
+              eos: Optional[int]) -> list[int]:
+    """New token ids of one request: transformers ``generate`` seeded per request, so a result
+    does not depend on the batch (also the CPU vLLM stand-in's sampler, megatron_longpo/testing)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    sample = sampling.temperature > 0
+    kw: dict[str, Any] = dict(do_sample=sample, max_new_tokens=sampling.max_new_tokens, pad_token_id=eos,
+                              eos_token_id=eos)
+    if sample:  # top_k=0 disables the generation_config's top-k: pure temperature/top-p sampling
+        kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    torch.manual_seed(seed)
+    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    return gen[0, ids.shape[1]:].tolist()
+
+
 class HFBackend:
     """transformers ``generate``, one request at a time with its own seed (batch-independent)."""
 
@@ -173,23 +189,13 @@ class HFBackend:
             self._models[key] = m.to(self.device).eval()
         return self._models[key]
 
-    @torch.no_grad()
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         out = []
         eos = self.formatter.eos_id
         for r in requests:
-            model = self.model(r.long)
-            ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device)
-            sample = r.sampling.temperature > 0
-            kw: dict[str, Any] = dict(do_sample=sample, max_new_tokens=r.sampling.max_new_tokens,
-                                      pad_token_id=eos, eos_token_id=eos)
-            if sample:  # top_k=0 disables the generation_config's top-k: pure temperature/top-p sampling
-                kw.update(temperature=r.sampling.temperature, top_p=r.sampling.top_p, top_k=0)
-            torch.manual_seed(r.seed)
             t0 = time.perf_counter()
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+            new = hf_sample(self.model(r.long), r.prompt_ids, r.sampling, r.seed, eos)
             self.model_seconds += time.perf_counter() - t0
-            new = gen[0, ids.shape[1]:].tolist()
             finished = bool(new) and eos is not None and new[-1] == eos
             out.append(GenResult(self.formatter.decode(new), len(new), finished))
         return out
@@ -249,63 +255,49 @@ def vllm_sampling_kwargs(r: GenRequest) -> dict[str, Any]:
 
 
 class VLLMBackend:
-    """The offline vLLM engine. Short and long requests may need different RoPE bases: the engine
-    of the other variant is built when a batch needs it (one swap per stage batch, amortised by
-    ``--batch-documents``)."""
+    """The offline vLLM engine, ONE per process: vLLM does not reliably free GPU memory when an
+    engine is dropped, so a run with ``--long-rope-theta`` is phased (generation/cli.py): one process
+    generates every question and chosen answer with the model's own RoPE base (``long=False``),
+    then another every rejected answer with the enlarged base (``long=True``). ``long=None``: one
+    engine at the model's own base serves both (no --long-rope-theta)."""
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, tokenizer_dir: str, cfg: VLLMConfig, long_rope_theta: Optional[float]):
+    def __init__(self, model_dir: str, tokenizer_dir: str, cfg: VLLMConfig, long_rope_theta: Optional[float],
+                 long: Optional[bool] = None):
         try:
-            import vllm  # noqa: F401  # optional: vllm is the 'vllm' extra
+            import vllm  # optional: vllm is the 'vllm' extra
         except ImportError as e:
             raise ConfigError(
                 f"--backend vllm needs the vllm package ({e}); install it with pip install 'megatron_longpo[vllm]' "
                 "on the GPU nodes, or use --backend openai against a running server"
             ) from e
-        self.model_dir, self.tokenizer_dir, self.cfg = model_dir, tokenizer_dir, cfg
-        self.long_rope_theta = long_rope_theta
-        self.hf_config = json.loads((Path(model_dir) / "config.json").read_text())
-        self._engine: Any = None
-        self._variant: Optional[bool] = None
+        if long is None and long_rope_theta is not None:
+            raise ConfigError("internal: a vllm engine serves one RoPE base; with --long-rope-theta run it phased")
+        self._vllm = vllm
+        self.long = long
+        hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+        kw = vllm_engine_kwargs(model_dir, tokenizer_dir, cfg, hf_config, long_rope_theta if long else None)
+        self._engine: Any = vllm.LLM(**kw)
         self.model_seconds = 0.0
 
-    def _get_engine(self, long: bool) -> Any:
-        variant = bool(long and self.long_rope_theta is not None)
-        if self._engine is None or self._variant != variant:
-            import vllm  # optional: vllm is the 'vllm' extra (checked in __init__)
-
-            self.close()
-            kw = vllm_engine_kwargs(self.model_dir, self.tokenizer_dir, self.cfg, self.hf_config,
-                                    self.long_rope_theta if variant else None)
-            self._engine, self._variant = vllm.LLM(**kw), variant
-        return self._engine
-
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        import vllm  # optional: vllm is the 'vllm' extra (checked in __init__)
-
-        results: list[Optional[GenResult]] = [None] * len(requests)
-        for long in (False, True):  # one engine variant at a time
-            idx = [i for i, r in enumerate(requests) if r.long == long]
-            if not idx:
-                continue
-            llm = self._get_engine(long)
-            prompts = [{"prompt_token_ids": requests[i].prompt_ids} for i in idx]
-            params = [vllm.SamplingParams(**vllm_sampling_kwargs(requests[i])) for i in idx]
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            self.model_seconds += time.perf_counter() - t0
-            for i, o in zip(idx, outs):
-                c = o.outputs[0]
-                results[i] = GenResult(c.text, len(c.token_ids), c.finish_reason == "stop")
-        return [r for r in results if r is not None]
+        if not requests:
+            return []
+        wrong = [r for r in requests if self.long is not None and r.long != self.long]
+        if wrong:
+            raise GenerationError(f"internal: a {'long' if wrong[0].long else 'short'}-context request reached the "
+                                  f"{'long' if self.long else 'short'}-RoPE vllm engine")
+        prompts = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
+        params = [self._vllm.SamplingParams(**vllm_sampling_kwargs(r)) for r in requests]
+        t0 = time.perf_counter()
+        outs = self._engine.generate(prompts, params, use_tqdm=False)
+        self.model_seconds += time.perf_counter() - t0
+        return [GenResult(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop")
+                for o in outs]
 
     def close(self) -> None:
-        if self._engine is not None:
-            self._engine = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        self._engine = None  # the process ends after its phase: that frees the GPU memory
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,13 +16,14 @@ from megatron_longpo.config import ConfigError
 from megatron_longpo.generation import backends as B
 from megatron_longpo.generation.args import build_parser
 from megatron_longpo.generation.backends import GenerationError
-from megatron_longpo.generation.documents import iter_documents
-from megatron_longpo.generation.driver import merge_shards, run_shard, shard_from_env
+from megatron_longpo.generation.documents import Document, iter_documents
+from megatron_longpo.generation.driver import (ShardSpec, check_run_options, merge_shards, run_shard, run_short_phase,
+                                               shard_from_env, shards_dir, short_phase_path)
 from megatron_longpo.generation.filters import FilterConfig
 from megatron_longpo.generation.model_source import resolved_model
 from megatron_longpo.generation.pipeline import GenerationConfig, Pipeline
-from megatron_longpo.generation.prompts import load_prompts
-from megatron_longpo.generation.questions import load_question_pool
+from megatron_longpo.generation.prompts import Prompts, load_prompts
+from megatron_longpo.generation.questions import QuestionPool, load_question_pool
 
 def _sha(text: Optional[str]) -> Optional[str]:
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -63,16 +65,27 @@ def check_backend_options(args: argparse.Namespace) -> None:
                           "--long-rope-theta itself")
 
 
-def run(args: argparse.Namespace, env: dict[str, str]) -> int:
-    output = Path(args.output)
-    if args.merge:
-        s = merge_shards(output, args.num_shards)
-        print(_describe(s))
-        return 0
+@dataclass
+class _Run:
+    """Everything a generation process (the parent, or one phase's process) needs, checked once."""
+
+    args: argparse.Namespace
+    shard: ShardSpec
+    cfg: GenerationConfig
+    prompts: Prompts
+    pool: Optional[QuestionPool]
+    template: Optional[str]
+    docs: list[Document]
+    options: dict[str, Any]
+
+
+def prepare(args: argparse.Namespace, env: dict[str, str], warn: bool = True) -> _Run:
+    """Every check that can fail before a model loads: options, prompts, questions, documents."""
     if not args.input:
         raise ConfigError("--input is required (documents to generate from), unless --merge")
     if not args.model:
         raise ConfigError("--model is required: an HF model directory or a megatron_longpo checkpoint (openai: the tokenizer)")
+    check_backend_options(args)
     shard = shard_from_env(args.num_shards, args.shard_index, env)
     cfg = generation_config(args)
     cfg.check()
@@ -82,12 +95,11 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> int:
     pool = load_question_pool(args.questions) if args.questions else None
     template = B.load_chat_template(args.chat_template)
     docs = list(iter_documents(args.input, args.text_field, args.id_field))  # validates every input first
-    if pool is not None:
+    if pool is not None and warn:
         unknown = sorted(pool.document_ids - {d.id for d in docs})
         if unknown:
             print(f"generate: warning: --questions names {len(unknown)} document id(s) not in --input, e.g. "
                   f"{unknown[:3]}", file=sys.stderr)
-    check_backend_options(args)
     options: dict[str, Any] = {
         "inputs": [str(Path(p).resolve()) for p in args.input], "text_field": args.text_field, "id_field": args.id_field,
         "model": str(Path(args.model).resolve()), "backend": args.backend, "openai_model": args.openai_model,
@@ -96,30 +108,89 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> int:
         "prompts_sha": _file_sha(prompts.source), "questions_sha": _file_sha(args.questions),
         "chat_template_sha": _sha(template),
     }
-    progress = not args.no_progress
-    with resolved_model(args.model, args.work_dir, progress) as model_dir:
-        fmt = B.ChatFormatter(model_dir, template)
-        if args.backend == "hf":
-            backend: B.Backend = B.HFBackend(model_dir, fmt, long_rope_theta=args.long_rope_theta, device=args.device)
-        elif args.backend == "vllm":
-            if args.max_model_len is None:  # vLLM's own default limit; drop what it would refuse
-                hf_cfg = json.loads((Path(model_dir) / "config.json").read_text())
-                limit = hf_cfg.get("max_position_embeddings")
-                cfg = replace(cfg, max_context_tokens=int(limit) if limit else None)
-            backend = B.VLLMBackend(str(model_dir), str(model_dir), B.VLLMConfig(
-                tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
-                gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype,
-                enforce_eager=args.enforce_eager, seed=args.seed), args.long_rope_theta)
+    return _Run(args, shard, cfg, prompts, pool, template, docs, options)
+
+
+def _backend(r: _Run, model_dir: Path, fmt: B.ChatFormatter, long: Optional[bool]) -> B.Backend:
+    a = r.args
+    if a.backend == "hf":
+        return B.HFBackend(model_dir, fmt, long_rope_theta=a.long_rope_theta, device=a.device)
+    if a.backend == "vllm":
+        return B.VLLMBackend(str(model_dir), str(model_dir), B.VLLMConfig(
+            tensor_parallel_size=a.tensor_parallel_size, max_model_len=a.max_model_len,
+            gpu_memory_utilization=a.gpu_memory_utilization, dtype=a.dtype, enforce_eager=a.enforce_eager,
+            seed=a.seed), a.long_rope_theta, long=long)
+    return B.OpenAIBackend(B.OpenAIConfig(
+        base_url=a.openai_base_url, model=a.openai_model, api_key=os.environ.get("OPENAI_API_KEY"), api=a.openai_api,
+        timeout_s=a.openai_timeout, max_retries=a.openai_max_retries, concurrency=a.openai_concurrency),
+        long_base_url=a.long_base_url)
+
+
+def run_phase(r: _Run, model_dir: Path, phase: Optional[str]) -> Optional[dict[str, Any]]:
+    """One process's share: both phases (``None``), or only ``short`` / ``long`` of a phased run."""
+    cfg = r.cfg
+    if r.args.backend == "vllm" and r.args.max_model_len is None:  # vLLM's own default limit: drop what it refuses
+        limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+        cfg = replace(cfg, max_context_tokens=int(limit) if limit else None)
+    fmt = B.ChatFormatter(model_dir, r.template)
+    backend = _backend(r, model_dir, fmt, {None: None, "short": False, "long": True}[phase])
+    output, progress = Path(r.args.output), not r.args.no_progress
+    try:
+        pipeline = Pipeline(cfg, r.prompts, fmt, backend, r.pool)
+        if phase == "short":
+            run_short_phase(r.docs, pipeline, output, r.shard, r.options, batch_documents=r.args.batch_documents,
+                            progress=progress)
+            return None
+        states = short_phase_path(output, r.shard) if phase == "long" else None
+        return run_shard(r.docs, pipeline, output, r.shard, r.options, batch_documents=r.args.batch_documents,
+                         progress=progress, short_states=states)
+    finally:
+        backend.close()
+
+
+def _phase_process(argv: list[str], model_dir: str, phase: str) -> None:
+    """Entry of one phase's own process (spawned: a fresh CUDA context and vLLM engine)."""
+    try:
+        run_phase(prepare(build_parser().parse_args(argv), dict(os.environ), warn=False), Path(model_dir), phase)
+    except (ConfigError, GenerationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _phased(r: _Run, model_dir: Path, argv: list[str]) -> dict[str, Any]:
+    """vllm with --long-rope-theta: every question and chosen answer in one process (one engine at
+    the model's own RoPE base), then every rejected answer in another (the enlarged base). Each
+    process exits after its phase, which frees its GPU memory; both resume from their journals."""
+    output = Path(r.args.output)
+    check_run_options(shards_dir(output), r.options)
+    final = shards_dir(output) / f"{r.shard.name}.jsonl"
+    ctx = multiprocessing.get_context("spawn")
+    for phase in ("short", "long"):
+        if final.is_file() or (phase == "short" and short_phase_path(output, r.shard).is_file()):
+            continue
+        p = ctx.Process(target=_phase_process, args=(argv, str(model_dir), phase), name=f"generate-{phase}")
+        p.start()
+        p.join()
+        if p.exitcode != 0:
+            raise GenerationError(f"the {phase}-context phase process of {r.shard.name} exited with {p.exitcode}; "
+                                  "rerun the same command to resume")
+    return json.loads((shards_dir(output) / f"{r.shard.name}.summary.json").read_text())
+
+
+def run(args: argparse.Namespace, env: dict[str, str], argv: Optional[list[str]] = None) -> int:
+    output = Path(args.output)
+    if args.merge:
+        s = merge_shards(output, args.num_shards)
+        print(_describe(s))
+        return 0
+    r = prepare(args, env)
+    with resolved_model(args.model, args.work_dir, not args.no_progress) as model_dir:
+        if args.backend == "vllm" and args.long_rope_theta is not None:
+            s = _phased(r, Path(model_dir), list(sys.argv[1:] if argv is None else argv))
         else:
-            backend = B.OpenAIBackend(B.OpenAIConfig(
-                base_url=args.openai_base_url, model=args.openai_model, api_key=env.get("OPENAI_API_KEY"),
-                api=args.openai_api, timeout_s=args.openai_timeout, max_retries=args.openai_max_retries,
-                concurrency=args.openai_concurrency), long_base_url=args.long_base_url)
-        try:
-            pipeline = Pipeline(cfg, prompts, fmt, backend, pool)
-            s = run_shard(docs, pipeline, output, shard, options, batch_documents=args.batch_documents, progress=progress)
-        finally:
-            backend.close()
+            s = run_phase(r, Path(model_dir), None)
+    assert s is not None
+    shard = r.shard
     print(f"generate: {shard.name}: " + _describe(s))
     if shard.num_shards == 1:
         print(_describe(merge_shards(output, 1)))
@@ -140,7 +211,7 @@ def _describe(s: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args, dict(os.environ))
+        return run(args, dict(os.environ), argv)
     except (ConfigError, GenerationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

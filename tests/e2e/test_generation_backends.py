@@ -4,13 +4,16 @@ retries included; the hf backend's long-context RoPE base."""
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_longpo.generation.answers import Sampling
 from megatron_longpo.generation.backends import (ChatFormatter, GenerationError, GenRequest, HFBackend, OpenAIBackend,
-                                                 OpenAIConfig)
+                                                 OpenAIConfig, VLLMConfig, vllm_engine_kwargs)
 from megatron_longpo.generation.cli import main as generate_main
 from megatron_longpo.testing.generation import CompletionServer, build_tiny_chat_model, write_documents_jsonl
 
@@ -127,3 +130,79 @@ def test_openai_long_rope_theta_needs_a_second_endpoint(tiny, tmp_path, capsys):
     assert len(long_srv.calls) == turns and len(short_srv.calls) == turns
     assert all(any(fmt.decode(c["prompt"]).count(doc) for doc in docs_text) for c in long_srv.calls)
     assert not any(any(fmt.decode(c["prompt"]).count(doc) for doc in docs_text) for c in short_srv.calls)
+
+
+STANDIN = Path(__file__).resolve().parents[2] / "megatron_longpo" / "testing" / "vllm_standin"
+
+
+@pytest.fixture
+def vllm_standin(monkeypatch, tmp_path):
+    """The CPU stand-in enforcing vLLM's API, for this process and the phase processes it spawns."""
+    monkeypatch.syspath_prepend(str(STANDIN))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STANDIN), os.environ.get("PYTHONPATH", "")]))
+    log = tmp_path / "vllm_events.jsonl"
+    monkeypatch.setenv("VLLM_STANDIN_LOG", str(log))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    return log
+
+
+def _events(log):
+    return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_vllm_standin_enforces_the_api(tiny, vllm_standin):
+    import vllm
+
+    d, model, fmt, hf = tiny
+    kw = vllm_engine_kwargs(str(model), str(model), VLLMConfig(max_model_len=64), {"max_position_embeddings": 32}, 1e6)
+    llm = vllm.LLM(**kw)  # every argument the backend passes exists in vLLM's LLM / EngineArgs
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_new_tokens'"):
+        vllm.LLM(str(model), max_new_tokens=4)
+    with pytest.raises(ValueError, match="greater than the derived max_model_len"):
+        vllm.LLM(str(model), max_model_len=10 ** 7)
+    with pytest.raises(TypeError, match="unexpected field"):
+        vllm.SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        vllm.SamplingParams(top_p=0.0)
+    out = llm.generate([{"prompt_token_ids": [1, 5, 7]}], [vllm.SamplingParams(max_tokens=3, seed=1)], use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) <= 3 and isinstance(out[0].outputs[0].text, str)
+
+
+def test_vllm_phases_run_in_their_own_processes_and_resume_exactly(tiny, tmp_path, vllm_standin, capfd):
+    """The vllm backend swapped two engines per batch in one process (vLLM does not reliably free
+    GPU memory). Now every chosen answer comes from one engine process at the model's own RoPE base,
+    then every rejected answer from another at --long-rope-theta; records equal the hf backend's,
+    and a rerun resumes each phase from its journal."""
+    d, model, fmt, hf = tiny
+    docs = write_documents_jsonl(tmp_path / "docs.jsonl", 3, paragraphs=(4, 5), words=(3, 5), seed=6)
+    pool = tmp_path / "q.jsonl"
+    pool.write_text('{"question": "What is the code of the harbor?"}\n')
+    common = ["--input", str(docs), "--model", str(model), "--questions", str(pool), "--chunk-min-tokens", "60",
+              "--chunk-max-tokens", "200", "--max-new-tokens", "4", "--min-content-words", "0",
+              "--max-repeat-ratio-chosen", "1", "--max-repeat-ratio-rejected", "1", "--no-progress",
+              "--long-rope-theta", "1e6", "--batch-documents", "2"]
+    assert generate_main([*common, "--output", str(tmp_path / "hf.jsonl")]) == 0
+    out = tmp_path / "vllm.jsonl"
+    assert generate_main([*common, "--output", str(out), "--backend", "vllm"]) == 0
+    assert out.read_text() == (tmp_path / "hf.jsonl").read_text() != ""
+    ev = _events(vllm_standin)
+    inits = [e for e in ev if e["event"] == "init"]
+    assert len(inits) == 2 and len({e["pid"] for e in inits}) == 2 and os.getpid() not in {e["pid"] for e in inits}
+    short, long = inits
+    assert "rope_theta" not in json.dumps(short["hf_overrides"]) and "1000000.0" in json.dumps(long["hf_overrides"])
+    gens = [e["pid"] for e in ev if e["event"] == "generate"]
+    assert gens == sorted(gens, key=lambda p: p != short["pid"])  # all short-engine calls before the long ones
+    # Resume: the long phase killed after its first batch -> only the long-RoPE engine runs again.
+    shards = tmp_path / "vllm.jsonl.shards"
+    final = shards / "shard-00000-of-00001.jsonl"
+    first = final.read_text().splitlines()[:2]
+    final.unlink()
+    (shards / "shard-00000-of-00001.summary.json").unlink()
+    (shards / "shard-00000-of-00001.jsonl.partial").write_text("\n".join(first) + "\n")
+    out.unlink()
+    vllm_standin.unlink()
+    assert generate_main([*common, "--output", str(out), "--backend", "vllm"]) == 0
+    inits = [e for e in _events(vllm_standin) if e["event"] == "init"]
+    assert len(inits) == 1 and "1000000.0" in json.dumps(inits[0]["hf_overrides"])
+    assert out.read_text() == (tmp_path / "hf.jsonl").read_text()
+    assert "resuming shard-00000-of-00001: 2 of 3 documents already done" in capfd.readouterr().err
