@@ -205,11 +205,14 @@ class Tokenizer:
         byte_to_char = np.concatenate([np.cumsum(starts_char) - 1, [len(text)]]).astype(np.int64)
         return ids, byte_to_char[begin], byte_to_char[end]
 
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Text of ``ids`` with special tokens written out (e.g. ``<s>``, ``</s>``)."""
+    def decode(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
+        """Text of ``ids`` with special tokens written out (e.g. ``<s>``, ``</s>``), or left out with
+        ``skip_special`` (a generated answer)."""
         ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if not (i < len(self._special) and self._special[i])]
         if self._hf is not None:
-            return self._hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            return self._hf.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
         # sentencepiece decodes control tokens to "": decode the runs between them.
         out, run = [], []
         for i in ids:

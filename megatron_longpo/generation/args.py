@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from megatron_longpo.data.templates import TEMPLATE_CHOICES
+
 USAGE = """\
 Self-evolution data generation: long documents -> LongPO multi-turn records (docs/generation.md).
 
@@ -36,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--long-rope-theta", type=float, default=None,
                    help="RoPE base for the long-context (rejected) generation, e.g. 1e7 (default: the model's)")
-    m.add_argument("--chat-template", default=None, help="'chatml' or a Jinja file, for tokenizers without a chat template")
+    m.add_argument("--chat-template", choices=TEMPLATE_CHOICES, default="auto",
+                   help="prompt format, the same choice (and rendering code) as tools/preprocess_data.py and "
+                   "tools/evaluate.py: auto = the tokenizer's own template if it has one, else mistral; recorded in "
+                   "every record, and preprocessing refuses another one")
     m.add_argument("--work-dir", default=None, help="where a Megatron checkpoint is exported (default: system temp)")
     m.add_argument("--batch-documents", type=int, default=16, help="documents per backend batch (vllm/openai: larger is faster)")
     m.add_argument("--device", default=None, help="hf backend: torch device (default: cuda if available, else cpu)")

@@ -8,8 +8,9 @@
 - ``openai``: any OpenAI-compatible server (vLLM, SGLang, ...), ``/v1/completions`` with the
   prompt token ids (default) or ``/v1/chat/completions``; retries with exponential backoff.
 
-Every backend receives the same prompts: the messages rendered by the tokenizer's chat template
-(``ChatFormatter``), as token ids, with a per-request seed derived from ``--seed``.
+Every backend receives the same prompts: the messages rendered by the project's chat template
+(``ChatFormatter``: the ``--chat-template`` choice and rendering code of preprocessing and
+evaluation), as token ids, with a per-request seed derived from ``--seed``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from megatron_longpo.config import ConfigError
+from megatron_longpo.data.schema import DataError
+from megatron_longpo.data.sequences import generation_prompt_ids
+from megatron_longpo.data.templates import ChatMessage, generation_prompt, get_template, rendered_text
+from megatron_longpo.data.tokenizer import Tokenizer
 from megatron_longpo.generation.answers import Messages, Sampling
 from megatron_longpo.runtime import capabilities
 
@@ -69,60 +74,46 @@ class Backend(Protocol):
 
 
 class ChatFormatter:
-    """Renders messages with the HF tokenizer's chat template and tokenizes them.
+    """Renders messages with the project's chat template (``data/templates.py``: the same
+    ``--chat-template`` choice and rendering code as preprocessing and evaluation) and tokenizes the
+    rendered prompt as a whole, as training tokenizes its sequences: the ids a backend receives
+    are the ids a trained sequence has before its response."""
 
-    ``chat_template`` (Jinja text) replaces the tokenizer's own; a tokenizer without one needs it.
-    """
-
-    def __init__(self, tokenizer_dir: str | Path, chat_template: Optional[str] = None):
+    def __init__(self, tokenizer_dir: str | Path, chat_template: str = "auto"):
         self.tokenizer_dir = str(tokenizer_dir)
         try:
-            self.tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--model {tokenizer_dir}: cannot load its tokenizer ({e})") from e
-        if chat_template is not None:
-            self.tok.chat_template = chat_template
-        if not getattr(self.tok, "chat_template", None):
-            raise ConfigError(
-                f"the tokenizer in {tokenizer_dir} has no chat template; pass --chat-template FILE.jinja "
-                "(or 'chatml') so every backend renders the same prompts"
-            )
-        self.eos_id = self.tok.eos_token_id
+            self.tok = Tokenizer(self.tokenizer_dir)
+            self.template = get_template(chat_template, self.tok)
+        except DataError as e:
+            raise ConfigError(f"--model {tokenizer_dir} / --chat-template {chat_template}: {e}") from e
+        self.eos_id = self.tok.eos_id
+
+    def describe(self) -> dict[str, str]:
+        """The template's name and fingerprint (recorded in every generated record)."""
+        return self.template.describe()
+
+    def _messages(self, messages: Messages) -> list[ChatMessage]:
+        return [ChatMessage(m["role"], (m["content"],)) for m in messages]
 
     def render(self, messages: Messages) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+        return rendered_text(generation_prompt(self.template, self._messages(messages)))
 
     def prompt_ids(self, messages: Messages) -> list[int]:
-        return self.encode(self.render(messages))
+        return [int(i) for i in generation_prompt_ids(self.template, self.tok, self._messages(messages))]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(x) for x in self.tok(list(texts), add_special_tokens=False)["input_ids"]]
+        return [len(self.tok.encode(t)) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+        return self.tok.decode(ids, skip_special=True)
 
 
+# ChatML as a Jinja chat template, for tokenizers built by tests and examples (their own template:
+# --chat-template auto renders it through data/templates.py like any tokenizer template).
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def load_chat_template(arg: Optional[str]) -> Optional[str]:
-    """``--chat-template``: None (tokenizer's own), ``chatml``, or a Jinja file."""
-    if arg is None:
-        return None
-    if arg == "chatml":
-        return CHATML_TEMPLATE
-    p = Path(arg)
-    if not p.is_file():
-        raise ConfigError(f"--chat-template {arg}: not 'chatml' and not an existing Jinja file")
-    return p.read_text(encoding="utf-8")
 
 
 def set_rope_theta(config: Any, theta: float) -> None:

@@ -25,9 +25,6 @@ from megatron_longpo.generation.pipeline import GenerationConfig, Pipeline
 from megatron_longpo.generation.prompts import Prompts, load_prompts
 from megatron_longpo.generation.questions import QuestionPool, load_question_pool
 
-def _sha(text: Optional[str]) -> Optional[str]:
-    return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 def _file_sha(path: Optional[str]) -> Optional[str]:
     return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
@@ -74,7 +71,7 @@ class _Run:
     cfg: GenerationConfig
     prompts: Prompts
     pool: Optional[QuestionPool]
-    template: Optional[str]
+    template: str  # --chat-template (data/templates.py TEMPLATE_CHOICES)
     docs: list[Document]
     options: dict[str, Any]
 
@@ -93,7 +90,7 @@ def prepare(args: argparse.Namespace, env: dict[str, str], warn: bool = True) ->
         raise ConfigError(f"--batch-documents {args.batch_documents}: must be >= 1")
     prompts = load_prompts(args.prompts)
     pool = load_question_pool(args.questions) if args.questions else None
-    template = B.load_chat_template(args.chat_template)
+    template = args.chat_template
     docs = list(iter_documents(args.input, args.text_field, args.id_field))  # validates every input first
     if pool is not None and warn:
         unknown = sorted(pool.document_ids - {d.id for d in docs})
@@ -106,7 +103,7 @@ def prepare(args: argparse.Namespace, env: dict[str, str], warn: bool = True) ->
         "openai_api": args.openai_api if args.backend == "openai" else None,
         "long_rope_theta": args.long_rope_theta, "long_endpoint": args.long_base_url is not None, "config": asdict(cfg),
         "prompts_sha": _file_sha(prompts.source), "questions_sha": _file_sha(args.questions),
-        "chat_template_sha": _sha(template),
+        "chat_template": template,
     }
     return _Run(args, shard, cfg, prompts, pool, template, docs, options)
 
@@ -133,10 +130,13 @@ def run_phase(r: _Run, model_dir: Path, phase: Optional[str]) -> Optional[dict[s
         limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
         cfg = replace(cfg, max_context_tokens=int(limit) if limit else None)
     fmt = B.ChatFormatter(model_dir, r.template)
+    # Records name the template their prompts were rendered with; preprocessing refuses another one.
+    template = fmt.describe() if r.args.backend != "openai" or r.args.openai_api != "chat" else \
+        {"name": "openai-chat-server", "fingerprint": None}  # the server rendered the messages
     backend = _backend(r, model_dir, fmt, {None: None, "short": False, "long": True}[phase])
     output, progress = Path(r.args.output), not r.args.no_progress
     try:
-        pipeline = Pipeline(cfg, r.prompts, fmt, backend, r.pool)
+        pipeline = Pipeline(cfg, r.prompts, fmt, backend, r.pool, meta={"chat_template": template})
         if phase == "short":
             run_short_phase(r.docs, pipeline, output, r.shard, r.options, batch_documents=r.args.batch_documents,
                             progress=progress)

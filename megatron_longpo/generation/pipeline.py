@@ -98,8 +98,9 @@ class _Turn:
 
 class Pipeline:
     def __init__(self, cfg: GenerationConfig, prompts: Prompts, formatter: ChatFormatter, backend: Backend,
-                 pool: Optional[QuestionPool] = None):
+                 pool: Optional[QuestionPool] = None, meta: Optional[dict[str, Any]] = None):
         cfg.check()
+        self.meta = meta if meta is not None else {"chat_template": formatter.describe()}
         self.cfg, self.prompts, self.fmt, self.backend, self.pool = cfg, prompts, formatter, backend, pool
         self.filters = replace(cfg.filters, refusal_phrases=prompts.refusal_phrases)
         self.q_sampling = replace(QUESTION_SAMPLING, max_new_tokens=cfg.max_new_tokens)
@@ -260,6 +261,6 @@ class Pipeline:
             if res.dropped_document is None and not kept:
                 res.dropped_document = DOC_NO_TURN_LEFT
             if kept:
-                res.record = build_record(res.doc.id, res.doc.text, kept, self.prompts.system)
+                res.record = build_record(res.doc.id, res.doc.text, kept, self.prompts.system, self.meta)
                 res.stats["turns_written"] += len(kept)
         return results

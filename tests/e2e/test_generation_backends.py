@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,3 +207,60 @@ def test_vllm_phases_run_in_their_own_processes_and_resume_exactly(tiny, tmp_pat
     assert len(inits) == 1 and "1000000.0" in json.dumps(inits[0]["hf_overrides"])
     assert out.read_text() == (tmp_path / "hf.jsonl").read_text()
     assert "resuming shard-00000-of-00001: 2 of 3 documents already done" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("template", ["auto", "mistral"])
+def test_one_chat_template_from_generation_to_training_by_token_ids(tiny, tmp_path, template, capsys):
+    """Generation offered only chatml / a Jinja file while preprocessing picked its own template, so
+    data generated in one format was trained in another. Now the prompt ids a backend received are,
+    token for token, the ids the preprocessed (training) sequences have before their responses; the
+    records name the template, and preprocessing with another one is refused."""
+    from megatron_longpo.data.indexed import PreferenceDataset
+    from megatron_longpo.data.preprocess import main as preprocess_main
+    from megatron_longpo.data.templates import get_template
+    from megatron_longpo.data.tokenizer import Tokenizer
+    from megatron_longpo.generation.pipeline import request_seed
+
+    d, model, fmt, hf = tiny
+    docs = write_documents_jsonl(tmp_path / "docs.jsonl", 3, paragraphs=(4, 6), words=(3, 5), seed=9)
+    pool = tmp_path / "q.jsonl"
+    pool.write_text('{"question": "What is the code of the harbor?"}\n{"question": "Which section names a bridge?"}\n')
+    out = tmp_path / "gen.jsonl"
+    fmt_t = ChatFormatter(model, template)
+    long_hf = HFBackend(model, fmt_t, long_rope_theta=1e6)
+    with CompletionServer(HFBackend(model, fmt_t), fmt_t) as short_srv, \
+            CompletionServer(long_hf, fmt_t, long=True) as long_srv:
+        assert generate_main(["--input", str(docs), "--model", str(model), "--questions", str(pool),
+                              "--chunk-min-tokens", "40", "--chunk-max-tokens", "120", "--max-new-tokens", "4",
+                              "--min-content-words", "0", "--max-repeat-ratio-chosen", "1",
+                              "--max-repeat-ratio-rejected", "1", "--no-progress", "--seed", "3", "--max-turns", "2",
+                              "--chat-template", template, "--long-rope-theta", "1e6", "--backend", "openai",
+                              "--openai-base-url", short_srv.url, "--long-base-url", long_srv.url,
+                              "--openai-model", "tiny", "--output", str(out)]) == 0
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    want = get_template(template, Tokenizer(model)).describe()
+    assert records and all(r["meta"]["chat_template"] == want for r in records)
+    assert want["name"] == ("tokenizer" if template == "auto" else template)
+    prefix = str(tmp_path / "bin" / "train")
+    assert preprocess_main(["--input", str(out), "--tokenizer", str(model), "--output-prefix", prefix,
+                            "--chat-template", template, "--max-seq-length", "4096", "--no-progress"]) == 0
+    ds = PreferenceDataset(prefix)  # what the trainer reads
+    sent = {c["seed"]: c["prompt"] for c in short_srv.calls + long_srv.calls}
+    checked = 0
+    for i, r in enumerate(records):
+        s = ds[i]
+        assert s.id == r["id"] and s.num_turns == len(r["turns"])
+        # the long (rejected) prompt of turn 0 == the policy sequence up to its first response token
+        first = int(np.argmax(s.chosen_mask))
+        assert s.chosen[:first].tolist() == sent[request_seed(3, r["id"], 0, "rejected")]
+        for k, ref in enumerate(s.references):  # each chosen prompt == its reference turn before the response
+            start = int(np.argmax(ref.chosen_mask))
+            assert ref.chosen[:start].tolist() == sent[request_seed(3, r["id"], k, "chosen")]
+            checked += 1
+    assert checked >= len(records)
+    other = "tokenizer" if template == "mistral" else "mistral"
+    assert preprocess_main(["--input", str(out), "--tokenizer", str(model), "--output-prefix", str(tmp_path / "x"),
+                            "--chat-template", other, "--max-seq-length", "4096", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"was generated with the chat template {want['name']!r}" in err and "nothing was written" in err
+    assert not list(tmp_path.glob("x.*"))
