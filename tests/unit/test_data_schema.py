@@ -203,5 +203,9 @@ def test_conversation_keys_are_never_silently_dropped():
     # other keys are metadata: kept out of the conversation, reported by name
     longpo["turns"][0] = {"short_context": "s", "instruction": "i", "chosen": "a", "rejected": "b", "score": 1}
     rec = parse_record(dict(longpo, source="books", meta={}), "f:1")
-    assert rec.ignored_keys == ("meta", "source", "turns[].score")
+    assert rec.ignored_keys == ("source", "turns[].score")  # meta is read (the generation chat template)
+    tpl = {"name": "chatml", "fingerprint": "ab12"}
+    assert parse_record(dict(longpo, meta={"chat_template": tpl}), "f:1").chat_template == tpl
+    bad = parse_record(dict(longpo, meta={"chat_template": "chatml"}), "f:1")
+    assert bad.reason == "wrong_type" and "meta.chat_template" in bad.message
     assert parse_record(dict(pair, source="x"), "f:1").ignored_keys == ("source",)
