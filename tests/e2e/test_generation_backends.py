@@ -35,6 +35,16 @@ def _requests(fmt, n=4):
     return out
 
 
+def _cli_args(tmp_path, model, n_docs: int, seed: int, *extra: str) -> list[str]:
+    """Generation options for tiny documents with a question pool and permissive filters."""
+    docs = write_documents_jsonl(tmp_path / "docs.jsonl", n_docs, paragraphs=(4, 5), words=(3, 5), seed=seed)
+    pool = tmp_path / "q.jsonl"
+    pool.write_text('{"question": "What is the code of the harbor?"}\n')
+    return ["--input", str(docs), "--model", str(model), "--questions", str(pool), "--chunk-min-tokens", "60",
+            "--chunk-max-tokens", "200", "--max-new-tokens", "4", "--min-content-words", "0",
+            "--max-repeat-ratio-chosen", "1", "--max-repeat-ratio-rejected", "1", "--no-progress", *extra]
+
+
 def test_openai_backend_matches_hf_and_retries(tiny):
     d, model, fmt, hf = tiny
     reqs = _requests(fmt)
@@ -62,12 +72,7 @@ def test_openai_backend_matches_hf_and_retries(tiny):
 
 def test_cli_with_openai_backend_equals_hf_backend(tiny, tmp_path, monkeypatch):
     d, model, fmt, hf = tiny
-    docs = write_documents_jsonl(tmp_path / "docs.jsonl", 2, paragraphs=(4, 5), words=(3, 5), seed=4)
-    pool = tmp_path / "q.jsonl"
-    pool.write_text('{"question": "What is the code of the harbor?"}\n')
-    common = ["--input", str(docs), "--model", str(model), "--questions", str(pool), "--chunk-min-tokens", "60",
-              "--chunk-max-tokens", "200", "--max-new-tokens", "4", "--min-content-words", "0",
-              "--max-repeat-ratio-chosen", "1", "--max-repeat-ratio-rejected", "1", "--no-progress"]
+    common = _cli_args(tmp_path, model, 2, 4)
     assert generate_main([*common, "--output", str(tmp_path / "hf.jsonl")]) == 0
     with CompletionServer(hf, fmt, faults=["drop"]) as srv:
         monkeypatch.setenv("OPENAI_BASE_URL", srv.url)
@@ -100,13 +105,7 @@ def test_openai_long_rope_theta_needs_a_second_endpoint(tiny, tmp_path, capsys):
     answers go to the server at the model's own base and the rejected ones to the long-RoPE server,
     giving exactly the hf backend's records."""
     d, model, fmt, hf = tiny
-    docs = write_documents_jsonl(tmp_path / "docs.jsonl", 2, paragraphs=(4, 5), words=(3, 5), seed=4)
-    pool = tmp_path / "q.jsonl"
-    pool.write_text('{"question": "What is the code of the harbor?"}\n')
-    common = ["--input", str(docs), "--model", str(model), "--questions", str(pool), "--chunk-min-tokens", "60",
-              "--chunk-max-tokens", "200", "--max-new-tokens", "4", "--min-content-words", "0",
-              "--max-repeat-ratio-chosen", "1", "--max-repeat-ratio-rejected", "1", "--no-progress",
-              "--long-rope-theta", "1e6"]
+    common = _cli_args(tmp_path, model, 2, 4, "--long-rope-theta", "1e6")
     oa = ["--backend", "openai", "--openai-model", "tiny", "--openai-base-url", "http://127.0.0.1:9/v1"]
     assert generate_main([*common, *oa, "--output", str(tmp_path / "x.jsonl")]) == 2
     err = capsys.readouterr().err
@@ -175,13 +174,7 @@ def test_vllm_phases_run_in_their_own_processes_and_resume_exactly(tiny, tmp_pat
     then every rejected answer from another at --long-rope-theta; records equal the hf backend's,
     and a rerun resumes each phase from its journal."""
     d, model, fmt, hf = tiny
-    docs = write_documents_jsonl(tmp_path / "docs.jsonl", 3, paragraphs=(4, 5), words=(3, 5), seed=6)
-    pool = tmp_path / "q.jsonl"
-    pool.write_text('{"question": "What is the code of the harbor?"}\n')
-    common = ["--input", str(docs), "--model", str(model), "--questions", str(pool), "--chunk-min-tokens", "60",
-              "--chunk-max-tokens", "200", "--max-new-tokens", "4", "--min-content-words", "0",
-              "--max-repeat-ratio-chosen", "1", "--max-repeat-ratio-rejected", "1", "--no-progress",
-              "--long-rope-theta", "1e6", "--batch-documents", "2"]
+    common = _cli_args(tmp_path, model, 3, 6, "--long-rope-theta", "1e6", "--batch-documents", "2")
     assert generate_main([*common, "--output", str(tmp_path / "hf.jsonl")]) == 0
     out = tmp_path / "vllm.jsonl"
     assert generate_main([*common, "--output", str(out), "--backend", "vllm"]) == 0
