@@ -257,3 +257,13 @@ def test_one_chat_template_from_generation_to_training_by_token_ids(tiny, tmp_pa
     err = capsys.readouterr().err
     assert f"was generated with the chat template {want['name']!r}" in err and "nothing was written" in err
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_vllm_without_long_rope_is_one_engine_in_process(tiny, tmp_path, vllm_standin):
+    d, model, fmt, hf = tiny
+    common = _cli_args(tmp_path, model, 2, 8)
+    assert generate_main([*common, "--output", str(tmp_path / "hf.jsonl")]) == 0
+    assert generate_main([*common, "--output", str(tmp_path / "v.jsonl"), "--backend", "vllm"]) == 0
+    assert (tmp_path / "v.jsonl").read_text() == (tmp_path / "hf.jsonl").read_text() != ""
+    inits = [e for e in _events(vllm_standin) if e["event"] == "init"]
+    assert [e["pid"] for e in inits] == [os.getpid()] and "rope" not in json.dumps(inits[0]["hf_overrides"])
