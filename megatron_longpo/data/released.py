@@ -14,6 +14,12 @@ mask as ``labels != -100``; the shared prefix P is found from the ids (``split_s
 both pair layouts work. Rows that cannot be mapped (shifted or foreign labels, prompts that differ,
 no response, ids outside the tokenizer) stop the import naming FILE:ROW and the column, or are
 dropped and counted with ``--skip-invalid``. Nothing is re-tokenized: the ids are the authors'.
+
+The authors' ``data_prepare/format_tokenize.py`` stores ``chosen_*`` / ``rejected_*`` as a tokenizer
+batch of one (a nested ``[[...]]`` per row; read like the flat form) and renders with
+``add_generation_prompt=True`` after the final answer, so their labelled spans end with the
+template's generation prompt (Qwen2: ``<|im_start|>assistant\n``); ``--trailing-generation-prompt``
+keeps it (default, as released) or drops it, counted either way (docs/data.md).
 """
 
 from __future__ import annotations
