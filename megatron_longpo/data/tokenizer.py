@@ -27,6 +27,12 @@ _HF_FILES = (
 )
 
 
+def has_tokenizer_files(directory: str | os.PathLike) -> bool:
+    """The directory holds an HF tokenizer (one of the files that define one)."""
+    d = Path(directory)
+    return d.is_dir() and any((d / name).is_file() for name in _HF_FILES)
+
+
 # Plain text whose ids show how a tokenizer splits text: spaces, newlines, tabs, digits, case,
 # punctuation, code and non-Latin scripts. No special-token markers: a sentencepiece file and the
 # HF tokenizer wrapping it read those differently by design, and must still compare equal.

@@ -161,3 +161,7 @@ def test_precompute_checks_the_data_tokenizer_like_the_trainer(dataset, tmp_path
     _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": other}), "splits text differently")
     opts.check_tokenizer = False
     assert _inputs(opts, world=1)[0]["counts"]  # the switch skips it, as data.check_tokenizer=false does
+    bare = tmp_path / "bare"  # a converted checkpoint whose tokenizer/ holds no tokenizer files: nothing to compare
+    _fake_checkpoint(bare, _cfg().model)
+    (bare / "tokenizer").mkdir()
+    assert _inputs(PrecomputeOptions(load=str(bare), data=dataset, output=str(tmp_path / "c2")), world=1)[0]["counts"]
