@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -555,10 +556,56 @@ def pipeline_layout_errors(num_layers: int, p: ParallelConfig) -> list[str]:
     return []
 
 
+# Ranges of the float options: (low, low included, high, high included); None: unbounded. Every
+# float option, listed here or not, must be finite: nan / inf pass comparisons like `beta <= 0`
+# and only surface at step 1 as a grad-norm traceback.
+FLOAT_RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
+    "model.rope_theta": (0.0, False, None, False),
+    "model.norm_epsilon": (0.0, False, None, False),
+    "model.init_method_std": (0.0, False, None, False),
+    "model.attention_dropout": (0.0, True, 1.0, False),
+    "model.hidden_dropout": (0.0, True, 1.0, False),
+    "loss.beta": (0.0, False, None, False),
+    "loss.lam": (0.0, True, None, False),
+    "loss.nll_weight": (0.0, True, None, False),
+    "reference.rope_theta": (0.0, False, None, False),
+    "optim.lr": (0.0, True, None, False),
+    "optim.min_lr": (0.0, True, None, False),
+    "optim.lr_warmup_fraction": (0.0, True, 1.0, True),
+    "optim.weight_decay": (0.0, True, None, False),
+    "optim.adam_beta1": (0.0, True, 1.0, False),
+    "optim.adam_beta2": (0.0, True, 1.0, False),
+    "optim.adam_eps": (0.0, False, None, False),
+    "optim.rmsprop_alpha": (0.0, True, 1.0, False),
+    "optim.rmsprop_eps": (0.0, False, None, False),
+    "optim.clip_grad": (0.0, True, None, False),
+    "training.num_epochs": (0.0, False, None, False),
+    "training.exit_duration_mins": (0.0, False, None, False),
+}
+
+
+def float_errors(section: str, obj: Any) -> list[str]:
+    """Every float field of a config section is finite and inside its FLOAT_RANGES entry."""
+    errs = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if not isinstance(v, float):
+            continue
+        name = f"{section}.{f.name}"
+        lo, lo_in, hi, hi_in = FLOAT_RANGES.get(name, (None, False, None, False))
+        if not math.isfinite(v):
+            errs.append(f"{name} must be a finite number (got {v})")
+        elif (lo is not None and (v < lo or (v == lo and not lo_in))) or \
+                (hi is not None and (v > hi or (v == hi and not hi_in))):
+            low, high = "-inf" if lo is None else f"{lo:g}", "inf" if hi is None else f"{hi:g}"
+            errs.append(f"{name} must be in {'[' if lo_in else '('}{low}, {high}{']' if hi_in else ')'} (got {v})")
+    return errs
+
+
 def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     """Model/parallel rules shared by training, precompute and conversion tools."""
     tp = parallel.tensor_model_parallel_size
-    errs = []
+    errs = float_errors("model", model)
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups", "vocab_size", "max_position_embeddings"):
         if getattr(model, name) <= 0:
@@ -612,7 +659,8 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
     """Check every rule of a training config; raise ConfigError naming each violated one."""
     validate_model(cfg.model, cfg.parallel)
     p = cfg.parallel
-    errs = []
+    errs = [e for f in dataclasses.fields(cfg) if f.name != "model"
+            for e in float_errors(f.name, getattr(cfg, f.name))]
     model_parallel = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
     if world_size is not None and world_size % model_parallel:
         errs.append(
@@ -652,14 +700,8 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
                 "schedule); change training.global_batch_size or micro_batch_size")
     if t.train_iters < 0:
         errs.append("training.train_iters must be >= 0")
-    if t.num_epochs is not None and t.num_epochs <= 0:
-        errs.append(f"training.num_epochs must be > 0 (got {t.num_epochs})")
-    if cfg.loss.beta <= 0:
-        errs.append(f"loss.beta must be > 0 (got {cfg.loss.beta})")
     if cfg.loss.logprob_chunk_size <= 0:
         errs.append("loss.logprob_chunk_size must be > 0")
-    if cfg.loss.lam < 0 or cfg.loss.nll_weight < 0:
-        errs.append(f"loss.lam ({cfg.loss.lam}) and loss.nll_weight ({cfg.loss.nll_weight}) must be >= 0")
     if cfg.loss.mode in OBJECTIVES:
         objective = OBJECTIVES[cfg.loss.mode]
         if not objective.terms(cfg.loss.nll_weight) or (objective.terms(cfg.loss.nll_weight) == ("preference",)
@@ -684,6 +726,8 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
     errs += _evaluation_errors(cfg)
     if t.eval_iters < 0:
         errs.append(f"training.eval_iters must be >= 0 (0 = the whole validation set), got {t.eval_iters}")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        errs.append(f"optim.min_lr ({cfg.optim.min_lr}) must be <= optim.lr ({cfg.optim.lr})")
     if cfg.optim.lr_warmup_steps is not None and not 0 <= cfg.optim.lr_warmup_steps <= max(t.train_iters, 0):
         errs.append(f"optim.lr_warmup_steps ({cfg.optim.lr_warmup_steps}) must be in [0, training.train_iters]")
     if cfg.checkpoint.load_iteration is not None and cfg.checkpoint.load_iteration < 0:

@@ -7,8 +7,11 @@
 
 import sys
 
-from megatron_longpo.evaluation.cli import main
+from megatron_longpo.evaluation.args import build_arg_parser
 
 # The guard is required: dist_checkpointing starts a spawn-context helper that re-imports __main__.
 if __name__ == "__main__":
+    build_arg_parser().parse_args()  # --help / option errors answer before torch is imported
+    from megatron_longpo.evaluation.cli import main
+
     sys.exit(main())

@@ -10,7 +10,7 @@ import sys
 import typing
 from pathlib import Path
 
-from megatron_longpo.config import LongPOConfig
+from megatron_longpo.config import FLOAT_RANGES, LongPOConfig
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -25,6 +25,15 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _range(name: str) -> str:
+    """`` in (0, 1]`` for a float option with a FLOAT_RANGES entry."""
+    if name not in FLOAT_RANGES:
+        return ""
+    lo, lo_in, hi, hi_in = FLOAT_RANGES[name]
+    low, high = "-inf" if lo is None else f"{lo:g}", "inf" if hi is None else f"{hi:g}"
+    return f" in {'[' if lo_in else '('}{low}, {high}{']' if hi_in else ')'}"
+
+
 def render() -> str:
     lines = [
         "# Configuration reference",
@@ -34,6 +43,7 @@ def render() -> str:
         "`--section.key=value` (YAML syntax for the value: `--model.rope_scaling={rope_type: llama3, factor: 8}`).",
         "Every cross-field rule (divisibility by tp / cp, batch sizes, backend / layout combinations) is checked",
         "at start-up by `config.validate`, and files, caches and checkpoints by `training/preflight.py`.",
+        "Every float option must be finite (nan / inf are refused) and inside the range its type shows.",
         "",
     ]
     top_hints = typing.get_type_hints(LongPOConfig)
@@ -44,7 +54,8 @@ def render() -> str:
                   "| option | type | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"| `{section.name}.{f.name}` | {_type_name(hints[f.name])} | `{default}` | "
+            name = f"{section.name}.{f.name}"
+            lines.append(f"| `{name}` | {_type_name(hints[f.name])}{_range(name)} | `{default}` | "
                          f"{f.metadata.get('help', '')} |")
         lines.append("")
     return "\n".join(lines)

@@ -7,7 +7,10 @@
 
 import sys
 
-from megatron_longpo.generation.cli import main
+from megatron_longpo.generation.args import build_parser
 
 if __name__ == "__main__":  # guard required: dist_checkpointing's writer re-imports __main__
+    build_parser().parse_args()  # --help / option errors answer before torch / transformers load
+    from megatron_longpo.generation.cli import main
+
     sys.exit(main())

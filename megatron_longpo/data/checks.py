@@ -1,12 +1,14 @@
-"""Start-up check of a dataset prefix for the trainer's preflight (before any process group)."""
+"""Start-up checks of a dataset prefix (trainer preflight, reference precompute; before any process group)."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from megatron_longpo.config import ConfigError
 from megatron_longpo.data.indexed import load_metadata
 from megatron_longpo.data.schema import DataError
+from megatron_longpo.data.tokenizer import Tokenizer, has_tokenizer_files
 
 
 def check_dataset_files(prefix: str, option: str = "data.train_data") -> dict[str, Any]:
@@ -16,3 +18,20 @@ def check_dataset_files(prefix: str, option: str = "data.train_data") -> dict[st
         return load_metadata(prefix)
     except DataError as e:
         raise ConfigError(f"{option}={prefix}: {e}") from e
+
+
+def tokenizer_mismatch(meta: dict[str, Any], data_option: str, prefix: str, ckpt: str, tdir: Path,
+                       disable: str) -> Optional[str]:
+    """Why the dataset (sidecar ``meta``) was not tokenized the way the checkpoint ``ckpt``'s shipped
+    tokenizer ``tdir`` splits text, or None when they agree or nothing can be compared (data
+    preprocessed before the check existed, a checkpoint whose tokenizer/ holds no tokenizer files).
+    ``disable`` names the switch that skips the check."""
+    want = meta.get("tokenizer") or {}
+    if not want.get("behaviour") or not has_tokenizer_files(tdir):  # nothing to compare
+        return None
+    if Tokenizer(tdir).behaviour_fingerprint() == want["behaviour"]:
+        return None
+    return (f"{data_option}={prefix} was tokenized with {want.get('path')} but the model checkpoint {ckpt} ships "
+            f"the tokenizer {tdir}, which splits text differently: the model would be trained on ids it does not "
+            f"read that way (and the export would ship the wrong tokenizer). Re-run tools/preprocess_data.py with "
+            f"--tokenizer {tdir}, or set {disable} if you know the two agree")

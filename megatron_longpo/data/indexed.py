@@ -38,7 +38,7 @@ from megatron.core.datasets.indexed_dataset import (
 
 from megatron_longpo.config import ConfigError
 from megatron_longpo.data.pair_layout import LAYOUTS, row_length
-from megatron_longpo.data.paths import dataset_files, ids_path, sidecar_path
+from megatron_longpo.data.paths import dataset_files, ids_path, prefix_hint, sidecar_path
 from megatron_longpo.data.sample import PreferenceSample, ReferenceTurn
 from megatron_longpo.data.schema import DataError
 
@@ -130,7 +130,9 @@ def load_metadata(prefix: str) -> dict[str, Any]:
     if not os.path.exists(side):
         if os.path.exists(get_bin_path(prefix)) or os.path.exists(get_idx_path(prefix)):
             raise DataError(f"dataset {prefix} is incomplete ({side} is missing; preprocessing did not finish); {rebuild}")
-        raise DataError(f"dataset {prefix} does not exist (no {side}); create it with tools/preprocess_data.py")
+        hint = prefix_hint(prefix)
+        raise DataError(f"dataset {prefix} does not exist (no {side})"
+                        + (hint or "; create it with tools/preprocess_data.py"))
     try:
         with open(side, encoding="utf-8") as f:
             meta = json.load(f)

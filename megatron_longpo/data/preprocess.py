@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from megatron_longpo.data.pair_layout import LAYOUTS
 from megatron_longpo.data.paths import dataset_files, rejected_path
-from megatron_longpo.data.schema import DataError, InvalidRecord, LongPORecord, PairRecord, read_records
+from megatron_longpo.data.schema import MISSING_FIELD, DataError, InvalidRecord, LongPORecord, PairRecord, read_records
 from megatron_longpo.data.sequences import (
     DEFAULT_SEPARATOR,
     OVERLONG_CHOICES,
@@ -291,9 +291,26 @@ def _summary(meta: dict, seconds: float, workers: int, prefix: str, had_rejected
 # ----------------------------------------------------------------------------------------------
 
 
-def _validate_pass(o: PreprocessOptions) -> tuple[int, int]:
-    """Pass 1: count records; raise listing the invalid ones unless skip_invalid."""
-    total, errors, messages = 0, 0, []
+def template_mismatch(rec: LongPORecord, template: dict[str, str], option: str) -> Optional[str]:
+    """Why ``rec`` (generated with the chat template in its ``meta``) must not be built with
+    ``template`` (:meth:`ChatTemplate.describe`), or None. A record whose prompts a server rendered
+    (fingerprint null) cannot be checked."""
+    gen = rec.chat_template
+    if gen is None or gen.get("fingerprint") is None or gen.get("fingerprint") == template["fingerprint"]:
+        return None
+    fix = f"pass --chat-template {gen['name']}" if gen["name"] in TEMPLATE_CHOICES else \
+        "pass the --chat-template the data was generated with"
+    return (f"{rec.source}: record {rec.id!r} was generated with the chat template {gen['name']!r} (fingerprint "
+            f"{str(gen.get('fingerprint'))[:12]}) but {option} renders {template['name']!r} (fingerprint "
+            f"{template['fingerprint'][:12]}): the model would be trained in another format than it answered in; "
+            f"{fix} (the tokenizer's own template is 'tokenizer')")
+
+
+def _validate_pass(o: PreprocessOptions, template: Optional[dict[str, str]] = None) -> tuple[int, int]:
+    """Pass 1: count records; raise listing the invalid ones unless skip_invalid, and on any record
+    generated with another chat template than ``template`` (whatever skip_invalid says)."""
+    total, errors, no_id, messages = 0, 0, 0, []
+    mismatched, unchecked = [], 0
     records = read_records(o.inputs, o.auto_id, o.split)
     if o.progress:
         records = tqdm(records, unit="rec", desc="validate", dynamic_ncols=True, file=sys.stderr, leave=False)
@@ -301,14 +318,32 @@ def _validate_pass(o: PreprocessOptions) -> tuple[int, int]:
         total += 1
         if isinstance(rec, InvalidRecord):
             errors += 1
+            no_id += rec.reason == MISSING_FIELD and ": field 'id' is missing" in rec.message
             if len(messages) < 10:
                 messages.append(rec.message)
+        elif template is not None and isinstance(rec, LongPORecord) and rec.chat_template is not None:
+            why = template_mismatch(rec, template, f"--chat-template {o.chat_template}")
+            unchecked += rec.chat_template.get("fingerprint") is None
+            if why and len(mismatched) < 10:
+                mismatched.append(why)
+    if mismatched:
+        raise DataError("chat template mismatch; nothing was written:\n  " + "\n  ".join(mismatched))
+    if unchecked:
+        print(f"preprocess: WARNING: {unchecked} records were generated with prompts rendered by an OpenAI-compatible "
+              "server's own chat template (--openai-api chat), which cannot be checked against --chat-template",
+              file=sys.stderr)
     if errors and not o.skip_invalid:
         more = f"\n  ... and {errors - len(messages)} more" if errors > len(messages) else ""
+        if no_id == errors:  # TRL-style pairs without ids: --skip-invalid would drop every one of them
+            fix = ("\nThese records have no 'id' (e.g. TRL-style pairs): pass --auto-id to give each its source "
+                   "FILE:LINE as id")
+        else:
+            fix = (f"\nFix them, or pass --skip-invalid to drop them (they are then written to "
+                   f"{rejected_path(o.output_prefix)})")
+            if no_id:
+                fix += f"; {no_id} of them only lack an 'id': --auto-id gives each its source FILE:LINE as id"
         raise DataError(
-            f"{errors} invalid record(s) in the input; nothing was written:\n  " + "\n  ".join(messages) + more
-            + f"\nFix them, or pass --skip-invalid to drop them (they are then written to "
-            f"{rejected_path(o.output_prefix)})"
+            f"{errors} invalid record(s) in the input; nothing was written:\n  " + "\n  ".join(messages) + more + fix
         )
     return total, errors
 
@@ -318,7 +353,7 @@ def preprocess(o: PreprocessOptions, log=print) -> PreprocessResult:
     tok = Tokenizer(o.tokenizer)  # fail fast on a bad tokenizer / template
     template = get_template(o.chat_template, tok)
     t0 = time.perf_counter()
-    total, _ = _validate_pass(o)
+    total, _ = _validate_pass(o, template.describe())
     if not o.progress:
         pbar = None
     else:

@@ -14,6 +14,12 @@ mask as ``labels != -100``; the shared prefix P is found from the ids (``split_s
 both pair layouts work. Rows that cannot be mapped (shifted or foreign labels, prompts that differ,
 no response, ids outside the tokenizer) stop the import naming FILE:ROW and the column, or are
 dropped and counted with ``--skip-invalid``. Nothing is re-tokenized: the ids are the authors'.
+
+The authors' ``data_prepare/format_tokenize.py`` stores ``chosen_*`` / ``rejected_*`` as a tokenizer
+batch of one (a nested ``[[...]]`` per row; read like the flat form) and renders with
+``add_generation_prompt=True`` after the final answer, so their labelled spans end with the
+template's generation prompt (Qwen2: ``<|im_start|>assistant\n``); ``--trailing-generation-prompt``
+keeps it (default, as released) or drops it, counted either way (docs/data.md).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ ID_COLUMNS = ("id", "prompt_id", "sample_id")
 
 # Drop reasons (counted; NAME.rejected.jsonl)
 BAD_ROW = "unmappable_row"
+TRAILING_CHOICES = ("keep", "drop")
 
 
 @dataclass
@@ -59,6 +66,7 @@ class ImportOptions:
     skip_invalid: bool = False
     overwrite: bool = False
     progress: bool = True
+    trailing_generation_prompt: str = "keep"  # keep (as released and trained by the authors) | drop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,9 +97,16 @@ def _check_columns(path: Path, names: Sequence[str]) -> tuple[list[str], Optiona
 
 def _sequence(row: dict, prefix: str, where: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, response mask) of one padded sequence."""
-    ids = np.asarray(row[f"{prefix}_input_ids"], dtype=np.int64)
-    att = np.asarray(row[f"{prefix}_attention_mask"], dtype=np.int64)
-    lab = np.asarray(row[f"{prefix}_labels"], dtype=np.int64)
+    cols = []
+    for f in FIELDS:
+        v = np.asarray(row[f"{prefix}_{f}"], dtype=np.int64)
+        if v.ndim == 2 and v.shape[0] == 1:  # the authors' tokenizer batch of one, as lists: [[...]]
+            v = v[0]
+        if v.ndim != 1:
+            raise DataError(f"{where}: {prefix}_{f} has shape {list(v.shape)}; expected one sequence per row "
+                            "(a flat list, or the nested [[...]] of a batch of one)")
+        cols.append(v)
+    ids, att, lab = cols
     if not (len(ids) == len(att) == len(lab)):
         raise DataError(f"{where}: {prefix}_input_ids, _attention_mask and _labels have lengths "
                         f"{len(ids)}, {len(att)}, {len(lab)}; they must be equal")
@@ -113,9 +128,52 @@ def _sequence(row: dict, prefix: str, where: str, vocab_size: int) -> tuple[np.n
     return ids, mask.astype(np.uint8)
 
 
-def row_to_sample(row: dict, sample_id: str, where: str, vocab_size: int) -> PreferenceSample:
-    ids_w, m_w = _sequence(row, "chosen", where, vocab_size)
-    ids_l, m_l = _sequence(row, "rejected", where, vocab_size)
+def generation_prompt_ids(tok: Tokenizer) -> Optional[np.ndarray]:
+    """Ids of the text ``apply_chat_template(..., add_generation_prompt=True)`` appends (Qwen2:
+    ``<|im_start|>assistant\\n``), or None when the tokenizer's template appends nothing."""
+    if tok.kind != "hf" or not tok.chat_template:
+        return None
+    msgs = [{"role": "user", "content": "x"}]
+    try:
+        bare = tok._hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        gen = tok._hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that refuses this probe has no generation prompt we can find
+        return None
+    if not isinstance(gen, str) or not gen.startswith(bare) or gen == bare:
+        return None
+    return tok.encode(gen[len(bare):])
+
+
+def _trailing_prompt(ids: np.ndarray, mask: np.ndarray, gen: Optional[np.ndarray]) -> bool:
+    """The sequence ends with the generation prompt, labelled (the authors' format_tokenize.py
+    renders with add_generation_prompt=True after the final answer)."""
+    n = 0 if gen is None else len(gen)
+    return 0 < n < len(ids) and bool(np.array_equal(ids[-n:], gen)) and bool(mask[-n:].all())
+
+
+@dataclass
+class TrailingPrompt:
+    """What to do with a labelled generation prompt after the last answer, and how often it was met."""
+
+    ids: Optional[np.ndarray]  # generation_prompt_ids of the tokenizer
+    drop: bool = False
+    sequences: int = 0  # sequences (policy and reference) that ended with it
+
+    def apply(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not _trailing_prompt(ids, mask, self.ids):
+            return ids, mask
+        self.sequences += 1
+        if not self.drop:
+            return ids, mask
+        n = len(self.ids)
+        return ids[:-n], mask[:-n]
+
+
+def row_to_sample(row: dict, sample_id: str, where: str, vocab_size: int,
+                  trailing: Optional[TrailingPrompt] = None) -> PreferenceSample:
+    trailing = trailing or TrailingPrompt(None)
+    ids_w, m_w = trailing.apply(*_sequence(row, "chosen", where, vocab_size))
+    ids_l, m_l = trailing.apply(*_sequence(row, "rejected", where, vocab_size))
     sample = split_shared_prefix(sample_id, ids_w, m_w, ids_l, m_l, where)
     if "ref_chosen_input_ids" in row:
         for s_ in REFERENCES:  # a flat list<int> column is one turn
@@ -129,7 +187,7 @@ def row_to_sample(row: dict, sample_id: str, where: str, vocab_size: int) -> Pre
             turn = {}
             for s in REFERENCES:
                 sub = {f"{s}_{f}": row[f"{s}_{f}"][k] for f in FIELDS}
-                ids, mask = _sequence(sub, s, f"{where}: turn {k}", vocab_size)
+                ids, mask = trailing.apply(*_sequence(sub, s, f"{where}: turn {k}", vocab_size))
                 if not mask.any():
                     raise DataError(f"{where}: turn {k}: {s}_labels mark no response token")
                 turn[s] = (ids, mask)
@@ -180,6 +238,10 @@ def import_released(o: ImportOptions, log=print) -> dict[str, Any]:
     if existing and not o.overwrite:
         raise DataError(f"--output-prefix {o.output_prefix}: {existing[0]} already exists; pass --overwrite")
     tok = Tokenizer(o.tokenizer)
+    if o.trailing_generation_prompt not in TRAILING_CHOICES:
+        raise DataError(f"--trailing-generation-prompt {o.trailing_generation_prompt!r}: choose one of "
+                        f"{list(TRAILING_CHOICES)}")
+    trailing = TrailingPrompt(generation_prompt_ids(tok), drop=o.trailing_generation_prompt == "drop")
     columns, total = {}, 0
     for path in tables:  # every schema is checked before anything is written
         names, n, _ = open_table(path)
@@ -202,11 +264,13 @@ def import_released(o: ImportOptions, log=print) -> dict[str, Any]:
                 where = f"{path}:row {row_no}"
                 id_col = columns[Path(path)][1]
                 sid = str(row[id_col]) if id_col and row.get(id_col) is not None else f"{Path(path).stem}-{row_no}"
+                counted = trailing.sequences
                 try:
                     if sid in seen:
                         raise DataError(f"{where}: duplicate id {sid!r} (first at {seen[sid]})")
-                    sample = row_to_sample(row, sid, where, tok.vocab_size)
+                    sample = row_to_sample(row, sid, where, tok.vocab_size, trailing)
                 except DataError as e:
+                    trailing.sequences = counted  # a refused row counts nothing
                     if not o.skip_invalid:
                         raise DataError(f"{e}\nNothing was written; fix the data or pass --skip-invalid to drop "
                                         f"such rows (listed in {rejected_path(o.output_prefix)})") from e
@@ -241,8 +305,9 @@ def import_released(o: ImportOptions, log=print) -> dict[str, Any]:
             "template": {"name": "released_tokenized", "fingerprint": h.hexdigest()},
             "options": {"inputs": [str(Path(p).resolve()) for p in o.inputs], "source_format": "released_tokenized",
                         "split": o.split, "skip_invalid": o.skip_invalid, "max_seq_length": None,
-                        "overlong": "error", "separator": None, "drop_identical": False},
-            "counts": stats.counts(),
+                        "overlong": "error", "separator": None, "drop_identical": False,
+                        "trailing_generation_prompt": o.trailing_generation_prompt},
+            "counts": {**stats.counts(), "trailing_generation_prompt_sequences": trailing.sequences},
             "lengths": {k: _stats(v) for k, v in sorted(stats.len.items())},
             "tokens_per_second": round(stats.tokens_written / max(seconds, 1e-9), 1),
             "workers": 1,
@@ -268,6 +333,8 @@ def import_released(o: ImportOptions, log=print) -> dict[str, Any]:
     log(f"import: {c['records_read']} rows read from {len(tables)} file(s), {c['records_written']} written "
         f"({c['longpo_records']} with reference turns, {c['turns_written']} turns) in {seconds:.1f} s\n"
         f"  dropped: {sum(c['rejected'].values())} ({_fmt_rejected(c['rejected'])})\n"
+        f"  {trailing.sequences} sequences end with the labelled generation prompt "
+        f"{'(dropped from them)' if trailing.drop else '(kept, as released)'}\n"
         f"  pair length two_sequences: max {L['two_sequences']['max']} mean {L['two_sequences']['mean']}; "
         f"shared_prefix: max {L['shared_prefix']['max']}; reference: max {L['reference']['max']}\n"
         f"  output: {o.output_prefix}.{{bin,idx,ids.json,json}}")
@@ -287,6 +354,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split of a DatasetDict directory (default: train)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="drop rows that cannot be mapped (listed in NAME.rejected.jsonl) instead of failing")
+    p.add_argument("--trailing-generation-prompt", choices=TRAILING_CHOICES, default="keep",
+                   help="a labelled generation prompt after the last answer (the authors' rows end with "
+                   "<|im_start|>assistant\\n): keep it as released (default) or drop it; counted either way")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output-prefix")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -296,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_arg_parser().parse_args(argv)
     try:
         import_released(ImportOptions(a.input, a.tokenizer, a.output_prefix, a.split, a.skip_invalid, a.overwrite,
-                                      not a.no_progress))
+                                      not a.no_progress, a.trailing_generation_prompt))
     except DataError as e:
         print(f"import_released_data.py: error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@ LongPO multi-turn record::
 
     {"id": "doc-17", "system": "optional", "document": "<long text>",
      "turns": [{"short_context": "<chunk C_S>", "instruction": "<question>",
-                "chosen": "<answer given C_S>", "rejected": "<answer given the document>"}, ...]}
+                "chosen": "<answer given C_S>", "rejected": "<answer given the document>"}, ...],
+     "meta": {"chat_template": {"name": "chatml", "fingerprint": "..."}}}   (optional; written by
+                                    tools/generate_longpo_data.py; preprocessing refuses another template)
 
 Plain (TRL-like) pair record::
 
@@ -51,7 +53,7 @@ UNUSED_KEY = "unused_conversation_key"
 
 # Keys each record form reads, and keys that change a conversation wherever they appear: one of
 # these that the form does not read is refused rather than silently dropped.
-LONGPO_KEYS = frozenset({"id", "system", "document", "turns"})
+LONGPO_KEYS = frozenset({"id", "system", "document", "turns", "meta"})
 TURN_KEYS = frozenset({"short_context", "instruction", "chosen", "rejected"})
 PAIR_KEYS = frozenset({"id", "prompt", "chosen", "rejected", "short_prompt"})
 OFFICIAL_KEYS = frozenset({"id", "prompt_id", "prompt", "short_prompt", "question", "chosen", "rejected"})
@@ -84,6 +86,7 @@ class LongPORecord:
     system: Optional[str] = None
     source: str = ""  # "FILE:LINE", for messages
     ignored_keys: tuple[str, ...] = ()  # unknown keys that do not change the conversation
+    chat_template: Optional[dict] = None  # meta.chat_template: {"name", "fingerprint"} the answers were generated with
 
 
 @dataclass(frozen=True)
@@ -238,8 +241,16 @@ def _longpo_record(obj: dict, source: str) -> LongPORecord:
                 rejected=_text(t, "rejected", f"{p}.rejected"),
             )
         )
+    template = None
+    meta = obj.get("meta")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise _Invalid(WRONG_TYPE, "meta", f"must be an object, got {_type_name(meta)}")
+        template = meta.get("chat_template")
+        if template is not None and (not isinstance(template, dict) or not isinstance(template.get("name"), str)):
+            raise _Invalid(WRONG_TYPE, "meta.chat_template", "must be an object with a 'name' (and 'fingerprint')")
     return LongPORecord(id=rid, document=document, turns=tuple(turns), system=system, source=source,
-                        ignored_keys=tuple(sorted(set(ignored))))
+                        ignored_keys=tuple(sorted(set(ignored))), chat_template=template)
 
 
 def _official_record(obj: dict, source: str) -> LongPORecord:

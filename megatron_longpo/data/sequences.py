@@ -24,7 +24,7 @@ import numpy as np
 from megatron_longpo.data.pair_layout import row_length
 from megatron_longpo.data.sample import PreferenceSample, ReferenceTurn
 from megatron_longpo.data.schema import DataError, LongPORecord, PairRecord, Record
-from megatron_longpo.data.templates import ChatMessage, ChatTemplate, Piece
+from megatron_longpo.data.templates import ChatMessage, ChatTemplate, Piece, generation_prompt
 from megatron_longpo.data.tokenizer import Tokenizer
 
 DEFAULT_SEPARATOR = "\n\n"  # between the document (or short context) and the first instruction
@@ -176,6 +176,13 @@ def encode_pieces(pieces: Sequence[Piece], tok: Tokenizer) -> Encoded:
             response |= _overlaps(starts, ends, a, b)
     doc = [(sp, p.text) for p, sp in zip(pieces, spans) if p.document]
     return Encoded(ids, response.astype(np.uint8), starts, ends, doc[0][0] if doc else None, doc[0][1] if doc else "")
+
+
+def generation_prompt_ids(template: ChatTemplate, tok: Tokenizer, messages: Sequence[ChatMessage]) -> np.ndarray:
+    """Token ids of the prompt before the next assistant message (:func:`templates.generation_prompt`),
+    tokenized as a whole like every training sequence: the ids a training sequence has before its
+    response tokens."""
+    return encode_pieces(generation_prompt(template, messages), tok).ids
 
 
 def _find_normalized(haystack: str, needle: str) -> Optional[tuple[int, int]]:

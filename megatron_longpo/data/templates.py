@@ -259,6 +259,22 @@ def _strip_message(m: ChatMessage) -> ChatMessage:
     return ChatMessage(m.role, tuple(parts), m.response, m.document_part)
 
 
+_ANSWER_MARK = "\u27e6longpo-answer\u27e7"
+
+
+def generation_prompt(template: ChatTemplate, messages: Sequence[ChatMessage]) -> list[Piece]:
+    """The pieces a model sees before it writes the next assistant message: ``messages`` plus an
+    assistant turn, rendered by ``template`` and cut where the assistant's content starts. This is
+    exactly the text before a response in a rendered training conversation, so generation,
+    preprocessing and evaluation share one format (and one rendering code)."""
+    pieces = template.render([*messages, ChatMessage("assistant", (_ANSWER_MARK,), response=True)])
+    at = [i for i, p in enumerate(pieces) if p.content and p.text == _ANSWER_MARK]
+    if len(at) != 1:
+        raise DataError(f"the {template.name} chat template does not render an assistant message verbatim, so the "
+                        "prompt before a response cannot be cut out")
+    return pieces[: at[0]]
+
+
 def get_template(name: str, tok: Tokenizer) -> ChatTemplate:
     """``auto``: the tokenizer's own template when it has one, else ``mistral``."""
     if name not in TEMPLATE_CHOICES:

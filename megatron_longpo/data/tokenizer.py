@@ -27,6 +27,12 @@ _HF_FILES = (
 )
 
 
+def has_tokenizer_files(directory: str | os.PathLike) -> bool:
+    """The directory holds an HF tokenizer (one of the files that define one)."""
+    d = Path(directory)
+    return d.is_dir() and any((d / name).is_file() for name in _HF_FILES)
+
+
 # Plain text whose ids show how a tokenizer splits text: spaces, newlines, tabs, digits, case,
 # punctuation, code and non-Latin scripts. No special-token markers: a sentencepiece file and the
 # HF tokenizer wrapping it read those differently by design, and must still compare equal.
@@ -205,11 +211,14 @@ class Tokenizer:
         byte_to_char = np.concatenate([np.cumsum(starts_char) - 1, [len(text)]]).astype(np.int64)
         return ids, byte_to_char[begin], byte_to_char[end]
 
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Text of ``ids`` with special tokens written out (e.g. ``<s>``, ``</s>``)."""
+    def decode(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
+        """Text of ``ids`` with special tokens written out (e.g. ``<s>``, ``</s>``), or left out with
+        ``skip_special`` (a generated answer)."""
         ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if not (i < len(self._special) and self._special[i])]
         if self._hf is not None:
-            return self._hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            return self._hf.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
         # sentencepiece decodes control tokens to "": decode the runs between them.
         out, run = [], []
         for i in ids:

@@ -24,13 +24,13 @@ from tqdm import tqdm
 
 from megatron_longpo.checkpoint import load_model_checkpoint
 from megatron_longpo.checkpoint.format import CheckpointMeta, read_meta, resolve_checkpoint_dir, tokenizer_dir
-from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE, ConfigError, ParallelConfig, validate_model
+from megatron_longpo.config import ConfigError, ParallelConfig, validate_model
 from megatron_longpo.data.schema import DataError
+from megatron_longpo.evaluation.args import build_arg_parser, csv_list
 from megatron_longpo.evaluation.report import plot_accuracy, require_matplotlib, results_document, write_results
-from megatron_longpo.evaluation.scoring import DEFAULT_TOKENS_PER_BATCH, plan_batches
+from megatron_longpo.evaluation.scoring import plan_batches
 from megatron_longpo.evaluation.setup import SuiteOptions, build_evaluator, text_pipeline
 from megatron_longpo.evaluation.suite import Evaluator, format_table
-from megatron_longpo.evaluation.tasks import TASK_NAMES
 from megatron_longpo.models.provider import build_model
 from megatron_longpo.runtime.distributed import destroy, init_distributed, init_model_parallel, set_seed
 
@@ -43,51 +43,6 @@ class _Checkpoint:
     label: str
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _lengths(text: str) -> list[int]:
-    out = []
-    for t in _csv(text):
-        t = t.lower()
-        mult = 1024 if t.endswith("k") else 1
-        try:
-            out.append(int(float(t.rstrip("k")) * mult))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--lengths: {t!r} is not a token count (e.g. 4096 or 128k)")
-    return out
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="evaluate.py",
-        description="Score Megatron checkpoints on RULER-style synthetic long-context tasks (teacher-forced exact "
-        "match of the answer and its log-likelihood; docs/evaluation.md). Run with torchrun.",
-    )
-    p.add_argument("--load", nargs="+", required=True, help="checkpoints (run or iteration directories), one line each in the plot")
-    p.add_argument("--labels", default=None, help="comma-separated names of the checkpoints (default: dir@iteration)")
-    p.add_argument("--tasks", type=_csv, default=list(TASK_NAMES), help=f"comma-separated, from {','.join(TASK_NAMES)} (default: all)")
-    p.add_argument("--lengths", type=_lengths, required=True, help="comma-separated prompt lengths in tokens, e.g. 4096,128k")
-    p.add_argument("--samples", type=int, default=8, help="samples per task and length")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task instances")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (.model file or HF dir); default: the checkpoint's tokenizer/")
-    p.add_argument("--chat-template", choices=["auto", "tokenizer", "mistral", "chatml"], default="auto")
-    p.add_argument("--haystack", nargs="*", default=[], help="haystack documents (.txt/.md/.jsonl files or dirs); default: built-in filler")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--cp", type=int, default=1, help="context-parallel size")
-    p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--attention-backend", choices=["auto", "te", "sdpa", "flash"], default="auto")
-    p.add_argument("--rope-theta", type=float, default=None, help="override every checkpoint's RoPE base")
-    p.add_argument("--params-dtype", choices=["fp32", "bf16"], default=None, help="override the checkpoints' dtype")
-    p.add_argument("--tokens-per-batch", type=int, default=DEFAULT_TOKENS_PER_BATCH, help="padded tokens per forward")
-    p.add_argument("--logprob-chunk-size", type=int, default=DEFAULT_LOGPROB_CHUNK_SIZE, help="positions per chunk of the vocab-parallel log-prob")
-    p.add_argument("--output", required=True, help="results JSON to write")
-    p.add_argument("--plot", default=None, help="PNG of accuracy vs length (needs matplotlib)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
 def _default_tokenizer(ckpt: Path) -> str:
     d = tokenizer_dir(ckpt)
     if d is None:
@@ -98,7 +53,7 @@ def _default_tokenizer(ckpt: Path) -> str:
 
 
 def _checkpoints(a: argparse.Namespace) -> list[_Checkpoint]:
-    labels = _csv(a.labels) if a.labels else None
+    labels = csv_list(a.labels) if a.labels else None
     if labels is not None and len(labels) != len(a.load):
         raise ConfigError(f"--labels names {len(labels)} checkpoints but --load has {len(a.load)}")
     out = []

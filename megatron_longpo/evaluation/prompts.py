@@ -1,21 +1,23 @@
 """Task instances -> token sequences through the project's chat template and tokenizer path.
 
 The conversation is ``user: [intro, *context, question]`` then ``assistant: [answer_prefix,
-answer]``, rendered by a :class:`~megatron_longpo.data.templates.ChatTemplate` into pieces that
-are tokenized one by one (as tools/preprocess_data.py does). The scored tokens are exactly the
-tokens of the answer piece; the sequence ends with the answer's last token (the end-of-turn token
-and anything after it are not needed for scoring). Because every piece is tokenized on its own,
-the sequence length is the template overhead plus the sum of the context parts' token counts,
-which is what lets :func:`make_sample` fill a context to a token length exactly.
+answer]``, rendered by a :class:`~megatron_longpo.data.templates.ChatTemplate` into pieces and
+tokenized AS A WHOLE by :func:`~megatron_longpo.data.sequences.encode_pieces`, exactly as training
+tokenizes a preprocessed conversation (token for token; tests/unit/test_eval_tasks.py compares the
+ids for every task and template). The sequence ends with the answer's last token (the end-of-turn
+token and anything after it are not needed for scoring); the scored tokens are those holding a
+character of the answer. :func:`make_sample` budgets the context with per-part token counts, then
+trims the budget until the whole-string tokenization fits the requested length.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
 
+from megatron_longpo.data.sequences import encode_pieces
 from megatron_longpo.data.templates import ChatMessage, ChatTemplate, Piece
 from megatron_longpo.data.tokenizer import Tokenizer
 from megatron_longpo.evaluation.haystack import Haystack
@@ -66,20 +68,18 @@ def messages(inst: TaskInstance, context: Optional[tuple[str, ...]] = None) -> l
 
 def encode_instance(inst: TaskInstance, template: ChatTemplate, counter: TokenCounter,
                     context: Optional[tuple[str, ...]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [L], answer mask [L]) of ``inst`` (with ``context`` in place of its own, if given)."""
+    """(tokens [L], answer mask [L]) of ``inst`` (with ``context`` in place of its own, if given):
+    the training tokenization of the rendered conversation, cut after the answer."""
     pieces: list[Piece] = template.render(messages(inst, context))
     answer_at = max((i for i, p in enumerate(pieces) if p.content and p.response), default=-1)
     if answer_at < 0 or pieces[answer_at].text.strip() != inst.answer.strip():
         raise ValueError(f"chat template {template.name!r} did not render the answer of task {inst.task} as the "
                          "last content piece of the assistant message")
-    arrays = [np.array([p.token_id], np.int64) if p.token_id >= 0 else counter.ids(p.text)
-              for p in pieces[: answer_at + 1]]
-    if len(arrays[-1]) == 0:
+    scored = [replace(p, response=(i == answer_at)) for i, p in enumerate(pieces[: answer_at + 1])]
+    enc = encode_pieces(scored, counter.tok)
+    if not enc.response.any():
         raise ValueError(f"task {inst.task}: the answer {inst.answer!r} encodes to no tokens")
-    tokens = np.concatenate(arrays)
-    mask = np.zeros(len(tokens), np.uint8)
-    mask[len(tokens) - len(arrays[-1]):] = 1
-    return tokens, mask
+    return enc.ids, enc.response
 
 
 def make_sample(task: str, length: int, seed: int, template: ChatTemplate, counter: TokenCounter,
@@ -88,12 +88,14 @@ def make_sample(task: str, length: int, seed: int, template: ChatTemplate, count
     probe = make_instance(task, seed, None, budget=None, num_tokens=counter)  # facts only, no haystack
     overhead = len(encode_instance(probe, template, counter, context=())[0])
     budget = length - overhead
-    try:
-        inst = make_instance(task, seed, haystack, budget, counter)
-    except ValueError as e:
-        raise ValueError(f"{e} (length {length} leaves {budget} context tokens after the {overhead}-token "
-                         "prompt template, question and answer)") from e
-    tokens, mask = encode_instance(inst, template, counter)
-    if len(tokens) > length:  # the additivity of piecewise tokenization makes this impossible
-        raise AssertionError(f"task {task} seed {seed}: {len(tokens)} tokens exceed the length {length}")
-    return EvalSample(inst, length, tokens, mask)
+    for _ in range(8):  # parts counted alone vs the whole string: a few tokens apart at most
+        try:
+            inst = make_instance(task, seed, haystack, budget, counter)
+        except ValueError as e:
+            raise ValueError(f"{e} (length {length} leaves {budget} context tokens after the {overhead}-token "
+                             "prompt template, question and answer)") from e
+        tokens, mask = encode_instance(inst, template, counter)
+        if len(tokens) <= length:
+            return EvalSample(inst, length, tokens, mask)
+        budget -= len(tokens) - length
+    raise AssertionError(f"task {task} seed {seed}: {len(tokens)} tokens still exceed the length {length}")

@@ -24,11 +24,11 @@ import torch.distributed as dist
 
 from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE
 from megatron_longpo.data.layout import build_reference_batch
+from megatron_longpo.evaluation.args import DEFAULT_TOKENS_PER_BATCH
 from megatron_longpo.loss.forward import rank_segment_logprobs
 from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import ParallelGroups
 
-DEFAULT_TOKENS_PER_BATCH = 32768
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@
 - ``openai``: any OpenAI-compatible server (vLLM, SGLang, ...), ``/v1/completions`` with the
   prompt token ids (default) or ``/v1/chat/completions``; retries with exponential backoff.
 
-Every backend receives the same prompts: the messages rendered by the tokenizer's chat template
-(``ChatFormatter``), as token ids, with a per-request seed derived from ``--seed``.
+Every backend receives the same prompts: the messages rendered by the project's chat template
+(``ChatFormatter``: the ``--chat-template`` choice and rendering code of preprocessing and
+evaluation), as token ids, with a per-request seed derived from ``--seed``.
 """
 
 from __future__ import annotations
 
-import gc
 import http.client
 import json
 import socket
@@ -28,9 +28,13 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from megatron_longpo.config import ConfigError
+from megatron_longpo.data.schema import DataError
+from megatron_longpo.data.sequences import generation_prompt_ids
+from megatron_longpo.data.templates import ChatMessage, generation_prompt, get_template, rendered_text
+from megatron_longpo.data.tokenizer import Tokenizer
 from megatron_longpo.generation.answers import Messages, Sampling
 from megatron_longpo.runtime import capabilities
 
@@ -70,60 +74,46 @@ class Backend(Protocol):
 
 
 class ChatFormatter:
-    """Renders messages with the HF tokenizer's chat template and tokenizes them.
+    """Renders messages with the project's chat template (``data/templates.py``: the same
+    ``--chat-template`` choice and rendering code as preprocessing and evaluation) and tokenizes the
+    rendered prompt as a whole, as training tokenizes its sequences: the ids a backend receives
+    are the ids a trained sequence has before its response."""
 
-    ``chat_template`` (Jinja text) replaces the tokenizer's own; a tokenizer without one needs it.
-    """
-
-    def __init__(self, tokenizer_dir: str | Path, chat_template: Optional[str] = None):
+    def __init__(self, tokenizer_dir: str | Path, chat_template: str = "auto"):
         self.tokenizer_dir = str(tokenizer_dir)
         try:
-            self.tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--model {tokenizer_dir}: cannot load its tokenizer ({e})") from e
-        if chat_template is not None:
-            self.tok.chat_template = chat_template
-        if not getattr(self.tok, "chat_template", None):
-            raise ConfigError(
-                f"the tokenizer in {tokenizer_dir} has no chat template; pass --chat-template FILE.jinja "
-                "(or 'chatml') so every backend renders the same prompts"
-            )
-        self.eos_id = self.tok.eos_token_id
+            self.tok = Tokenizer(self.tokenizer_dir)
+            self.template = get_template(chat_template, self.tok)
+        except DataError as e:
+            raise ConfigError(f"--model {tokenizer_dir} / --chat-template {chat_template}: {e}") from e
+        self.eos_id = self.tok.eos_id
+
+    def describe(self) -> dict[str, str]:
+        """The template's name and fingerprint (recorded in every generated record)."""
+        return self.template.describe()
+
+    def _messages(self, messages: Messages) -> list[ChatMessage]:
+        return [ChatMessage(m["role"], (m["content"],)) for m in messages]
 
     def render(self, messages: Messages) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+        return rendered_text(generation_prompt(self.template, self._messages(messages)))
 
     def prompt_ids(self, messages: Messages) -> list[int]:
-        return self.encode(self.render(messages))
+        return [int(i) for i in generation_prompt_ids(self.template, self.tok, self._messages(messages))]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(x) for x in self.tok(list(texts), add_special_tokens=False)["input_ids"]]
+        return [len(self.tok.encode(t)) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+        return self.tok.decode(ids, skip_special=True)
 
 
+# ChatML as a Jinja chat template, for tokenizers built by tests and examples (their own template:
+# --chat-template auto renders it through data/templates.py like any tokenizer template).
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def load_chat_template(arg: Optional[str]) -> Optional[str]:
-    """``--chat-template``: None (tokenizer's own), ``chatml``, or a Jinja file."""
-    if arg is None:
-        return None
-    if arg == "chatml":
-        return CHATML_TEMPLATE
-    p = Path(arg)
-    if not p.is_file():
-        raise ConfigError(f"--chat-template {arg}: not 'chatml' and not an existing Jinja file")
-    return p.read_text(encoding="utf-8")
 
 
 def set_rope_theta(config: Any, theta: float) -> None:
@@ -145,6 +135,23 @@ def rope_theta_of(config: dict) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------
 # hf
 # ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def hf_sample(model: torch.nn.Module, prompt_ids: Sequence[int], sampling: Sampling, seed: int,
+              eos: Optional[int]) -> list[int]:
+    """New token ids of one request: transformers ``generate`` seeded per request, so a result
+    does not depend on the batch (also the CPU vLLM stand-in's sampler, megatron_longpo/testing)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    sample = sampling.temperature > 0
+    kw: dict[str, Any] = dict(do_sample=sample, max_new_tokens=sampling.max_new_tokens, pad_token_id=eos,
+                              eos_token_id=eos)
+    if sample:  # top_k=0 disables the generation_config's top-k: pure temperature/top-p sampling
+        kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    torch.manual_seed(seed)
+    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    return gen[0, ids.shape[1]:].tolist()
 
 
 class HFBackend:
@@ -173,23 +180,13 @@ class HFBackend:
             self._models[key] = m.to(self.device).eval()
         return self._models[key]
 
-    @torch.no_grad()
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         out = []
         eos = self.formatter.eos_id
         for r in requests:
-            model = self.model(r.long)
-            ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device)
-            sample = r.sampling.temperature > 0
-            kw: dict[str, Any] = dict(do_sample=sample, max_new_tokens=r.sampling.max_new_tokens,
-                                      pad_token_id=eos, eos_token_id=eos)
-            if sample:  # top_k=0 disables the generation_config's top-k: pure temperature/top-p sampling
-                kw.update(temperature=r.sampling.temperature, top_p=r.sampling.top_p, top_k=0)
-            torch.manual_seed(r.seed)
             t0 = time.perf_counter()
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+            new = hf_sample(self.model(r.long), r.prompt_ids, r.sampling, r.seed, eos)
             self.model_seconds += time.perf_counter() - t0
-            new = gen[0, ids.shape[1]:].tolist()
             finished = bool(new) and eos is not None and new[-1] == eos
             out.append(GenResult(self.formatter.decode(new), len(new), finished))
         return out
@@ -249,63 +246,49 @@ def vllm_sampling_kwargs(r: GenRequest) -> dict[str, Any]:
 
 
 class VLLMBackend:
-    """The offline vLLM engine. Short and long requests may need different RoPE bases: the engine
-    of the other variant is built when a batch needs it (one swap per stage batch, amortised by
-    ``--batch-documents``)."""
+    """The offline vLLM engine, ONE per process: vLLM does not reliably free GPU memory when an
+    engine is dropped, so a run with ``--long-rope-theta`` is phased (generation/cli.py): one process
+    generates every question and chosen answer with the model's own RoPE base (``long=False``),
+    then another every rejected answer with the enlarged base (``long=True``). ``long=None``: one
+    engine at the model's own base serves both (no --long-rope-theta)."""
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, tokenizer_dir: str, cfg: VLLMConfig, long_rope_theta: Optional[float]):
+    def __init__(self, model_dir: str, tokenizer_dir: str, cfg: VLLMConfig, long_rope_theta: Optional[float],
+                 long: Optional[bool] = None):
         try:
-            import vllm  # noqa: F401  # optional: vllm is the 'vllm' extra
+            import vllm  # optional: vllm is the 'vllm' extra
         except ImportError as e:
             raise ConfigError(
                 f"--backend vllm needs the vllm package ({e}); install it with pip install 'megatron_longpo[vllm]' "
                 "on the GPU nodes, or use --backend openai against a running server"
             ) from e
-        self.model_dir, self.tokenizer_dir, self.cfg = model_dir, tokenizer_dir, cfg
-        self.long_rope_theta = long_rope_theta
-        self.hf_config = json.loads((Path(model_dir) / "config.json").read_text())
-        self._engine: Any = None
-        self._variant: Optional[bool] = None
+        if long is None and long_rope_theta is not None:
+            raise ConfigError("internal: a vllm engine serves one RoPE base; with --long-rope-theta run it phased")
+        self._vllm = vllm
+        self.long = long
+        hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+        kw = vllm_engine_kwargs(model_dir, tokenizer_dir, cfg, hf_config, long_rope_theta if long else None)
+        self._engine: Any = vllm.LLM(**kw)
         self.model_seconds = 0.0
 
-    def _get_engine(self, long: bool) -> Any:
-        variant = bool(long and self.long_rope_theta is not None)
-        if self._engine is None or self._variant != variant:
-            import vllm  # optional: vllm is the 'vllm' extra (checked in __init__)
-
-            self.close()
-            kw = vllm_engine_kwargs(self.model_dir, self.tokenizer_dir, self.cfg, self.hf_config,
-                                    self.long_rope_theta if variant else None)
-            self._engine, self._variant = vllm.LLM(**kw), variant
-        return self._engine
-
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        import vllm  # optional: vllm is the 'vllm' extra (checked in __init__)
-
-        results: list[Optional[GenResult]] = [None] * len(requests)
-        for long in (False, True):  # one engine variant at a time
-            idx = [i for i, r in enumerate(requests) if r.long == long]
-            if not idx:
-                continue
-            llm = self._get_engine(long)
-            prompts = [{"prompt_token_ids": requests[i].prompt_ids} for i in idx]
-            params = [vllm.SamplingParams(**vllm_sampling_kwargs(requests[i])) for i in idx]
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            self.model_seconds += time.perf_counter() - t0
-            for i, o in zip(idx, outs):
-                c = o.outputs[0]
-                results[i] = GenResult(c.text, len(c.token_ids), c.finish_reason == "stop")
-        return [r for r in results if r is not None]
+        if not requests:
+            return []
+        wrong = [r for r in requests if self.long is not None and r.long != self.long]
+        if wrong:
+            raise GenerationError(f"internal: a {'long' if wrong[0].long else 'short'}-context request reached the "
+                                  f"{'long' if self.long else 'short'}-RoPE vllm engine")
+        prompts = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
+        params = [self._vllm.SamplingParams(**vllm_sampling_kwargs(r)) for r in requests]
+        t0 = time.perf_counter()
+        outs = self._engine.generate(prompts, params, use_tqdm=False)
+        self.model_seconds += time.perf_counter() - t0
+        return [GenResult(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop")
+                for o in outs]
 
     def close(self) -> None:
-        if self._engine is not None:
-            self._engine = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        self._engine = None  # the process ends after its phase: that frees the GPU memory
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,20 +322,26 @@ def openai_body(cfg: OpenAIConfig, r: GenRequest) -> dict[str, Any]:
 
 
 class OpenAIBackend:
+    """A server runs one model at one RoPE base: long-context requests go to ``long_base_url`` (a
+    second server started with the enlarged base) when given, else to the same server."""
+
     name = "openai"
 
-    def __init__(self, cfg: OpenAIConfig, sleep=time.sleep):
+    def __init__(self, cfg: OpenAIConfig, sleep=time.sleep, long_base_url: Optional[str] = None):
         if cfg.api not in ("completions", "chat"):
             raise ConfigError(f"--openai-api {cfg.api!r}: choose completions or chat")
-        if not cfg.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"--openai-base-url {cfg.base_url!r}: must start with http:// or https://")
+        for option, url in (("--openai-base-url", cfg.base_url), ("--long-base-url", long_base_url)):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{option} {url!r}: must start with http:// or https://")
         self.cfg = cfg
-        self.url = cfg.base_url.rstrip("/") + ("/chat/completions" if cfg.api == "chat" else "/completions")
+        path = "/chat/completions" if cfg.api == "chat" else "/completions"
+        self.url = cfg.base_url.rstrip("/") + path
+        self.long_url = (long_base_url or cfg.base_url).rstrip("/") + path
         self._sleep = sleep
         self.model_seconds = 0.0
         self.retries = 0  # retried requests (dropped connections, 429/5xx)
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.cfg.api_key:
@@ -362,29 +351,30 @@ class OpenAIBackend:
             if attempt:
                 self.retries += 1
                 self._sleep(min(60.0, self.cfg.backoff_s * 2 ** (attempt - 1)))
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as e:
                 detail = e.read()[:500].decode(errors="replace")
                 if e.code not in _RETRY_STATUS:
-                    raise GenerationError(f"{self.url}: HTTP {e.code}: {detail}") from e
+                    raise GenerationError(f"{url}: HTTP {e.code}: {detail}") from e
                 last = e
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
                     json.JSONDecodeError) as e:
                 last = e
-            print(f"openai backend: {self.url}: {last!r}; retry {attempt + 1}/{self.cfg.max_retries}",
+            print(f"openai backend: {url}: {last!r}; retry {attempt + 1}/{self.cfg.max_retries}",
                   file=sys.stderr)
-        raise GenerationError(f"{self.url}: failed after {self.cfg.max_retries} retries: {last!r}")
+        raise GenerationError(f"{url}: failed after {self.cfg.max_retries} retries: {last!r}")
 
     def _one(self, r: GenRequest) -> GenResult:
-        resp = self._post(openai_body(self.cfg, r))
+        url = self.long_url if r.long else self.url
+        resp = self._post(url, openai_body(self.cfg, r))
         try:
             choice = resp["choices"][0]
             text = choice["message"]["content"] if self.cfg.api == "chat" else choice["text"]
         except (KeyError, IndexError, TypeError) as e:
-            raise GenerationError(f"{self.url}: unexpected response {str(resp)[:300]}") from e
+            raise GenerationError(f"{url}: unexpected response {str(resp)[:300]}") from e
         usage = resp.get("usage") or {}
         return GenResult(text or "", int(usage.get("completion_tokens", 0)), choice.get("finish_reason") == "stop")
 

@@ -5,91 +5,25 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from megatron_longpo.config import ConfigError
 from megatron_longpo.generation import backends as B
+from megatron_longpo.generation.args import build_parser
 from megatron_longpo.generation.backends import GenerationError
-from megatron_longpo.generation.documents import iter_documents
-from megatron_longpo.generation.driver import merge_shards, run_shard, shard_from_env
+from megatron_longpo.generation.documents import Document, iter_documents
+from megatron_longpo.generation.driver import (ShardSpec, check_run_options, merge_shards, run_shard, run_short_phase,
+                                               shard_from_env, shards_dir, short_phase_path)
 from megatron_longpo.generation.filters import FilterConfig
 from megatron_longpo.generation.model_source import resolved_model
 from megatron_longpo.generation.pipeline import GenerationConfig, Pipeline
-from megatron_longpo.generation.prompts import load_prompts
-from megatron_longpo.generation.questions import load_question_pool
-
-USAGE = """\
-Self-evolution data generation: long documents -> LongPO multi-turn records (docs/generation.md).
-
-  python tools/generate_longpo_data.py --input docs/*.jsonl --output data/gen.jsonl --model HF_OR_CKPT \\
-      [--backend hf|vllm|openai] [--seed 0] [--max-turns 2] [--long-rope-theta 1e7]
-
-Sharded (one process per shard, e.g. a Slurm array; then one merge):
-  ... --num-shards 8 --shard-index $I        (or SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT)
-  python tools/generate_longpo_data.py --output data/gen.jsonl --merge
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    io = ap.add_argument_group("inputs and outputs")
-    io.add_argument("--input", nargs="+", metavar="PATH", help="plain text files (one document each), JSONL with a text field, or parquet")
-    io.add_argument("--output", required=True, metavar="PATH", help="final merged JSONL of LongPO records")
-    io.add_argument("--text-field", default="text", help="JSONL / parquet field holding the document (default: text)")
-    io.add_argument("--id-field", default="id", help="JSONL / parquet field holding the document id (default: id; else FILE:LINE)")
-    io.add_argument("--merge", action="store_true", help="combine the finished shards of --output into --output and stop")
-    io.add_argument("--num-shards", type=int, default=None, help="split the documents over N processes (document i -> shard i %% N)")
-    io.add_argument("--shard-index", type=int, default=None, help="the shard this process writes (0-based)")
-    io.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    m = ap.add_argument_group("model and backend")
-    m.add_argument("--model", metavar="DIR", help="HF model directory, or a megatron_longpo checkpoint (exported on the fly)")
-    m.add_argument("--backend", choices=["hf", "vllm", "openai"], default="hf")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--long-rope-theta", type=float, default=None,
-                   help="RoPE base for the long-context (rejected) generation, e.g. 1e7 (default: the model's)")
-    m.add_argument("--chat-template", default=None, help="'chatml' or a Jinja file, for tokenizers without a chat template")
-    m.add_argument("--work-dir", default=None, help="where a Megatron checkpoint is exported (default: system temp)")
-    m.add_argument("--batch-documents", type=int, default=16, help="documents per backend batch (vllm/openai: larger is faster)")
-    m.add_argument("--device", default=None, help="hf backend: torch device (default: cuda if available, else cpu)")
-    m.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine")
-    m.add_argument("--max-model-len", type=int, default=None, help="vllm/openai: context length of the engine / server; longer prompt + --max-new-tokens are dropped "
-                   "(vllm default: the model's max_position_embeddings)")
-    m.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory for weights + KV cache")
-    m.add_argument("--dtype", default="bfloat16", help="vllm: weight/activation dtype")
-    m.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs (less memory, slower)")
-    m.add_argument("--openai-base-url", default=os.environ.get("OPENAI_BASE_URL"), help="openai: e.g. http://host:8000/v1 (env OPENAI_BASE_URL)")
-    m.add_argument("--openai-model", default=os.environ.get("OPENAI_MODEL"), help="openai: served model name (env OPENAI_MODEL)")
-    m.add_argument("--openai-api", choices=["completions", "chat"], default="completions",
-                   help="openai: completions sends the prompt token ids rendered here (same prompts as hf/vllm); chat sends messages")
-    m.add_argument("--openai-concurrency", type=int, default=8, help="openai: requests in flight")
-    m.add_argument("--openai-max-retries", type=int, default=5, help="openai: retries per request (backoff doubles from 1 s)")
-    m.add_argument("--openai-timeout", type=float, default=600.0, help="openai: seconds per request")
-
-    g = ap.add_argument_group("pipeline")
-    g.add_argument("--max-turns", type=int, default=2, help="turns (chunks) per document record (default 2)")
-    g.add_argument("--chunk-min-tokens", type=int, default=16384)
-    g.add_argument("--chunk-max-tokens", type=int, default=30000)
-    g.add_argument("--min-document-tokens", type=int, default=None, help="shorter documents dropped (default: --chunk-min-tokens)")
-    g.add_argument("--max-document-tokens", type=int, default=None, help="longer documents dropped (e.g. the target length minus answers)")
-    g.add_argument("--max-question-prompt-tokens", type=int, default=32768, help="question prompts longer than this are dropped")
-    g.add_argument("--max-new-tokens", type=int, default=1024, help="per question list / answer")
-    g.add_argument("--questions", metavar="PATH", default=None,
-                   help='JSONL pool {"question": T} / {"document_id": ID, "question": T[, "chunk_index": K]} used instead of model-written questions')
-    g.add_argument("--no-question-prefix", action="store_true", help="do not put a prefix phrase before the question")
-    g.add_argument("--prompts", metavar="PATH", default=None, help="prompts / prefixes / refusal phrases YAML (default: the bundled prompts.yaml)")
-    g.add_argument("--min-content-words", type=int, default=2, help="answers need this many words of 3+ letters")
-    g.add_argument("--max-repeat-ratio-chosen", type=float, default=0.9, help="drop chosen answers whose repeated-word ratio is above")
-    g.add_argument("--max-repeat-ratio-rejected", type=float, default=0.95, help="drop rejected answers whose repeated-word ratio is above")
-    return ap
-
-
-def _sha(text: Optional[str]) -> Optional[str]:
-    return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
+from megatron_longpo.generation.prompts import Prompts, load_prompts
+from megatron_longpo.generation.questions import QuestionPool, load_question_pool
 
 
 def _file_sha(path: Optional[str]) -> Optional[str]:
@@ -109,16 +43,46 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     )
 
 
-def run(args: argparse.Namespace, env: dict[str, str]) -> int:
-    output = Path(args.output)
-    if args.merge:
-        s = merge_shards(output, args.num_shards)
-        print(_describe(s))
-        return 0
+def check_backend_options(args: argparse.Namespace) -> None:
+    """Backend options that cannot work together, refused before any model loads."""
+    if args.backend == "openai":
+        if not (args.openai_base_url and args.openai_model):
+            raise ConfigError("--backend openai needs --openai-base-url and --openai-model (or OPENAI_BASE_URL / "
+                              "OPENAI_MODEL)")
+        if args.long_rope_theta is not None and args.long_base_url is None:
+            # One server serves one RoPE base: the chosen answers (short context, the model's own base)
+            # would silently be generated at the enlarged base too, or the rejected ones at the original.
+            raise ConfigError(
+                "--backend openai with --long-rope-theta needs --long-base-url: a server runs one RoPE base, so start "
+                "a second server with the enlarged base (vllm serve MODEL --hf-overrides "
+                f"'{{\"rope_theta\": {args.long_rope_theta:g}}}') for the long-context (rejected) answers and pass its "
+                "URL; --openai-base-url keeps the model's own base for questions and chosen answers (docs/generation.md)")
+    elif args.long_base_url is not None:
+        raise ConfigError(f"--long-base-url is for --backend openai; --backend {args.backend} applies "
+                          "--long-rope-theta itself")
+
+
+@dataclass
+class _Run:
+    """Everything a generation process (the parent, or one phase's process) needs, checked once."""
+
+    args: argparse.Namespace
+    shard: ShardSpec
+    cfg: GenerationConfig
+    prompts: Prompts
+    pool: Optional[QuestionPool]
+    template: str  # --chat-template (data/templates.py TEMPLATE_CHOICES)
+    docs: list[Document]
+    options: dict[str, Any]
+
+
+def prepare(args: argparse.Namespace, env: dict[str, str], warn: bool = True) -> _Run:
+    """Every check that can fail before a model loads: options, prompts, questions, documents."""
     if not args.input:
         raise ConfigError("--input is required (documents to generate from), unless --merge")
     if not args.model:
         raise ConfigError("--model is required: an HF model directory or a megatron_longpo checkpoint (openai: the tokenizer)")
+    check_backend_options(args)
     shard = shard_from_env(args.num_shards, args.shard_index, env)
     cfg = generation_config(args)
     cfg.check()
@@ -126,50 +90,107 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> int:
         raise ConfigError(f"--batch-documents {args.batch_documents}: must be >= 1")
     prompts = load_prompts(args.prompts)
     pool = load_question_pool(args.questions) if args.questions else None
-    template = B.load_chat_template(args.chat_template)
+    template = args.chat_template
     docs = list(iter_documents(args.input, args.text_field, args.id_field))  # validates every input first
-    if pool is not None:
+    if pool is not None and warn:
         unknown = sorted(pool.document_ids - {d.id for d in docs})
         if unknown:
             print(f"generate: warning: --questions names {len(unknown)} document id(s) not in --input, e.g. "
                   f"{unknown[:3]}", file=sys.stderr)
-    if args.backend == "openai" and not (args.openai_base_url and args.openai_model):
-        raise ConfigError("--backend openai needs --openai-base-url and --openai-model (or OPENAI_BASE_URL / OPENAI_MODEL)")
     options: dict[str, Any] = {
         "inputs": [str(Path(p).resolve()) for p in args.input], "text_field": args.text_field, "id_field": args.id_field,
         "model": str(Path(args.model).resolve()), "backend": args.backend, "openai_model": args.openai_model,
         "openai_api": args.openai_api if args.backend == "openai" else None,
-        "long_rope_theta": args.long_rope_theta, "config": asdict(cfg),
+        "long_rope_theta": args.long_rope_theta, "long_endpoint": args.long_base_url is not None, "config": asdict(cfg),
         "prompts_sha": _file_sha(prompts.source), "questions_sha": _file_sha(args.questions),
-        "chat_template_sha": _sha(template),
+        "chat_template": template,
     }
-    progress = not args.no_progress
-    with resolved_model(args.model, args.work_dir, progress) as model_dir:
-        fmt = B.ChatFormatter(model_dir, template)
-        if args.backend == "hf":
-            backend: B.Backend = B.HFBackend(model_dir, fmt, long_rope_theta=args.long_rope_theta, device=args.device)
-        elif args.backend == "vllm":
-            if args.max_model_len is None:  # vLLM's own default limit; drop what it would refuse
-                hf_cfg = json.loads((Path(model_dir) / "config.json").read_text())
-                limit = hf_cfg.get("max_position_embeddings")
-                cfg = replace(cfg, max_context_tokens=int(limit) if limit else None)
-            backend = B.VLLMBackend(str(model_dir), str(model_dir), B.VLLMConfig(
-                tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
-                gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype,
-                enforce_eager=args.enforce_eager, seed=args.seed), args.long_rope_theta)
+    return _Run(args, shard, cfg, prompts, pool, template, docs, options)
+
+
+def _backend(r: _Run, model_dir: Path, fmt: B.ChatFormatter, long: Optional[bool]) -> B.Backend:
+    a = r.args
+    if a.backend == "hf":
+        return B.HFBackend(model_dir, fmt, long_rope_theta=a.long_rope_theta, device=a.device)
+    if a.backend == "vllm":
+        return B.VLLMBackend(str(model_dir), str(model_dir), B.VLLMConfig(
+            tensor_parallel_size=a.tensor_parallel_size, max_model_len=a.max_model_len,
+            gpu_memory_utilization=a.gpu_memory_utilization, dtype=a.dtype, enforce_eager=a.enforce_eager,
+            seed=a.seed), a.long_rope_theta, long=long)
+    return B.OpenAIBackend(B.OpenAIConfig(
+        base_url=a.openai_base_url, model=a.openai_model, api_key=os.environ.get("OPENAI_API_KEY"), api=a.openai_api,
+        timeout_s=a.openai_timeout, max_retries=a.openai_max_retries, concurrency=a.openai_concurrency),
+        long_base_url=a.long_base_url)
+
+
+def run_phase(r: _Run, model_dir: Path, phase: Optional[str]) -> Optional[dict[str, Any]]:
+    """One process's share: both phases (``None``), or only ``short`` / ``long`` of a phased run."""
+    cfg = r.cfg
+    if r.args.backend == "vllm" and r.args.max_model_len is None:  # vLLM's own default limit: drop what it refuses
+        limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+        cfg = replace(cfg, max_context_tokens=int(limit) if limit else None)
+    fmt = B.ChatFormatter(model_dir, r.template)
+    # Records name the template their prompts were rendered with; preprocessing refuses another one.
+    template = fmt.describe() if r.args.backend != "openai" or r.args.openai_api != "chat" else \
+        {"name": "openai-chat-server", "fingerprint": None}  # the server rendered the messages
+    backend = _backend(r, model_dir, fmt, {None: None, "short": False, "long": True}[phase])
+    output, progress = Path(r.args.output), not r.args.no_progress
+    try:
+        pipeline = Pipeline(cfg, r.prompts, fmt, backend, r.pool, meta={"chat_template": template})
+        if phase == "short":
+            run_short_phase(r.docs, pipeline, output, r.shard, r.options, batch_documents=r.args.batch_documents,
+                            progress=progress)
+            return None
+        states = short_phase_path(output, r.shard) if phase == "long" else None
+        return run_shard(r.docs, pipeline, output, r.shard, r.options, batch_documents=r.args.batch_documents,
+                         progress=progress, short_states=states)
+    finally:
+        backend.close()
+
+
+def _phase_process(argv: list[str], model_dir: str, phase: str) -> None:
+    """Entry of one phase's own process (spawned: a fresh CUDA context and vLLM engine)."""
+    try:
+        run_phase(prepare(build_parser().parse_args(argv), dict(os.environ), warn=False), Path(model_dir), phase)
+    except (ConfigError, GenerationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _phased(r: _Run, model_dir: Path, argv: list[str]) -> dict[str, Any]:
+    """vllm with --long-rope-theta: every question and chosen answer in one process (one engine at
+    the model's own RoPE base), then every rejected answer in another (the enlarged base). Each
+    process exits after its phase, which frees its GPU memory; both resume from their journals."""
+    output = Path(r.args.output)
+    check_run_options(shards_dir(output), r.options)
+    final = shards_dir(output) / f"{r.shard.name}.jsonl"
+    ctx = multiprocessing.get_context("spawn")
+    for phase in ("short", "long"):
+        if final.is_file() or (phase == "short" and short_phase_path(output, r.shard).is_file()):
+            continue
+        p = ctx.Process(target=_phase_process, args=(argv, str(model_dir), phase), name=f"generate-{phase}")
+        p.start()
+        p.join()
+        if p.exitcode != 0:
+            raise GenerationError(f"the {phase}-context phase process of {r.shard.name} exited with {p.exitcode}; "
+                                  "rerun the same command to resume")
+    return json.loads((shards_dir(output) / f"{r.shard.name}.summary.json").read_text())
+
+
+def run(args: argparse.Namespace, env: dict[str, str], argv: Optional[list[str]] = None) -> int:
+    output = Path(args.output)
+    if args.merge:
+        s = merge_shards(output, args.num_shards)
+        print(_describe(s))
+        return 0
+    r = prepare(args, env)
+    with resolved_model(args.model, args.work_dir, not args.no_progress) as model_dir:
+        if args.backend == "vllm" and args.long_rope_theta is not None:
+            s = _phased(r, Path(model_dir), list(sys.argv[1:] if argv is None else argv))
         else:
-            if args.long_rope_theta is not None:
-                print("generate: note: --long-rope-theta is not sent to an OpenAI-compatible server; start the server "
-                      "with the enlarged base (vllm serve ... --hf-overrides, see docs/generation.md)", file=sys.stderr)
-            backend = B.OpenAIBackend(B.OpenAIConfig(
-                base_url=args.openai_base_url, model=args.openai_model, api_key=env.get("OPENAI_API_KEY"),
-                api=args.openai_api, timeout_s=args.openai_timeout, max_retries=args.openai_max_retries,
-                concurrency=args.openai_concurrency))
-        try:
-            pipeline = Pipeline(cfg, prompts, fmt, backend, pool)
-            s = run_shard(docs, pipeline, output, shard, options, batch_documents=args.batch_documents, progress=progress)
-        finally:
-            backend.close()
+            s = run_phase(r, Path(model_dir), None)
+    assert s is not None
+    shard = r.shard
     print(f"generate: {shard.name}: " + _describe(s))
     if shard.num_shards == 1:
         print(_describe(merge_shards(output, 1)))
@@ -190,7 +211,7 @@ def _describe(s: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args, dict(os.environ))
+        return run(args, dict(os.environ), argv)
     except (ConfigError, GenerationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,9 @@ Layout next to ``--output OUT.jsonl``::
     OUT.jsonl.shards/shard-00000-of-00002.jsonl.partial   journal being written (one line per document)
     OUT.jsonl.shards/shard-00000-of-00002.jsonl           the same journal, renamed once complete
     OUT.jsonl.shards/shard-00000-of-00002.summary.json
+    OUT.jsonl.shards/shard-00000-of-00002.short.jsonl[.partial]  phased runs (vllm with --long-rope-theta):
+                                                      questions + chosen answers of every document, written
+                                                      by the short-RoPE engine's process before the long one
     OUT.jsonl, OUT.summary.json                       written by the merge (temp file + rename)
 
 Document i (global order over all inputs) belongs to shard i % num_shards. A journal line holds a
@@ -85,16 +88,30 @@ def summary_path(output: Path) -> Path:
     return output.with_name(name + ".summary.json")
 
 
+_ABSENT = "(not set)"
+
+
+def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested option dicts as dotted keys, so a rerun names the one option that differs."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_run_options(directory: Path, options: dict[str, Any]) -> None:
     """Record the output-determining options; refuse to continue a run made with other ones."""
     directory.mkdir(parents=True, exist_ok=True)
     options = json.loads(json.dumps(options))  # compare in JSON form (tuples -> lists)
     path = directory / "run.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
+        old, new = _flat(json.loads(path.read_text())), _flat(options)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k, _ABSENT) != new.get(k, _ABSENT))
         if diff:
-            lines = [f"  {k}: before {old.get(k)!r}, now {options.get(k)!r}" for k in diff]
+            lines = [f"  {k}: before {old.get(k, _ABSENT)!r}, now {new.get(k, _ABSENT)!r}" for k in diff]
             raise ConfigError(
                 f"{path}: this output was started with different options, so its finished documents would not "
                 "match a fresh run:\n" + "\n".join(lines) +
@@ -166,22 +183,10 @@ def _progress(total_docs: int, done_docs: int, enabled: bool):
     return docs, toks
 
 
-def run_shard(
-    documents: Iterable[Document], pipeline: Pipeline, output: Path, shard: ShardSpec, options: dict[str, Any],
-    *, batch_documents: int = 16, progress: bool = True,
-) -> dict[str, Any]:
-    """Generate this shard's journal (resuming a partial one); return the shard summary."""
-    d = shards_dir(output)
-    check_run_options(d, options)
-    final = d / f"{shard.name}.jsonl"
-    partial = d / f"{shard.name}.jsonl.partial"
-    summ = d / f"{shard.name}.summary.json"
-    if final.is_file():
-        print(f"generate: {final} is complete; nothing to do for {shard.name}", file=sys.stderr)
-        return json.loads(summ.read_text()) if summ.is_file() else summarize(read_journal(final))
-    mine = [doc for doc in documents if shard.owns(doc.index)]
+def _resume(partial: Path, mine: list[Document]) -> set[int]:
+    """Document indices a partial journal already holds (a torn tail cut off); refuses a journal
+    that holds other documents than this shard's."""
     done_entries = read_journal(partial, repair=True) if partial.is_file() else []
-    done = {e["doc_index"] for e in done_entries}
     known = {doc.index: doc.id for doc in mine}
     stale = [e for e in done_entries if known.get(e["doc_index"]) != e["doc_id"]]
     if stale:
@@ -191,7 +196,76 @@ def run_shard(
             "shard for the given --input; the inputs changed since the run started: use another --output or delete "
             f"{partial}"
         )
+    return {e["doc_index"] for e in done_entries}
+
+
+def short_phase_path(output: Path, shard: ShardSpec) -> Path:
+    return shards_dir(output) / f"{shard.name}.short.jsonl"
+
+
+def run_short_phase(documents: Iterable[Document], pipeline: Pipeline, output: Path, shard: ShardSpec,
+                    options: dict[str, Any], *, batch_documents: int = 16, progress: bool = True) -> Path:
+    """The short phase of a phased run (questions + chosen answers of every document of the shard,
+    one engine): a journal of per-document states, resumable like the final journal; returns it."""
+    d = shards_dir(output)
+    check_run_options(d, options)
+    final = short_phase_path(output, shard)
+    partial = final.with_name(final.name + ".partial")
+    if final.is_file():
+        return final
+    mine = [doc for doc in documents if shard.owns(doc.index)]
+    done = _resume(partial, mine)
     todo = [doc for doc in mine if doc.index not in done]
+    if done:
+        print(f"generate: resuming the short phase of {shard.name}: {len(done)} of {len(mine)} documents done",
+              file=sys.stderr)
+    bar = tqdm(total=len(mine), initial=len(done), unit="doc", desc="short phase", dynamic_ncols=True,
+               file=sys.stderr, disable=not progress)
+    try:
+        with open(partial, "a", encoding="utf-8") as f:
+            for b in range(0, len(todo), batch_documents):
+                batch = todo[b: b + batch_documents]
+                f.write("".join(json.dumps(st, ensure_ascii=False) + "\n" for st in pipeline.short_phase(batch)))
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(batch))
+    finally:
+        bar.close()
+    if {e["doc_index"] for e in read_journal(partial)} != {doc.index for doc in mine}:
+        raise RuntimeError(f"{partial}: journal does not cover the shard's documents; delete it and rerun")
+    os.replace(partial, final)
+    fsync_path(d)
+    return final
+
+
+def run_shard(
+    documents: Iterable[Document], pipeline: Pipeline, output: Path, shard: ShardSpec, options: dict[str, Any],
+    *, batch_documents: int = 16, progress: bool = True, short_states: Optional[Path] = None,
+) -> dict[str, Any]:
+    """Generate this shard's journal (resuming a partial one); return the shard summary. With
+    ``short_states`` (the journal of :func:`run_short_phase`) only the long phase runs here."""
+    d = shards_dir(output)
+    check_run_options(d, options)
+    final = d / f"{shard.name}.jsonl"
+    partial = d / f"{shard.name}.jsonl.partial"
+    summ = d / f"{shard.name}.summary.json"
+    if final.is_file():
+        print(f"generate: {final} is complete; nothing to do for {shard.name}", file=sys.stderr)
+        return json.loads(summ.read_text()) if summ.is_file() else summarize(read_journal(final))
+    mine = [doc for doc in documents if shard.owns(doc.index)]
+    done = _resume(partial, mine)
+    todo = [doc for doc in mine if doc.index not in done]
+    if short_states is not None:  # the long phase of a phased run: the short phase's states
+        states = {e["doc_index"]: e for e in read_journal(short_states)}
+        missing = [doc.index for doc in todo if doc.index not in states]
+        if missing:
+            raise ConfigError(f"{short_states}: no short-phase state for document #{missing[0]}; delete it to rerun "
+                              "the short phase")
+
+        def step(batch: list[Document]) -> list[DocResult]:
+            return pipeline.long_phase(batch, [states[doc.index] for doc in batch])
+    else:
+        step = pipeline.run
     if done:
         print(f"generate: resuming {shard.name}: {len(done)} of {len(mine)} documents already done", file=sys.stderr)
     t0 = time.perf_counter()
@@ -203,7 +277,7 @@ def run_shard(
         with open(partial, "a", encoding="utf-8") as f:
             for b in range(0, len(todo), batch_documents):
                 batch = todo[b: b + batch_documents]
-                results: list[DocResult] = pipeline.run(batch)
+                results: list[DocResult] = step(batch)
                 f.write("".join(json.dumps(r.journal(), ensure_ascii=False) + "\n" for r in results))
                 f.flush()
                 os.fsync(f.fileno())

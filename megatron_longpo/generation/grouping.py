@@ -26,8 +26,10 @@ def select_chunks(chunks: Sequence[Chunk], max_turns: int, rng: random.Random,
     return sorted(picked, key=lambda c: c.index)
 
 
-def build_record(doc_id: str, document: str, turns: Sequence[GeneratedTurn], system: Optional[str]) -> dict[str, Any]:
-    """The record; turns keep document order (turn i's chunk precedes turn i+1's)."""
+def build_record(doc_id: str, document: str, turns: Sequence[GeneratedTurn], system: Optional[str],
+                 meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The record; turns keep document order (turn i's chunk precedes turn i+1's). ``meta``
+    (e.g. the chat template the prompts were rendered with) goes under the key ``meta``."""
     rec: dict[str, Any] = {"id": doc_id}
     if system:
         rec["system"] = system
@@ -36,4 +38,6 @@ def build_record(doc_id: str, document: str, turns: Sequence[GeneratedTurn], sys
         {"short_context": t.short_context, "instruction": t.instruction, "chosen": t.chosen, "rejected": t.rejected}
         for t in turns
     ]
+    if meta:
+        rec["meta"] = meta
     return rec

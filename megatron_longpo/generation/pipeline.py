@@ -98,16 +98,19 @@ class _Turn:
 
 class Pipeline:
     def __init__(self, cfg: GenerationConfig, prompts: Prompts, formatter: ChatFormatter, backend: Backend,
-                 pool: Optional[QuestionPool] = None):
+                 pool: Optional[QuestionPool] = None, meta: Optional[dict[str, Any]] = None):
         cfg.check()
+        self.meta = meta if meta is not None else {"chat_template": formatter.describe()}
         self.cfg, self.prompts, self.fmt, self.backend, self.pool = cfg, prompts, formatter, backend, pool
         self.filters = replace(cfg.filters, refusal_phrases=prompts.refusal_phrases)
         self.q_sampling = replace(QUESTION_SAMPLING, max_new_tokens=cfg.max_new_tokens)
         self.a_sampling = replace(ANSWER_SAMPLING, max_new_tokens=cfg.max_new_tokens)
 
-    def _request(self, t: _Turn, stage: str, messages: answers.Messages, sampling, long: bool) -> GenRequest:
+    def _request(self, t: _Turn, stage: str, messages: answers.Messages, sampling, long: bool,
+                 count: bool = True) -> GenRequest:
         ids = self.fmt.prompt_ids(messages)
-        t.res.stats["prompt_tokens"] += len(ids)
+        if count:
+            t.res.stats["prompt_tokens"] += len(ids)
         return GenRequest(messages, ids, sampling, request_seed(self.cfg.seed, t.res.doc.id, t.turn, stage), long)
 
     def _plan(self, doc: Document) -> tuple[DocResult, list[_Turn]]:
@@ -168,39 +171,81 @@ class Pipeline:
         c = self.cfg.max_context_tokens
         return c is None or len(r.prompt_ids) + r.sampling.max_new_tokens <= c
 
-    def _answers(self, turns: list[_Turn]) -> None:
+    def _rejected_request(self, t: _Turn, count: bool) -> GenRequest:
+        return self._request(t, "rejected", answers.rejected_messages(self.prompts, t.res.doc.text, t.instruction),
+                             self.a_sampling, True, count)
+
+    def _chosen(self, turns: list[_Turn]) -> None:
+        """Chosen answers (short context, the model's own RoPE base); a turn whose chosen or rejected
+        prompt does not fit the engine is dropped here."""
         live, reqs = [], []
         for t in turns:
             if t.dropped is not None:
                 continue
-            pair = [
-                self._request(t, "chosen", answers.chosen_messages(self.prompts, t.short_context, t.instruction),
-                              self.a_sampling, False),
-                self._request(t, "rejected", answers.rejected_messages(self.prompts, t.res.doc.text, t.instruction),
-                              self.a_sampling, True),
-            ]
+            pair = [self._request(t, "chosen", answers.chosen_messages(self.prompts, t.short_context, t.instruction),
+                                  self.a_sampling, False),
+                    self._rejected_request(t, count=True)]
             if not all(self._fits(r) for r in pair):
                 t.dropped = TURN_PROMPT_TOO_LONG
                 continue
             live.append(t)
-            reqs.extend(pair)
-        outs = self.backend.generate(reqs)
-        for k, t in enumerate(live):
-            c, r = outs[2 * k], outs[2 * k + 1]
-            t.res.stats["generated_tokens"] += c.num_tokens + r.num_tokens
-            t.res.stats["truncated_answers"] += int(not c.finished) + int(not r.finished)
-            t.chosen, t.rejected = c.text.strip(), r.text.strip()
+            reqs.append(pair[0])
+        for t, c in zip(live, self.backend.generate(reqs)):
+            t.res.stats["generated_tokens"] += c.num_tokens
+            t.res.stats["truncated_answers"] += int(not c.finished)
+            t.chosen = c.text.strip()
+
+    def _rejected(self, turns: list[_Turn]) -> None:
+        """Rejected answers (whole document, --long-rope-theta), then the pair filters."""
+        live = [t for t in turns if t.dropped is None]
+        outs = self.backend.generate([self._rejected_request(t, count=False) for t in live])
+        for t, r in zip(live, outs):
+            t.res.stats["generated_tokens"] += r.num_tokens
+            t.res.stats["truncated_answers"] += int(not r.finished)
+            t.rejected = r.text.strip()
             t.dropped = check_pair(t.chosen, t.rejected, self.filters)
 
-    def run(self, docs: Sequence[Document]) -> list[DocResult]:
-        """Results of ``docs`` in the given order."""
+    # -- phases: the short one (questions + chosen answers) and the long one (rejected answers) can
+    # run in different processes with different engines; a state is the JSON line between them.
+
+    def short_phase(self, docs: Sequence[Document]) -> list[dict[str, Any]]:
+        """Plan, questions and chosen answers of ``docs``: one JSON-able state per document."""
         results, turns = [], []
         for d in docs:
             res, ts = self._plan(d)
             results.append(res)
             turns.extend(ts)
         self._questions(turns)
-        self._answers(turns)
+        self._chosen(turns)
+        by_doc: dict[int, list[_Turn]] = {}
+        for t in turns:
+            by_doc.setdefault(t.res.doc.index, []).append(t)
+        return [{**res.journal(), "turns": [
+            {"chunk_index": t.chunk.index, "turn": t.turn, "short_context": t.short_context,
+             "instruction": t.instruction, "chosen": t.chosen, "dropped": t.dropped}
+            for t in by_doc.get(res.doc.index, [])]} for res in results]
+
+    def long_phase(self, docs: Sequence[Document], states: Sequence[dict[str, Any]]) -> list[DocResult]:
+        """Rejected answers, filters and records of ``docs`` from their short-phase ``states``."""
+        results, turns = [], []
+        for d, st in zip(docs, states):
+            if st["doc_index"] != d.index or st["doc_id"] != d.id:
+                raise ConfigError(f"short-phase state of document #{st['doc_index']} ({st['doc_id']!r}) does not "
+                                  f"belong to document #{d.index} ({d.id!r}); the inputs changed since the run started")
+            res = DocResult(d, dropped_document=st["dropped_document"], dropped_turns=Counter(st["dropped_turns"]),
+                            stats=Counter(st["stats"]))
+            results.append(res)
+            for x in st["turns"]:
+                turns.append(_Turn(res, random.Random(0), Chunk(x["chunk_index"], 0, 0, 0), x["turn"], x["short_context"],
+                                   x["instruction"], x["dropped"], x["chosen"]))
+        self._rejected(turns)
+        return self._finish(results, turns)
+
+    def run(self, docs: Sequence[Document]) -> list[DocResult]:
+        """Results of ``docs`` in the given order (both phases on this backend)."""
+        return self.long_phase(docs, self.short_phase(docs))
+
+    def _finish(self, results: list[DocResult], turns: list[_Turn]) -> list[DocResult]:
         by_doc: dict[int, list[_Turn]] = {}
         for t in turns:
             by_doc.setdefault(t.res.doc.index, []).append(t)
@@ -216,6 +261,6 @@ class Pipeline:
             if res.dropped_document is None and not kept:
                 res.dropped_document = DOC_NO_TURN_LEFT
             if kept:
-                res.record = build_record(res.doc.id, res.doc.text, kept, self.prompts.system)
+                res.record = build_record(res.doc.id, res.doc.text, kept, self.prompts.system, self.meta)
                 res.stats["turns_written"] += len(kept)
         return results

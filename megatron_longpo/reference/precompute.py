@@ -51,6 +51,8 @@ from megatron_longpo.data.indexed import (
     check_dataset_vocab,
     load_metadata,
 )
+from megatron_longpo.checkpoint import tokenizer_dir
+from megatron_longpo.data.checks import tokenizer_mismatch
 from megatron_longpo.data.schema import DataError
 from megatron_longpo.fsutil import write_text_atomic
 from megatron_longpo.reference.cache import FORMAT_VERSION, ReferenceCacheError, write_cache
@@ -98,6 +100,7 @@ class PrecomputeOptions:
     progress: bool = True
     fsync_interval_s: float = 5.0
     stop_after_batches: Optional[int] = None  # testing hook: stop (as if killed) after K batches per rank
+    check_tokenizer: bool = True  # the data's tokenizer splits text like the one --load ships (as training checks)
 
 
 @dataclass
@@ -152,6 +155,10 @@ def _inputs(o: PrecomputeOptions, world: int):
     meta = load_metadata(o.data)
     check_dataset_supports_mode(meta, o.mode, option="--data")
     ckpt = read_reference_checkpoint(o.load, "--load")
+    tdir = tokenizer_dir(o.load) if o.check_tokenizer else None
+    why = tdir and tokenizer_mismatch(meta, "--data", o.data, o.load, tdir, disable="--no-check-tokenizer")
+    if why:  # training refuses this data for this model: do not spend a precompute on it
+        raise PrecomputeError(why)
     model_cfg = effective_model_config(ckpt, rope_theta=o.rope_theta, params_dtype=o.params_dtype)
     parallel = ParallelConfig(tensor_model_parallel_size=o.tp, attention_backend=o.attention_backend)  # type: ignore[arg-type]
     try:
@@ -448,6 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pad_to_multiple=a.pad_to_multiple, rope_theta=a.rope_theta, params_dtype=a.params_dtype,
         attention_backend=a.attention_backend, logprob_chunk_size=a.logprob_chunk_size, overwrite=a.overwrite,
         restart=a.restart, progress=not a.no_progress, stop_after_batches=a.stop_after_batches,
+        check_tokenizer=not a.no_check_tokenizer,
     )
     rank = int(os.environ.get("RANK", "0"))
     try:

@@ -34,6 +34,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprob-chunk-size", type=int, default=DEFAULT_LOGPROB_CHUNK_SIZE, help="positions per chunk of the vocab-parallel log-prob")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --output")
     p.add_argument("--restart", action="store_true", help="discard the partial results of an interrupted run")
+    p.add_argument("--no-check-tokenizer", action="store_true",
+                   help="skip the check that --data was tokenized like the tokenizer --load ships (training's "
+                   "data.check_tokenizer)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stop-after-batches", type=int, default=None, help=argparse.SUPPRESS)  # testing: simulate a kill
     return p

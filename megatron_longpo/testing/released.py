@@ -1,11 +1,20 @@
 """Write preference samples in the authors' released tokenized schema (for tests and examples):
-parquet files or a ``datasets.save_to_disk``-style directory, built with pyarrow only."""
+parquet files or a ``datasets.save_to_disk``-style directory, built with pyarrow only.
+
+:func:`authors_rows` builds rows from LongPO records with the logic of the authors'
+``data_prepare/format_tokenize.py`` (DAMO-NLP-SG/LongPO), step for step: user message = prompt +
+"\\n\\n" + question (prompt on the first turn only), ``apply_chat_template(..., tokenize=False,
+add_generation_prompt=True)`` after the final answer (so the Qwen2 template adds its default system
+prompt and a trailing ``<|im_start|>assistant\\n``), ``tokenizer([text], padding=True)`` turned into
+lists (``chosen_*`` / ``rejected_*`` hold a nested [1, L] row), right padding with the pad token for
+the per-turn reference rows, and labels found by searching the ids of ``<|im_start|>assistant`` /
+``<|im_start|>user`` (``format_labels``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -54,8 +63,11 @@ def released_rows(samples: Sequence[PreferenceSample], pad_id: int = 0, left_pad
 
 def _table(rows: list[dict]):
     cols = {k: [r[k] for r in rows] for k in rows[0]}
+    def kind(v: Any) -> Any:  # list<int> or list<list<int>>, as the first row holds it
+        return pa.list_(pa.list_(pa.int64())) if v and isinstance(v[0], list) else pa.list_(pa.int64())
+
     types = {k: pa.string() if k == "prompt_id" else
-             pa.list_(pa.list_(pa.int64())) if k.startswith("ref_") else pa.list_(pa.int64()) for k in cols}
+             pa.list_(pa.list_(pa.int64())) if k.startswith("ref_") else kind(cols[k][0]) for k in cols}
     return pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
 
 
@@ -75,3 +87,80 @@ def write_save_to_disk(rows: list[dict], directory: str | Path) -> Path:
     (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": name}], "_split": "train"}))
     (d / "dataset_info.json").write_text(json.dumps({"features": {}}))
     return d
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' format_tokenize.py logic
+# ----------------------------------------------------------------------------------------------
+
+
+def _format_labels(tok: Any, texts: list[str]) -> dict[str, list]:
+    """``format_labels`` of format_tokenize.py on an HF tokenizer (numpy in place of torch)."""
+    tok.padding_side = "right"
+    batch = tok(texts, padding=True, truncation=False)
+    ids = np.asarray(batch["input_ids"], dtype=np.int64)
+    labels = ids.copy()
+    if tok.pad_token_id is not None:
+        labels[labels == tok.pad_token_id] = IGNORE_INDEX
+    response = tok.encode("<|im_start|>assistant", add_special_tokens=False)
+    instruction = tok.encode("<|im_start|>user", add_special_tokens=False)
+    for i in range(len(texts)):
+        starts = [int(j) + len(response) for j in np.where(labels[i] == response[0])[0]
+                  if labels[i][j: j + len(response)].tolist() == response]
+        if not starts:
+            labels[i, :] = IGNORE_INDEX
+        humans = [int(j) for j in np.where(labels[i] == instruction[0])[0]
+                  if labels[i][j: j + len(instruction)].tolist() == instruction]
+        if not humans:
+            labels[i, :] = IGNORE_INDEX
+        if humans and starts and humans[0] > starts[0]:
+            humans = [0] + humans
+        for k, (a, b) in enumerate(zip(humans, starts)):
+            if k:
+                labels[i, a:b] = IGNORE_INDEX
+            else:
+                labels[i, :b] = IGNORE_INDEX
+        if len(starts) < len(humans):
+            labels[i, humans[-1]:] = IGNORE_INDEX
+    return {"input_ids": ids.tolist(), "attention_mask": np.asarray(batch["attention_mask"]).tolist(),
+            "labels": labels.tolist()}
+
+
+def _chat(prompt: str, question: str, answer: str) -> list[dict[str, str]]:
+    user = prompt + "\n\n" + question if prompt else question
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def authors_rows(records: Sequence[dict], tokenizer_dir: str | Path, flat: bool = False) -> list[dict]:
+    """One released row per LongPO record (the dict form of docs/data.md), made as the authors'
+    ``apply_chat_template(task="dpo")`` makes it from prompt / short_prompts / questions / chosens / rejecteds.
+    ``flat``: chosen_* / rejected_* as flat lists (a re-saved variant) instead of the nested [1, L]."""
+    # deferred: transformers imports torch; the writers above need only pyarrow
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    rows = []
+    for r in records:
+        long_w: list[dict[str, str]] = []
+        long_l: list[dict[str, str]] = []
+        short_w, short_l = [], []
+        for i, t in enumerate(r["turns"]):
+            prompt = r["document"] if i == 0 else ""
+            long_w += _chat(prompt, t["instruction"], t["chosen"])
+            long_l += _chat(prompt, t["instruction"], t["rejected"])
+            short_w.append(_chat(t["short_context"], t["instruction"], t["chosen"]))
+            short_l.append(_chat(t["short_context"], t["instruction"], t["rejected"]))
+
+        def render(msgs):
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+        row: dict[str, Any] = {}
+        for key, batch in (("chosen", _format_labels(tok, [render(long_w)])),
+                           ("rejected", _format_labels(tok, [render(long_l)])),
+                           ("ref_chosen", _format_labels(tok, [render(m) for m in short_w])),
+                           ("ref_rejected", _format_labels(tok, [render(m) for m in short_l]))):
+            for f, v in batch.items():
+                row[f"{key}_{f}"] = v[0] if flat and not key.startswith("ref_") else v
+        row["prompt_id"] = r["id"]
+        rows.append(row)
+    return rows

@@ -14,9 +14,8 @@ from typing import Optional
 
 from megatron_longpo.checkpoint import CheckpointError, check_compatible, read_meta, tokenizer_dir
 from megatron_longpo.config import ConfigError, LongPOConfig, ModelConfig
-from megatron_longpo.data.checks import check_dataset_files
+from megatron_longpo.data.checks import check_dataset_files, tokenizer_mismatch
 from megatron_longpo.data.indexed import load_metadata
-from megatron_longpo.data.tokenizer import Tokenizer
 from megatron_longpo.objectives import get_objective
 from megatron_longpo.reference import check_reference_cache
 
@@ -70,17 +69,12 @@ def check_tokenizer_matches_model(cfg: LongPOConfig) -> None:
     if not cfg.data.check_tokenizer:
         return
     found = _model_tokenizer_dir(cfg)
-    want = (load_metadata(cfg.data.train_data).get("tokenizer") or {})
-    if found is None or not want.get("behaviour"):
-        return  # nothing to compare: no tokenizer shipped, or data preprocessed before the check existed
-    ckpt, tdir = found
-    if Tokenizer(tdir).behaviour_fingerprint() != want["behaviour"]:
-        raise PreflightError(
-            f"data.train_data={cfg.data.train_data} was tokenized with {want.get('path')} but the model "
-            f"checkpoint {ckpt} ships the tokenizer {tdir}, which splits text differently: the model would be "
-            f"trained on ids it does not read that way (and the export would ship the wrong tokenizer). "
-            f"Re-run tools/preprocess_data.py with --tokenizer {tdir}, or set data.check_tokenizer=false if you "
-            "know the two agree")
+    if found is None:
+        return  # no tokenizer shipped with the model
+    why = tokenizer_mismatch(load_metadata(cfg.data.train_data), "data.train_data", cfg.data.train_data, *found,
+                             disable="data.check_tokenizer=false")
+    if why:
+        raise PreflightError(why)
 
 
 def check_before_init(cfg: LongPOConfig) -> None:

@@ -26,13 +26,16 @@ def _imported(p) -> set:
     ["pretrain_longpo.py", "--help"],
     ["tools/precompute_reference.py", "--help"],
     ["tools/estimate_memory.py", "--help"],
+    ["tools/generate_longpo_data.py", "--help"],
+    ["tools/evaluate.py", "--help"],
     ["pretrain_longpo.py", "--config", TINY, "--parallel.tensor_model_parallel_size=3"],
     ["tools/estimate_memory.py", "--config", TINY, "--world-size", "2", "--parallel.tensor_model_parallel_size=3"],
-], ids=["train-help", "precompute-help", "estimate-help", "train-config-error", "estimate-config-error"])
+], ids=["train-help", "precompute-help", "estimate-help", "generate-help", "evaluate-help", "train-config-error", "estimate-config-error"])
 def test_answers_without_heavy_imports(args):
     p = _run(args)
     mods = _imported(p)
-    assert "torch" not in mods and "megatron.core" not in mods, sorted(m for m in mods if "torch" in m)[:5]
+    heavy = [m for m in mods if m.split(".")[0] in ("torch", "transformers", "vllm") or m.startswith("megatron.core")]
+    assert not heavy, heavy[:5]
     if "--help" in args:
         assert p.returncode == 0 and "usage:" in p.stdout
     else:
@@ -48,3 +51,17 @@ def test_config_error_printed_by_rank0_only():
                         env=dict(os.environ, RANK="1", WORLD_SIZE="2"))
     assert r0.returncode == r1.returncode == 2
     assert r0.stderr.count("[longpo] error:") == 1 and r1.stderr == "" and r1.stdout == ""
+
+
+@pytest.mark.parametrize("value", ["512,2kk", "inf", "1.5k", "0", "-4", "4096,,k"])
+def test_evaluate_lengths_strict(value):
+    """--lengths 2kk once ran 2048 and inf gave a traceback: every malformed length is refused by name."""
+    p = _run(["tools/evaluate.py", "--load", "x", "--output", "o.json", "--lengths", value])
+    assert p.returncode == 2 and "argument --lengths" in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
+    assert "torch" not in _imported(p)
+
+
+def test_evaluate_lengths_parsed():
+    from megatron_longpo.evaluation.args import parse_lengths
+
+    assert parse_lengths("4096, 128k,2K") == [4096, 131072, 2048]

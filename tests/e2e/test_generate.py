@@ -141,6 +141,10 @@ def test_rerun_of_finished_output_and_changed_options(env, reference_run, capsys
     assert generate_main(_args(env, reference_run, "--seed", "8")) == 2
     err = capsys.readouterr().err
     assert "different options" in err and "seed" in err
+    # a nested option is named alone (config.max_turns), not by dumping both option dicts
+    assert generate_main(_args(env, reference_run, "--max-turns", "3")) == 2
+    err = capsys.readouterr().err
+    assert "  config.max_turns: before 2, now 3\n" in err and "chunk_min_tokens" not in err, err
     assert reference_run.read_bytes() == before
 
 

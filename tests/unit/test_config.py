@@ -107,3 +107,47 @@ def test_seq_multiple_and_vocab_padding():
     assert padded_vocab_size(ModelConfig(vocab_size=32000), 8) == 32768
     assert padded_vocab_size(ModelConfig(vocab_size=32000), 1) == 32000
     assert padded_vocab_size(ModelConfig(vocab_size=151936), 4) == 152064
+
+
+def _float_options():
+    import dataclasses
+    import typing
+
+    out = []
+    for sec, cls in typing.get_type_hints(LongPOConfig).items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (float, typing.Optional[float]):
+                out.append(f"{sec}.{f.name}")
+    return out
+
+
+def test_float_options_are_all_ranged():
+    """Each float option has a range entry (a new option without one is only checked for finiteness)."""
+    from megatron_longpo.config import FLOAT_RANGES
+
+    assert set(_float_options()) == set(FLOAT_RANGES), set(_float_options()) ^ set(FLOAT_RANGES)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("option", _float_options())
+def test_every_float_option_must_be_finite(option, value):
+    """--loss.beta=nan once passed validation and crashed at step 1 in Megatron's grad-norm code."""
+    cfg = apply_overrides(LongPOConfig(), [f"--{option}={value}"])
+    with pytest.raises(ConfigError, match=rf"{option} must be a finite number"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--loss.beta=0", "loss.beta must be in (0, inf)"),
+    ("--loss.lam=-0.5", "loss.lam must be in [0, inf)"),
+    ("--optim.adam_beta2=1.0", "optim.adam_beta2 must be in [0, 1)"),
+    ("--optim.lr_warmup_fraction=1.5", "optim.lr_warmup_fraction must be in [0, 1]"),
+    ("--model.hidden_dropout=-0.1", "model.hidden_dropout must be in [0, 1)"),
+    ("--model.rope_theta=0", "model.rope_theta must be in (0, inf)"),
+    ("--optim.min_lr=1e-3", "optim.min_lr (0.001) must be <= optim.lr"),
+])
+def test_float_ranges(override, needle):
+    with pytest.raises(ConfigError) as e:
+        validate(apply_overrides(LongPOConfig(), [override]))
+    assert needle in str(e.value)

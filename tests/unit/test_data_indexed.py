@@ -342,8 +342,13 @@ def test_parquet_and_save_to_disk_inputs_with_auto_ids_equal_jsonl(tmp_path):
     assert got.meta["bin_sha256"] == ref.meta["bin_sha256"]  # the same samples, token for token
     # A TRL-style file without ids: refused, or ids from the source with --auto-id.
     pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "trl.parquet")
-    with pytest.raises(DataError, match=r"trl.parquet:row 0.*'id'"):
+    with pytest.raises(DataError, match=r"trl.parquet:row 0.*'id'") as e:
         run(tmp_path, [tmp_path / "trl.parquet"], name="x")
+    # the fix is --auto-id, not --skip-invalid (which would drop every record)
+    assert "pass --auto-id" in str(e.value) and "--skip-invalid" not in str(e.value)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [pairs[0], {"id": "b", "prompt": "P", "chosen": 3, "rejected": "r"}])
+    with pytest.raises(DataError, match=r"--skip-invalid to drop them.*1 of them only lack an 'id': --auto-id"):
+        run(tmp_path, [mixed], name="m")
     res, _ = run(tmp_path, [tmp_path / "trl.parquet"], name="trl", auto_id=True)
     ids = json.loads((tmp_path / "trl.ids.json").read_text())
     assert res.meta["counts"]["records_written"] == 2 and ids == [f"{tmp_path / 'trl.parquet'}:row {i}" for i in (0, 1)]
@@ -356,3 +361,15 @@ def test_parquet_and_save_to_disk_inputs_with_auto_ids_equal_jsonl(tmp_path):
     (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     disk, _ = run(tmp_path, [d], name="disk")
     assert disk.meta["bin_sha256"] == ref.meta["bin_sha256"]
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".idx", ".json"])
+def test_a_dataset_file_named_instead_of_its_prefix_is_explained(tmp_path, suffix):
+    """data.train_data=NAME.bin once said only 'does not exist'; now it names the prefix to pass."""
+    run(tmp_path, [write_jsonl(tmp_path / "in.jsonl", [longpo(0)])])
+    prefix = str(tmp_path / "ds")
+    for opener in (load_metadata, PreferenceDataset):
+        with pytest.raises(DataError, match=rf"{suffix} is a file of the dataset {prefix}: pass the prefix {prefix} "):
+            opener(prefix + suffix)
+    with pytest.raises(DataError, match="create it with tools/preprocess_data.py"):
+        load_metadata(str(tmp_path / "other.bin"))  # no such dataset: no prefix advice

@@ -5,11 +5,12 @@ reference turns); what cannot be mapped is refused naming FILE:row and the colum
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megatron_longpo.data.indexed import PreferenceDataset
 from megatron_longpo.data.released import BAD_ROW, ImportOptions, import_released, main
-from megatron_longpo.testing.released import released_rows, write_parquet, write_save_to_disk
+from megatron_longpo.testing.released import authors_rows, released_rows, write_parquet, write_save_to_disk
 from megatron_longpo.data.schema import DataError
 from megatron_longpo.testing.reference import SAMPLE_TOKENIZER, make_dataset, synthetic_records
 
@@ -121,3 +122,80 @@ def test_flat_reference_columns_are_one_turn(source):
     got = PreferenceDataset(out)
     for i, s in enumerate(one_turn):
         assert_same(got[i], s)
+
+
+@pytest.fixture(scope="module")
+def authors(tmp_path_factory):
+    """Rows made with the logic of the authors' data_prepare/format_tokenize.py on a Qwen2-style
+    tokenizer (default system prompt, add_generation_prompt=True after the final answer)."""
+    from megatron_longpo.data.synthetic import corpus, make_qwen2_like_tokenizer
+
+    d = tmp_path_factory.mktemp("authors")
+    tok = make_qwen2_like_tokenizer(d / "qwen2", corpus(0))
+    records = synthetic_records(5, seed=11)
+    return d, tok, records
+
+
+def _labelled(row, key, k=None):
+    ids, att, lab = (np.asarray(row[f"{key}_{f}"]) for f in ("input_ids", "attention_mask", "labels"))
+    ids, att, lab = (x.reshape(-1, x.shape[-1])[0 if k is None else k] for x in (ids, att, lab))
+    keep = att == 1
+    return ids[keep], (lab[keep] != -100).astype(np.uint8)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["nested", "flat"])
+def test_authors_format_tokenize_rows_import_exactly(authors, flat):
+    """Rows built like the authors' format_tokenize.py (nested [[...]] chosen/rejected, labels from
+    searching <|im_start|>assistant / <|im_start|>user) were refused ("attention_mask has gaps")."""
+    from transformers import AutoTokenizer
+
+    from megatron_longpo.data.tokenizer import Tokenizer
+
+    d, tok_dir, records = authors
+    rows = authors_rows(records, tok_dir, flat=flat)
+    assert np.asarray(rows[0]["chosen_input_ids"]).ndim == (1 if flat else 2)
+    hf = AutoTokenizer.from_pretrained(str(tok_dir))
+    gen = hf.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    resp = hf.encode("<|im_start|>assistant", add_special_tokens=False)
+    first = hf.decode(rows[0]["chosen_input_ids"][0] if not flat else rows[0]["chosen_input_ids"])
+    assert first.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    name = "nested" if flat is False else "flat"
+    write_parquet(rows, d / f"{name}.parquet")
+    for mode in ("keep", "drop"):
+        out = str(d / f"{name}-{mode}" / "train")
+        meta = import_released(ImportOptions([str(d / f"{name}.parquet")], str(tok_dir), out, progress=False,
+                                             trailing_generation_prompt=mode), log=lambda *_: None)
+        got = PreferenceDataset(out)
+        turns = sum(len(r["turns"]) for r in records)
+        # every policy and reference sequence ends with the labelled "<|im_start|>assistant\n"
+        assert meta["counts"]["trailing_generation_prompt_sequences"] == 2 * len(records) + 2 * turns
+        cut = len(gen) if mode == "drop" else 0
+        for i, row in enumerate(rows):
+            s = got[i]
+            for key, ids, mask in (("chosen", s.chosen, s.chosen_mask), ("rejected", s.rejected, s.rejected_mask)):
+                want_ids, want_mask = _labelled(row, key)
+                assert want_ids[-len(gen):].tolist() == gen and want_mask[-len(gen):].all()
+                # the "\n" after "assistant" opens each labelled span, as the authors' labels have it
+                first_resp = int(np.argmax(want_mask))
+                assert want_ids[first_resp - len(resp):first_resp].tolist() == resp
+                assert hf.decode(want_ids[first_resp:first_resp + 1]).startswith("\n")
+                assert ids.tolist() == want_ids[:len(want_ids) - cut].tolist()
+                assert mask.tolist() == want_mask[:len(want_mask) - cut].tolist()
+            assert s.num_turns == len(records[i]["turns"])
+            for k, t in enumerate(s.references):
+                for key, ids, mask in (("ref_chosen", t.chosen, t.chosen_mask), ("ref_rejected", t.rejected, t.rejected_mask)):
+                    want_ids, want_mask = _labelled(row, key, k)
+                    assert ids.tolist() == want_ids[:len(want_ids) - cut].tolist()
+                    assert mask.tolist() == want_mask[:len(want_mask) - cut].tolist()
+    assert Tokenizer(tok_dir).vocab_size > max(max(r["chosen_input_ids"] if flat else r["chosen_input_ids"][0]) for r in rows)
+
+
+def test_several_rows_in_one_sequence_cell_are_refused(authors):
+    d, tok_dir, records = authors
+    rows = authors_rows(records[:1], tok_dir)
+    for f in ("input_ids", "attention_mask", "labels"):
+        rows[0][f"chosen_{f}"] = rows[0][f"chosen_{f}"] * 2  # a [2, L] batch in one cell
+    write_parquet(rows, d / "two.parquet")
+    with pytest.raises(DataError, match=r"two.parquet:row 0: chosen_input_ids has shape \[2, \d+\]; expected one"):
+        import_released(ImportOptions([str(d / "two.parquet")], str(tok_dir), str(d / "two" / "t"), progress=False),
+                        log=lambda *_: None)

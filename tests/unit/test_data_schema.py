@@ -203,5 +203,28 @@ def test_conversation_keys_are_never_silently_dropped():
     # other keys are metadata: kept out of the conversation, reported by name
     longpo["turns"][0] = {"short_context": "s", "instruction": "i", "chosen": "a", "rejected": "b", "score": 1}
     rec = parse_record(dict(longpo, source="books", meta={}), "f:1")
-    assert rec.ignored_keys == ("meta", "source", "turns[].score")
+    assert rec.ignored_keys == ("source", "turns[].score")  # meta is read (the generation chat template)
+    tpl = {"name": "chatml", "fingerprint": "ab12"}
+    assert parse_record(dict(longpo, meta={"chat_template": tpl}), "f:1").chat_template == tpl
+    bad = parse_record(dict(longpo, meta={"chat_template": "chatml"}), "f:1")
+    assert bad.reason == "wrong_type" and "meta.chat_template" in bad.message
     assert parse_record(dict(pair, source="x"), "f:1").ignored_keys == ("source",)
+
+
+def test_template_mismatch_rules():
+    from megatron_longpo.data.preprocess import template_mismatch
+
+    turns = [{"short_context": "s", "instruction": "i", "chosen": "a", "rejected": "b"}]
+    mine = {"name": "mistral", "fingerprint": "f" * 64}
+
+    def rec(meta):
+        return parse_record({"id": "r", "document": "D", "turns": turns, **({"meta": meta} if meta else {})}, "g.jsonl:4")
+
+    assert template_mismatch(rec(None), mine, "--chat-template auto") is None  # hand-written data: nothing recorded
+    assert template_mismatch(rec({"chat_template": mine}), mine, "--chat-template auto") is None
+    server = {"chat_template": {"name": "openai-chat-server", "fingerprint": None}}
+    assert template_mismatch(rec(server), mine, "--chat-template auto") is None  # cannot be checked (warned)
+    why = template_mismatch(rec({"chat_template": {"name": "chatml", "fingerprint": "c" * 64}}), mine,
+                            "--chat-template auto")
+    assert why.startswith("g.jsonl:4: record 'r' was generated with the chat template 'chatml'")
+    assert "--chat-template auto renders 'mistral'" in why and "pass --chat-template chatml" in why

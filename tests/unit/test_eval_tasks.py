@@ -155,3 +155,35 @@ def test_bad_options_fail_early(sp):
     with pytest.raises(ConfigError, match="does not exist"):
         build(haystack=["/nonexistent/haystack"])
     assert len(build(samples=2).samples) == 2
+
+
+@pytest.fixture(scope="module")
+def hf_chatml(tmp_path_factory):
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    return Tokenizer(make_hf_tokenizer(tmp_path_factory.mktemp("tok") / "tok", corpus(1), template, vocab_size=600))
+
+
+@pytest.mark.parametrize("tok_name, template", [("sentencepiece", "mistral"), ("sentencepiece", "chatml"),
+                                                ("hf", "tokenizer"), ("hf", "chatml"), ("hf", "mistral")])
+def test_eval_tokens_are_the_training_tokenization(sp, hf_chatml, tok_name, template):
+    """Evaluation tokenized piece by piece and got 1-2 ids different from training's whole-string
+    tokenization (bundled sentencepiece tokenizer). Now every task's sequence is, id for id, the
+    prefix of what preprocessing builds for the same conversation (a pair record through
+    build_sample), ending with the answer, and the scored tokens are exactly its answer tokens."""
+    from megatron_longpo.data.schema import Message, PairRecord
+    from megatron_longpo.data.sequences import build_sample
+
+    tok = sp[0] if tok_name == "sentencepiece" else hf_chatml
+    tpl, counter = get_template(template, tok), TokenCounter(tok)
+    for task in TASK_NAMES:
+        for seed in range(3):
+            s = make_sample(task, 1500, seed, tpl, counter, FillerHaystack())
+            inst = s.instance
+            rec = PairRecord(id=f"{task}-{seed}", prompt=(Message("user", inst.intro + inst.document + inst.question),),
+                             chosen=inst.answer_prefix + inst.answer, rejected="x", source="eval")
+            train = build_sample(rec, tok, tpl).sample
+            assert s.tokens.tolist() == train.chosen[:len(s.tokens)].tolist(), (task, seed)
+            assert train.chosen_mask[len(s.tokens) - 1] == 1  # the last token is a trained response token
+            ans = s.tokens[s.answer_mask.astype(bool)]
+            assert inst.answer.strip() in tok.decode(ans) and len(ans) <= len(tok.encode(inst.answer)) + 1
+            assert len(s.tokens) <= 1500

@@ -143,3 +143,25 @@ def test_data_tokenizer_must_split_text_like_the_models(dataset, tmp_path):
            "splits text differently", str(other / "tokenizer"), "--tokenizer", "data.check_tokenizer=false")
     check_before_init(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": other,
                               "data.check_tokenizer": "false"}))
+
+
+def test_precompute_checks_the_data_tokenizer_like_the_trainer(dataset, tmp_path):
+    """tools/precompute_reference.py once built a cache for data that training then refused."""
+    from megatron_longpo.data.synthetic import corpus, make_qwen2_like_tokenizer
+    from megatron_longpo.reference.precompute import PrecomputeError, PrecomputeOptions, _inputs
+
+    other = tmp_path / "other"
+    _fake_checkpoint(other, _cfg().model)
+    make_qwen2_like_tokenizer(other / "tokenizer", corpus(0))
+    opts = PrecomputeOptions(load=str(other), data=dataset, output=str(tmp_path / "cache"))
+    with pytest.raises(PrecomputeError) as e:
+        _inputs(opts, world=1)
+    for needle in ("--data=" + dataset, "splits text differently", str(other / "tokenizer"), "--no-check-tokenizer"):
+        assert needle in str(e.value)
+    _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": other}), "splits text differently")
+    opts.check_tokenizer = False
+    assert _inputs(opts, world=1)[0]["counts"]  # the switch skips it, as data.check_tokenizer=false does
+    bare = tmp_path / "bare"  # a converted checkpoint whose tokenizer/ holds no tokenizer files: nothing to compare
+    _fake_checkpoint(bare, _cfg().model)
+    (bare / "tokenizer").mkdir()
+    assert _inputs(PrecomputeOptions(load=str(bare), data=dataset, output=str(tmp_path / "c2")), world=1)[0]["counts"]
