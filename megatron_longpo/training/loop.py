@@ -262,7 +262,7 @@ def _load_or_resume(cfg: LongPOConfig, model, optimizer, scheduler, groups: Para
 
             def load(d: Path) -> TrainState:
                 return load_checkpoint(d, model, optimizer, scheduler, groups, cfg.model, verify=c.verify,
-                                       scheduler_on_resume=cfg.optim.scheduler_on_resume)
+                                       scheduler_on_resume=cfg.optim.scheduler_on_resume, own_checkpoint=True)
 
             fallback = c.fallback_on_corrupt and c.load_iteration is None
             st, used = resume_with_fallback(c.save, found, load, fallback, log=_print0)
