@@ -86,8 +86,9 @@ class ParallelConfig:
     )
     fp8_amax_history_len: int = _f(1024, "Delayed scaling: amax history length (TE's recipe default).")
     fp8_amax_compute_algo: Literal["max", "most_recent"] = _f("max", "Delayed scaling: amax from the history.")
-    attention_backend: Literal["auto", "te", "sdpa", "flash"] = _f(
-        "auto", "Core attention: TE (CUDA), the project's CP attention with SDPA or flash-attn."
+    attention_backend: Literal["auto", "te", "sdpa", "flash", "cudnn", "fa3"] = _f(
+        "auto", "Core attention: TE (CUDA, its own CP), or the project's CP attention (any layout) with the block "
+                "kernel sdpa, flash (flash-attn 2), cudnn (TE DotProductAttention, cuDNN fused) or fa3 (FlashAttention-3)."
     )
     cp_comm_type: Literal["p2p", "a2a", "all_gather", "a2a+p2p"] = _f(
         "p2p", "TE context-parallel communication (attention_backend=te)."
@@ -112,6 +113,9 @@ class DataConfig:
     check_tokenizer: bool = _f(
         True, "Refuse data whose tokenizer splits text differently from the tokenizer of the model checkpoint.")
 
+
+# parallel.attention_backend values (the torch-free CLIs offer the same choices)
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "flash", "cudnn", "fa3")
 
 # Positions per chunk of the vocab-parallel log-prob: the default of training, reference and
 # evaluation (here because the torch-free CLIs need it too; loss/logprobs.py re-exports it).
@@ -585,6 +589,7 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             "data.pair_layout=shared_prefix cannot run on parallel.attention_backend=te (TE attention "
             "cannot express the branch mask); set parallel.attention_backend to auto, sdpa or flash"
         )
+    errs += _attention_kernel_errors(cfg)
     errs += _evaluation_errors(cfg)
     if t.eval_iters < 0:
         errs.append(f"training.eval_iters must be >= 0 (0 = the whole validation set), got {t.eval_iters}")
@@ -594,6 +599,24 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
         errs.append(f"checkpoint.load_iteration must be >= 0 (got {cfg.checkpoint.load_iteration})")
     if errs:
         raise ConfigError("; ".join(errs))
+
+
+def _attention_kernel_errors(cfg: LongPOConfig) -> list[str]:
+    """Rules of the project attention's CUDA block kernels (flash-attn 2, TE cuDNN, FA3)."""
+    kernel = cfg.parallel.attention_backend
+    if kernel not in ("flash", "cudnn", "fa3"):
+        return []
+    errs = []
+    if cfg.model.params_dtype != "bf16":
+        errs.append(f"parallel.attention_backend={kernel} runs bf16 only (model.params_dtype="
+                    f"{cfg.model.params_dtype}); set model.params_dtype=bf16 or parallel.attention_backend=sdpa")
+    if kernel == "fa3" and cfg.model.attention_dropout > 0:
+        errs.append(f"parallel.attention_backend=fa3 has no attention dropout (model.attention_dropout="
+                    f"{cfg.model.attention_dropout}); set it to 0 or use parallel.attention_backend=cudnn or sdpa")
+    if cfg.model.head_dim > 256 or cfg.model.head_dim % 8:
+        errs.append(f"parallel.attention_backend={kernel} needs a head dim <= 256 and a multiple of 8 (got "
+                    f"{cfg.model.head_dim}); use parallel.attention_backend=sdpa")
+    return errs
 
 
 def _evaluation_errors(cfg: LongPOConfig) -> list[str]:

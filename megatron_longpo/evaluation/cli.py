@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from megatron_longpo.checkpoint import load_model_checkpoint
 from megatron_longpo.checkpoint.format import CheckpointMeta, read_meta, resolve_checkpoint_dir, tokenizer_dir
-from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE, ConfigError, ParallelConfig, validate_model
+from megatron_longpo.config import ATTENTION_BACKENDS, DEFAULT_LOGPROB_CHUNK_SIZE, ConfigError, ParallelConfig, validate_model
 from megatron_longpo.data.schema import DataError
 from megatron_longpo.evaluation.report import plot_accuracy, require_matplotlib, results_document, write_results
 from megatron_longpo.evaluation.scoring import DEFAULT_TOKENS_PER_BATCH, plan_batches
@@ -77,7 +77,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--cp", type=int, default=1, help="context-parallel size")
     p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--attention-backend", choices=["auto", "te", "sdpa", "flash"], default="auto")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
     p.add_argument("--rope-theta", type=float, default=None, help="override every checkpoint's RoPE base")
     p.add_argument("--params-dtype", choices=["fp32", "bf16"], default=None, help="override the checkpoints' dtype")
     p.add_argument("--tokens-per-batch", type=int, default=DEFAULT_TOKENS_PER_BATCH, help="padded tokens per forward")

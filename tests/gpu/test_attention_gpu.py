@@ -83,6 +83,30 @@ def test_flash_attn_kernel_matches_sdpa():
     torch.testing.assert_close(a, b, **BF16)
 
 
+@pytest.mark.parametrize("kernel", ["cudnn", "fa3"])
+@pytest.mark.parametrize("cp,seq", [(1, 256), (2, 264), (4, 320)])
+def test_block_kernel_matches_float64(kernel, cp, seq):
+    """TE cuDNN (causal_bottom_right) and FA3 as block kernels: output and gradients vs float64."""
+    from megatron_longpo.runtime.capabilities import fa3_available, te_available, unavailable_reason
+
+    available = {"cudnn": te_available, "fa3": fa3_available}[kernel]
+    if not available():
+        pytest.skip(f"{kernel}: {unavailable_reason({'cudnn': 'transformer_engine', 'fa3': 'flash_attn_interface'}[kernel])}")
+    b, h, g, d = 2, 8, 2, 128
+    layouts = [None, (seq // 3 + 1, seq // 2 + 3)]
+    q, k, v = _qkv(b, h, g, seq, d, seed=3)
+    out = _emulated(q, k, v, layouts, cp, kernel=kernel)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(qd, kd, vd, layouts, d_scale(q))
+    torch.testing.assert_close(out.double(), ref, **BF16)
+    w = torch.randn_like(ref)
+    (out.double() * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, r in ((q, qd), (k, kd), (v, vd)):
+        err = (a.grad.double() - r.grad).norm() / r.grad.norm()
+        assert err < 3e-2, f"{kernel}: relative gradient error {err:.3g}"
+
+
 @pytest.fixture(scope="module")
 def single_process_groups():
     from megatron_longpo.runtime.distributed import destroy, init_distributed, init_model_parallel

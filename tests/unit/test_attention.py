@@ -181,8 +181,23 @@ def test_backend_resolution_on_this_machine():
     with pytest.raises(RuntimeError, match="attention_backend=te needs Transformer Engine"):
         resolve_attention_backend(parallel_config(attention_backend="te"), "two_sequences", "local")
     if not cuda:
-        with pytest.raises(RuntimeError, match="attention_backend=flash needs CUDA"):
-            resolve_attention_backend(parallel_config(attention_backend="flash"), "two_sequences", "local")
+        for kernel in ("flash", "cudnn", "fa3"):  # every project kernel says why it cannot run
+            with pytest.raises(RuntimeError, match=f"attention_backend={kernel} needs CUDA.*no CUDA device.*sdpa"):
+                resolve_attention_backend(parallel_config(attention_backend=kernel), "shared_prefix", "local")
+
+
+def test_config_rules_of_the_block_kernels():
+    cfg = LongPOConfig()
+    for kernel in ("flash", "cudnn", "fa3"):
+        cfg.parallel.attention_backend = kernel
+        with pytest.raises(ConfigError, match=f"attention_backend={kernel} runs bf16 only"):
+            validate(cfg)
+    cfg.model.params_dtype = "bf16"
+    cfg.model.attention_dropout = 0.1
+    with pytest.raises(ConfigError, match="attention_backend=fa3 has no attention dropout"):
+        validate(cfg)
+    cfg.parallel.attention_backend = "cudnn"
+    validate(cfg)
 
 
 def test_config_rejects_shared_prefix_on_te():

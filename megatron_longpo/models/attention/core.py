@@ -256,3 +256,15 @@ class FlashContextParallelAttention(ContextParallelAttention):
     """The same attention computed with flash-attn 2 kernels (CUDA, flash-attn installed)."""
 
     kernel = "flash"
+
+
+class CudnnContextParallelAttention(ContextParallelAttention):
+    """The same attention computed by TE DotProductAttention (cuDNN fused attention on H100)."""
+
+    kernel = "cudnn"
+
+
+class FA3ContextParallelAttention(ContextParallelAttention):
+    """The same attention computed with FlashAttention-3 kernels (Hopper)."""
+
+    kernel = "fa3"
