@@ -192,10 +192,15 @@ class TrainingConfig:
               "global_batch_size), set at start-up (the log shows the epoch).")
     seed: int = _f(1234, "Seed for init, data order and RNG trackers.")
     recompute_granularity: Optional[Literal["full", "selective"]] = _f(
-        None, "Activation recomputation."
-    )
-    recompute_method: Literal["uniform", "block"] = _f("uniform", "Full recompute method.")
-    recompute_num_layers: int = _f(1, "Layers per recompute unit (full recompute).")
+        None, "Activation recomputation: full (whole layers, per recompute_method) or selective (the "
+              "recompute_modules of every layer); tools/estimate_memory.py --recompute lists the choices that fit.")
+    recompute_method: Literal["uniform", "block"] = _f(
+        "uniform", "Full recompute: uniform (every layer, in units of recompute_num_layers) or block (only the "
+                   "first recompute_num_layers layers; the others keep their activations).")
+    recompute_num_layers: int = _f(1, "Full recompute: layers per unit (uniform) or layers recomputed (block).")
+    recompute_modules: list = _f(
+        ["core_attn"], "Selective recompute: any of layernorm (both norms, ~free), mlp (the SwiGLU MLP), core_attn "
+                       "(the attention kernel; saves nothing with flash-class kernels).")
     exit_duration_mins: Optional[float] = _f(None, "Save and exit after this many minutes.")
     exit_interval: Optional[int] = _f(None, "Save and exit when the step number is a multiple of this.")
     eval_interval: Optional[int] = _f(None, "Run validation every N steps.")
@@ -567,6 +572,7 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             )
     if t.train_iters < 0:
         errs.append("training.train_iters must be >= 0")
+    errs += _recompute_errors(cfg)
     if t.num_epochs is not None and t.num_epochs <= 0:
         errs.append(f"training.num_epochs must be > 0 (got {t.num_epochs})")
     if cfg.loss.beta <= 0:
@@ -599,6 +605,26 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
         errs.append(f"checkpoint.load_iteration must be >= 0 (got {cfg.checkpoint.load_iteration})")
     if errs:
         raise ConfigError("; ".join(errs))
+
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # the dense-model choices of Megatron-Core 0.16.1
+
+
+def _recompute_errors(cfg: LongPOConfig) -> list[str]:
+    t = cfg.training
+    errs = []
+    if t.recompute_granularity == "full" and not 1 <= t.recompute_num_layers <= cfg.model.num_layers:
+        errs.append(f"training.recompute_num_layers ({t.recompute_num_layers}) must be in [1, model.num_layers="
+                    f"{cfg.model.num_layers}] with training.recompute_granularity=full")
+    if t.recompute_granularity == "selective":
+        mods = t.recompute_modules
+        if not isinstance(mods, list) or not mods or any(m not in RECOMPUTE_MODULES for m in mods):
+            errs.append(f"training.recompute_modules must be a non-empty list of {list(RECOMPUTE_MODULES)} with "
+                        f"training.recompute_granularity=selective, got {mods!r}")
+        elif "layernorm" in mods and cfg.parallel.fp8 and cfg.parallel.fp8_recipe == "delayed":
+            errs.append("training.recompute_modules=layernorm cannot run with parallel.fp8_recipe=delayed "
+                        "(Megatron-Core 0.16.1); use parallel.fp8_recipe=tensorwise or drop layernorm")
+    return errs
 
 
 def _attention_kernel_errors(cfg: LongPOConfig) -> list[str]:

@@ -17,12 +17,14 @@ of Megatron's 0..S-1 table, which is what the shared-prefix layout needs (models
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import layers as mcore_tp_layers
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -39,8 +41,7 @@ from megatron_longpo.models.rope import install_bounded_rope_cache, rope_from_mo
 from megatron_longpo.runtime import capabilities
 
 
-def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext: bool,
-                    ddp: bool = True) -> dict[str, bool]:
+def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, ddp: bool = True) -> dict[str, bool]:
     """Megatron fusion flags valid for this run (pure; tests/unit/test_gpu_rules.py).
 
     - bias_activation_fusion (bias-SwiGLU) and bias_dropout_fusion: torch-compiled kernels, valid
@@ -48,10 +49,12 @@ def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext
     - apply_rope_fusion: TE's fused RoPE kernel, only with the TE spec AND TE attention; the project
       attention passes per-row angles [s, b, 1, d] (shared-prefix positions), which the fused
       kernel does not take.
-    - gradient_accumulation_fusion: TE linears accumulate wgrad into main_grad natively, but
-      GPTModel's output layer is a local ColumnParallelLinear, which refuses the flag without
-      apex's extension; so on when CUDA + TE + that extension, and only for a model that Megatron
-      DDP wraps (``ddp``): the fused wgrad writes into ``param.main_grad``, which DDP creates.
+    - gradient_accumulation_fusion: TE linears accumulate wgrad into main_grad natively (no apex),
+      so on with CUDA + TE, for a model that Megatron DDP wraps (``ddp``: the fused wgrad writes
+      into ``param.main_grad``, which DDP creates). GPTModel's output layer is a local
+      ColumnParallelLinear that refuses the flag without apex's extension; the project never runs
+      its forward (log-probs use its weight), so :func:`build_model` builds it with the fusion off
+      (:func:`_output_layer_without_wgrad_fusion`).
     - masked_softmax_fusion / persist_layer_norm: only used by Megatron's local
       DotProductAttention / apex LayerNorm, which this project never builds: off.
     """
@@ -62,8 +65,25 @@ def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=te and te_attention,
-        gradient_accumulation_fusion=te and grad_accum_ext and ddp,
+        gradient_accumulation_fusion=te and ddp,
     )
+
+
+@contextlib.contextmanager
+def _output_layer_without_wgrad_fusion(fusion: bool) -> Iterator[None]:
+    """Let GPTModel build its local output layer while ``gradient_accumulation_fusion`` is on for
+    the TE linears: Megatron-Core 0.16.1 ColumnParallelLinear refuses the flag at construction
+    when apex's fused_weight_gradient_mlp_cuda is missing (module flag read in __init__). Scoped to
+    the constructor; build_model then turns the flag off on that layer."""
+    if not fusion or capabilities.grad_accum_fusion_available():
+        yield
+        return
+    saved = mcore_tp_layers._grad_accum_fusion_available
+    mcore_tp_layers._grad_accum_fusion_available = True
+    try:
+        yield
+    finally:
+        mcore_tp_layers._grad_accum_fusion_available = saved
 
 
 def params_dtype(model: ModelConfig) -> torch.dtype:
@@ -77,6 +97,7 @@ def transformer_config(
     recompute_granularity: Optional[str] = None,
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
+    recompute_modules: Optional[list] = None,
     impl: str = "local",
     te_attention: bool = False,
     ddp: bool = False,
@@ -88,7 +109,7 @@ def transformer_config(
     """
     dtype = params_dtype(model)
     on_cpu = not capabilities.cuda_available()
-    fusions = fusion_settings(not on_cpu, impl, te_attention, capabilities.grad_accum_fusion_available(), ddp)
+    fusions = fusion_settings(not on_cpu, impl, te_attention, ddp)
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -121,6 +142,13 @@ def transformer_config(
         kwargs.update(recompute_granularity=recompute_granularity)
         if recompute_granularity == "full":
             kwargs.update(recompute_method=recompute_method, recompute_num_layers=recompute_num_layers)
+        elif recompute_modules:
+            if "layernorm" in recompute_modules and not capabilities.te_available():
+                # Megatron-Core 0.16.1 CheckpointWithoutOutput() defaults to fp8=False and tests
+                # `fp8 is not None`, so it reads TE's FP8 state: layernorm recompute needs TE.
+                raise ConfigError("training.recompute_modules=layernorm needs Transformer Engine with CUDA "
+                                  "(Megatron-Core 0.16.1); use recompute_modules without layernorm here")
+            kwargs.update(recompute_modules=list(recompute_modules))
     if parallel.fp8:
         if impl != "transformer_engine":
             raise ConfigError(
@@ -224,6 +252,7 @@ def build_model(
     recompute_granularity: Optional[str] = None,
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
+    recompute_modules: Optional[list] = None,
     initialize: bool = True,
     ddp: bool = False,
 ) -> LongPOGPTModel:
@@ -245,6 +274,7 @@ def build_model(
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
+        recompute_modules=recompute_modules,
         impl=impl,
         te_attention=core_attention is None,
         ddp=ddp,
@@ -252,20 +282,23 @@ def build_model(
     if not initialize:
         cfg = dataclasses.replace(cfg, use_cpu_initialization=True, perform_initialization=False)
     rope_scaling = model.rope_scaling is not None
-    gpt = LongPOGPTModel(
-        config=cfg,
-        transformer_layer_spec=layer_spec(model, impl, core_attention),
-        vocab_size=padded_vocab_size(model, parallel.tensor_model_parallel_size),
-        max_sequence_length=model.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
-        parallel_output=True,
-        share_embeddings_and_output_weights=model.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=model.rope_theta,
-        rope_scaling=rope_scaling,
-        rope_scaling_factor=float(model.rope_scaling.get("factor", 8.0)) if rope_scaling else 8.0,
-    )
+    with _output_layer_without_wgrad_fusion(cfg.gradient_accumulation_fusion):
+        gpt = LongPOGPTModel(
+            config=cfg,
+            transformer_layer_spec=layer_spec(model, impl, core_attention),
+            vocab_size=padded_vocab_size(model, parallel.tensor_model_parallel_size),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=True,
+            post_process=True,
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=model.rope_theta,
+            rope_scaling=rope_scaling,
+            rope_scaling_factor=float(model.rope_scaling.get("factor", 8.0)) if rope_scaling else 8.0,
+        )
+    if cfg.gradient_accumulation_fusion and not capabilities.grad_accum_fusion_available():
+        gpt.output_layer.gradient_accumulation_fusion = False  # its forward never runs here; if it did, unfused
     gpt.explicit_rope = isinstance(core_attention, type) and issubclass(core_attention, ContextParallelAttention)
     install_bounded_rope_cache(gpt.rotary_pos_emb)
     return gpt.to(capabilities.device()) if initialize else gpt

@@ -85,7 +85,7 @@ def _build_model(cfg: LongPOConfig):
     t = cfg.training
     return build_model(cfg.model, cfg.parallel, pair_layout=cfg.data.pair_layout,
                        recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
-                       recompute_num_layers=t.recompute_num_layers, ddp=True)
+                       recompute_num_layers=t.recompute_num_layers, recompute_modules=t.recompute_modules, ddp=True)
 
 
 def train(cfg: LongPOConfig) -> TrainResult:

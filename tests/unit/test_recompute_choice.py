@@ -1,0 +1,61 @@
+"""Recompute options: validation, the estimator's choices, and the shipped configs use the fastest
+choice that fits (by the memory model; no GPU has measured these configs yet)."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_longpo.config import ConfigError, LongPOConfig, load_config, validate
+from megatron_longpo.training.memory_model import (
+    GiB,
+    cheapest_recompute,
+    estimate_memory,
+    estimate_step_seconds,
+    recompute_choices,
+    recompute_forward_fraction,
+    recompute_label,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
+SHIPPED = [("mistral7b_128k", 8), ("mistral7b_256k", 16), ("mistral7b_512k", 32), ("mistral7b_128k_released", 8),
+           ("qwen2.5_7b_128k_released", 8)]
+
+
+@pytest.mark.parametrize("name,world", SHIPPED)
+def test_shipped_configs_use_the_fastest_recompute_that_fits(name, world):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    validate(cfg, world)
+    best = cheapest_recompute(cfg, world)
+    assert best is not None and recompute_label(cfg) == recompute_label(best)
+    assert estimate_memory(cfg, world).total <= 72 * GiB
+    # and it is faster than recomputing every layer, which the configs shipped before
+    full = load_config(CONFIGS / f"{name}.yaml", ["--training.recompute_method=uniform", "--training.recompute_num_layers=1"])
+    assert estimate_step_seconds(cfg, world, 400) < estimate_step_seconds(full, world, 400)
+
+
+def test_choices_are_ordered_by_extra_work_and_fp8_delayed_drops_layernorm():
+    cfg = load_config(CONFIGS / "mistral7b_128k.yaml")
+    fractions = [recompute_forward_fraction(o) for o in recompute_choices(cfg)]
+    assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1
+    assert not any("layernorm" in recompute_label(o) for o in recompute_choices(cfg))  # delayed FP8 recipe
+    cfg.parallel.fp8_recipe = "tensorwise"
+    assert any("layernorm" in recompute_label(o) for o in recompute_choices(cfg))
+
+
+def test_recompute_validation():
+    cfg = LongPOConfig()
+    cfg.training.recompute_granularity = "selective"
+    cfg.training.recompute_modules = ["attention"]
+    with pytest.raises(ConfigError, match="training.recompute_modules must be a non-empty list of"):
+        validate(cfg)
+    cfg.training.recompute_modules = ["mlp", "layernorm"]
+    validate(cfg)
+    cfg.training.recompute_granularity = "full"
+    cfg.training.recompute_method = "block"
+    cfg.training.recompute_num_layers = cfg.model.num_layers + 1
+    with pytest.raises(ConfigError, match=r"training.recompute_num_layers \(3\) must be in \[1, model.num_layers=2\]"):
+        validate(cfg)
+    cfg = load_config(CONFIGS / "mistral7b_128k.yaml", ["--training.recompute_granularity=selective",
+                                                          "--training.recompute_modules=[layernorm]"])
+    with pytest.raises(ConfigError, match="layernorm cannot run with parallel.fp8_recipe=delayed"):
+        validate(cfg, 8)
