@@ -23,7 +23,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron_longpo.config import ConfigError, LongPOConfig, config_changes, load_config, to_dict, validate
 from megatron_longpo.evaluation.setup import evaluator_from_config
 from megatron_longpo.models.provider import build_model
-from megatron_longpo.runtime.capabilities import cuda_available
+from megatron_longpo.gpu_rules import te_version_notes
+from megatron_longpo.runtime.capabilities import cuda_available, te_version
 from megatron_longpo.runtime.distributed import (
     ParallelGroups,
     destroy,
@@ -103,6 +104,8 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
     world = dist.get_world_size()
     validate(cfg, world)
     preflight.check_before_init(cfg)
+    for note in te_version_notes(te_version(), cfg.parallel):  # TE outside setup.py's pin, FP8 resume policy
+        _print0(f"[longpo] WARNING: {note}")
 
     groups = init_model_parallel(cfg.parallel)
     set_seed(cfg.training.seed)
@@ -167,6 +170,8 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
                 raise FloatingPointError(f"loss is {metrics.get('loss')} at step {state.iteration}; stopping")
             losses.append(metrics["loss"])
             last = metrics
+            if start_iteration == 0 and state.iteration == 1:  # this step's forward ran on the starting weights
+                _log_step0(cfg, logger, metrics)
             logger.log(state.iteration, metrics)
 
             if cfg.training.eval_interval and data.has_validation and state.iteration % cfg.training.eval_interval == 0:
@@ -205,6 +210,21 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
             f"elapsed {time.time() - t_start:.1f}s checkpoint: {last_saved}")
     return TrainResult(state.iteration, state.consumed_samples, last, str(last_saved) if last_saved else None,
                        stopped_by, losses)
+
+
+def step0_metrics(metrics: dict) -> dict:
+    """Rewards and log-probs of the first step: its forward ran on the starting weights (the
+    reference's), so rewards/margins is the offset before any update: long vs short context and
+    RoPE base, plus the numerics of the policy forward (FP8) against the reference cache (bf16)."""
+    return {k: v for k, v in metrics.items() if k.startswith(("rewards/", "logps/"))}
+
+
+def _log_step0(cfg: LongPOConfig, logger: MetricsLogger, metrics: dict) -> None:
+    logger.log(0, step0_metrics(metrics), prefix="step0")
+    if cfg.parallel.fp8:
+        _print0(f"[longpo] step 0 ran the policy in FP8 ({cfg.parallel.fp8}, {cfg.parallel.fp8_recipe}); a reference cache "
+                f"computed in bf16 offsets rewards/margins by the FP8 noise summed over each response: precompute it "
+                f"with tools/precompute_reference.py --fp8 {cfg.parallel.fp8} --fp8-recipe {cfg.parallel.fp8_recipe}")
 
 
 def epochs_to_iters(num_epochs: float, num_samples: int, global_batch_size: int) -> int:
