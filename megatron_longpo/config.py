@@ -93,6 +93,9 @@ class ParallelConfig:
     cp_comm_type: Literal["p2p", "a2a", "all_gather", "a2a+p2p"] = _f(
         "p2p", "TE context-parallel communication (attention_backend=te)."
     )
+    cp_kv_gather_chunks: int = _f(
+        1, "Project CP attention: all-gather K/V in this many KV-head chunks, each gather overlapping the previous "
+           "chunk's attention (1: one blocking gather). Must divide num_query_groups/tp; pays off at cp >= 4.")
     distributed_backend: Literal["auto", "nccl", "gloo"] = _f(
         "auto", "torch.distributed backend: nccl on CUDA, gloo on CPU (auto)."
     )
@@ -596,6 +599,7 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             "cannot express the branch mask); set parallel.attention_backend to auto, sdpa or flash"
         )
     errs += _attention_kernel_errors(cfg)
+    errs += _cp_overlap_errors(cfg)
     errs += _evaluation_errors(cfg)
     if t.eval_iters < 0:
         errs.append(f"training.eval_iters must be >= 0 (0 = the whole validation set), got {t.eval_iters}")
@@ -625,6 +629,19 @@ def _recompute_errors(cfg: LongPOConfig) -> list[str]:
             errs.append("training.recompute_modules=layernorm cannot run with parallel.fp8_recipe=delayed "
                         "(Megatron-Core 0.16.1); use parallel.fp8_recipe=tensorwise or drop layernorm")
     return errs
+
+
+def _cp_overlap_errors(cfg: LongPOConfig) -> list[str]:
+    p, m = cfg.parallel, cfg.model
+    n, tp = p.cp_kv_gather_chunks, p.tensor_model_parallel_size
+    if n < 1:
+        return [f"parallel.cp_kv_gather_chunks must be >= 1 (got {n})"]
+    if n > 1 and (m.num_query_groups // max(tp, 1)) % n:
+        return [f"parallel.cp_kv_gather_chunks={n} must divide the KV heads per TP rank (model.num_query_groups/tp = "
+                f"{m.num_query_groups // max(tp, 1)}); use 1 or a divisor"]
+    if n > 1 and p.attention_backend == "te":
+        return ["parallel.cp_kv_gather_chunks applies to the project CP attention only, not parallel.attention_backend=te"]
+    return []
 
 
 def _attention_kernel_errors(cfg: LongPOConfig) -> list[str]:

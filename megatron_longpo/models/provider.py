@@ -267,7 +267,8 @@ def build_model(
     """
     impl = capabilities.resolve_transformer_impl(model.transformer_impl, capabilities.te_available())
     if core_attention is None:
-        core_attention = core_attention_class(resolve_attention_backend(parallel, pair_layout, impl))
+        core_attention = core_attention_class(resolve_attention_backend(parallel, pair_layout, impl),
+                                              parallel.cp_kv_gather_chunks)
     cfg = transformer_config(
         model,
         parallel,

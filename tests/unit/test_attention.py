@@ -208,3 +208,15 @@ def test_config_rejects_shared_prefix_on_te():
         validate(cfg)
     cfg.parallel.attention_backend = "auto"
     validate(cfg)
+
+
+def test_config_rules_of_the_overlapped_kv_gather():
+    cfg = LongPOConfig()  # 2 KV heads, tp 1
+    cfg.parallel.cp_kv_gather_chunks = 2
+    validate(cfg)
+    cfg.parallel.cp_kv_gather_chunks = 3
+    with pytest.raises(ConfigError, match=r"cp_kv_gather_chunks=3 must divide the KV heads per TP rank"):
+        validate(cfg)
+    cfg.parallel.cp_kv_gather_chunks = 0
+    with pytest.raises(ConfigError, match="cp_kv_gather_chunks must be >= 1"):
+        validate(cfg)

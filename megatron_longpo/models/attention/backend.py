@@ -59,6 +59,12 @@ def resolve_attention_backend(parallel: ParallelConfig, pair_layout: str, transf
     return backend
 
 
-def core_attention_class(backend: str) -> Optional[type]:
-    """The core-attention class for a resolved backend (None: keep the layer spec's TE attention)."""
-    return None if backend == "te" else PROJECT_BACKENDS[backend]
+def core_attention_class(backend: str, kv_gather_chunks: int = 1) -> Optional[type]:
+    """The core-attention class for a resolved backend (None: keep the layer spec's TE attention);
+    ``kv_gather_chunks`` > 1 (parallel.cp_kv_gather_chunks) overlaps the K/V gather with attention."""
+    if backend == "te":
+        return None
+    cls = PROJECT_BACKENDS[backend]
+    if kv_gather_chunks == 1:
+        return cls
+    return type(f"{cls.__name__}KV{kv_gather_chunks}", (cls,), {"kv_gather_chunks": kv_gather_chunks})
