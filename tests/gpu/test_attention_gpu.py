@@ -36,8 +36,13 @@ def d_scale(q):
 def test_bf16_cp_attention_matches_float64(cp, seq):
     b, h, g, d = 2, 8, 2, 64
     layouts = [None, (seq // 3 + 1, seq // 2 + 3)]
-    q, k, v = _qkv(b, h, g, seq, d)
-    out = _emulated(q, k, v, layouts, cp)
+    _assert_matches_float64(_qkv(b, h, g, seq, d), layouts, cp, "sdpa")
+
+
+def _assert_matches_float64(qkv, layouts, cp, kernel):
+    """Emulated-CP output and input gradients of ``kernel`` in bf16 vs the float64 brute force."""
+    q, k, v = qkv
+    out = _emulated(q, k, v, layouts, cp, kernel=kernel)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = reference_attention(qd, kd, vd, layouts, d_scale(q))
     torch.testing.assert_close(out.double(), ref, **BF16)
@@ -46,7 +51,7 @@ def test_bf16_cp_attention_matches_float64(cp, seq):
     (ref * w).sum().backward()
     for a, r in ((q, qd), (k, kd), (v, vd)):
         err = (a.grad.double() - r.grad).norm() / r.grad.norm()
-        assert err < 3e-2, f"relative gradient error {err:.3g}"
+        assert err < 3e-2, f"{kernel}: relative gradient error {err:.3g}"
 
 
 def test_sdpa_uses_fused_kernels_without_dense_masks(monkeypatch):
@@ -94,17 +99,7 @@ def test_block_kernel_matches_float64(kernel, cp, seq):
         pytest.skip(f"{kernel}: {unavailable_reason({'cudnn': 'transformer_engine', 'fa3': 'flash_attn_interface'}[kernel])}")
     b, h, g, d = 2, 8, 2, 128
     layouts = [None, (seq // 3 + 1, seq // 2 + 3)]
-    q, k, v = _qkv(b, h, g, seq, d, seed=3)
-    out = _emulated(q, k, v, layouts, cp, kernel=kernel)
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = reference_attention(qd, kd, vd, layouts, d_scale(q))
-    torch.testing.assert_close(out.double(), ref, **BF16)
-    w = torch.randn_like(ref)
-    (out.double() * w).sum().backward()
-    (ref * w).sum().backward()
-    for a, r in ((q, qd), (k, kd), (v, vd)):
-        err = (a.grad.double() - r.grad).norm() / r.grad.norm()
-        assert err < 3e-2, f"{kernel}: relative gradient error {err:.3g}"
+    _assert_matches_float64(_qkv(b, h, g, seq, d, seed=3), layouts, cp, kernel)
 
 
 @pytest.fixture(scope="module")
