@@ -159,7 +159,7 @@ def cudnn_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     n, h, lq, d = q.shape
     te_attn = _te_attention(h, k.shape[1], d, float(scale), float(dropout_p))
     out = te_attn(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
-    return out.view(n, lq, h, d).transpose(1, 2)  # [n, Lq, h*d] -> [n, h, Lq, d]
+    return out.reshape(n, lq, h, d).transpose(1, 2)  # [n, Lq, h*d] -> [n, h, Lq, d]
 
 
 KERNELS: dict[str, KernelFn] = {"sdpa": sdpa_lower_right, "flash": flash_lower_right, "cudnn": cudnn_lower_right,
