@@ -12,7 +12,10 @@ import torch
 from megatron_longpo.config import ConfigError, LongPOConfig, validate
 from megatron_longpo.data.pair_layout import PairLayout
 from megatron_longpo.models.attention import (
+    ContextParallelAttention,
+    CudnnContextParallelAttention,
     attend_local,
+    core_attention_class,
     plan_blocks,
     resolve_attention_backend,
     row_layouts,
@@ -220,3 +223,10 @@ def test_config_rules_of_the_overlapped_kv_gather():
     cfg.parallel.cp_kv_gather_chunks = 0
     with pytest.raises(ConfigError, match="cp_kv_gather_chunks must be >= 1"):
         validate(cfg)
+
+
+def test_backend_classes_carry_the_gather_chunks():
+    assert core_attention_class("sdpa") is ContextParallelAttention and core_attention_class("te", 2) is None
+    cls = core_attention_class("cudnn", 4)
+    assert issubclass(cls, CudnnContextParallelAttention) and cls.kv_gather_chunks == 4 and cls.kernel == "cudnn"
+    assert ContextParallelAttention.kv_gather_chunks == 1  # the base class is untouched
