@@ -222,3 +222,22 @@ def estimate_step_seconds(cfg: LongPOConfig, world_size: int, tflops_per_gpu: fl
     # Recompute adds a part of one forward of the layers (full recompute: 4/3 of model FLOPs).
     flops *= 1.0 + recompute_forward_fraction(cfg, s) / 3.0
     return flops / (world_size * tflops_per_gpu * 1e12)
+
+
+def tp_collective_bytes(cfg: LongPOConfig, world_size: int, seq_tokens: Optional[int] = None) -> float:
+    """Bytes each GPU moves per optimizer step in the TP (sequence-parallel) collectives, which
+    this project does not overlap (no tp_comm_overlap): per layer an all-gather before QKV and fc1
+    and a reduce-scatter after proj and fc2 in the forward, the same four in the backward, and the
+    forward's again for the recomputed share. A ring moves (tp-1)/tp of the full tensor per GPU."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    if tp == 1:
+        return 0.0
+    dp = max(1, world_size // (tp * cp * p.pipeline_model_parallel_size))
+    s = seq_tokens or cfg.data.max_seq_length
+    rows = t.micro_batch_size * rows_per_pair(cfg.data.pair_layout)
+    act_bytes = 2 if m.params_dtype == "bf16" else 4
+    tensor = rows * (s // cp) * m.hidden_size * act_bytes  # [s/cp, rows, h] gathered
+    per_layer = (8 + 4 * recompute_forward_fraction(cfg, s)) * tensor * (tp - 1) / tp
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+    return m.num_layers * per_layer * micro_batches

@@ -14,6 +14,7 @@ from megatron_longpo.training.memory_model import (
     recompute_choices,
     recompute_forward_fraction,
     recompute_label,
+    tp_collective_bytes,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
@@ -59,3 +60,18 @@ def test_recompute_validation():
                                                           "--training.recompute_modules=[layernorm]"])
     with pytest.raises(ConfigError, match="layernorm cannot run with parallel.fp8_recipe=delayed"):
         validate(cfg, 8)
+
+
+def test_tp_collective_bytes_by_hand():
+    """4 SP collectives per layer forward + 4 backward (+4 per recomputed forward), ring (tp-1)/tp."""
+    cfg = LongPOConfig()  # 2 layers, hidden 64, two_sequences: 2 rows per pair
+    cfg.model.params_dtype = "bf16"
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel = 2, True
+    cfg.data.max_seq_length = 128
+    cfg.training.global_batch_size = 2  # dp 1 on 2 GPUs: 2 micro-batches
+    tensor = 2 * 128 * 64 * 2  # rows x tokens x hidden x bf16 bytes
+    assert tp_collective_bytes(cfg, 2) == 2 * 2 * 8 * tensor / 2
+    cfg.training.recompute_granularity = "full"  # + the forward's 4 collectives again
+    assert tp_collective_bytes(cfg, 2) == 2 * 2 * 12 * tensor / 2
+    cfg.parallel.tensor_model_parallel_size = 1
+    assert tp_collective_bytes(cfg, 2) == 0
