@@ -153,7 +153,8 @@ def transformer_config(
         if impl != "transformer_engine":
             raise ConfigError(
                 "parallel.fp8 needs the Transformer Engine layer spec but this run resolved "
-                "model.transformer_impl to local; install Transformer Engine or set parallel.fp8=null"
+                f"model.transformer_impl to local ({capabilities.unavailable_reason('transformer_engine')}); "
+                "install Transformer Engine or set parallel.fp8=null"
             )
         errs = fp8_device_errors(parallel, None if on_cpu else torch.cuda.get_device_capability())
         if errs:
