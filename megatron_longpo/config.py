@@ -93,6 +93,10 @@ class ParallelConfig:
     cp_comm_type: Literal["p2p", "a2a", "all_gather", "a2a+p2p"] = _f(
         "p2p", "TE context-parallel communication (attention_backend=te)."
     )
+    tp_comm_overlap: bool = _f(
+        False, "Overlap the TP (sequence-parallel) all-gathers / reduce-scatters with the TE GEMMs (TE userbuffers). "
+               "Needs TE layers, TP > 1 and sequence_parallel; userbuffers have one fixed shape, so every micro-batch "
+               "is padded to data.max_seq_length. Not yet run on a GPU.")
     cp_kv_gather_chunks: int = _f(
         1, "Project CP attention: all-gather K/V in this many KV-head chunks, each gather overlapping the previous "
            "chunk's attention (1: one blocking gather). Must divide num_query_groups/tp; pays off at cp >= 4.")
@@ -600,6 +604,7 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
         )
     errs += _attention_kernel_errors(cfg)
     errs += _cp_overlap_errors(cfg)
+    errs += _tp_overlap_errors(cfg)
     errs += _evaluation_errors(cfg)
     if t.eval_iters < 0:
         errs.append(f"training.eval_iters must be >= 0 (0 = the whole validation set), got {t.eval_iters}")
@@ -628,6 +633,23 @@ def _recompute_errors(cfg: LongPOConfig) -> list[str]:
         elif "layernorm" in mods and cfg.parallel.fp8 and cfg.parallel.fp8_recipe == "delayed":
             errs.append("training.recompute_modules=layernorm cannot run with parallel.fp8_recipe=delayed "
                         "(Megatron-Core 0.16.1); use parallel.fp8_recipe=tensorwise or drop layernorm")
+    return errs
+
+
+def _tp_overlap_errors(cfg: LongPOConfig) -> list[str]:
+    p = cfg.parallel
+    if not p.tp_comm_overlap:
+        return []
+    errs = []
+    if p.tensor_model_parallel_size < 2 or not p.sequence_parallel:
+        errs.append("parallel.tp_comm_overlap needs parallel.tensor_model_parallel_size > 1 and "
+                    "parallel.sequence_parallel=true (it overlaps the sequence-parallel collectives)")
+    if cfg.model.transformer_impl == "local":
+        errs.append("parallel.tp_comm_overlap needs Transformer Engine layers (TE userbuffers); set "
+                    "model.transformer_impl=transformer_engine (or auto with TE) or parallel.tp_comm_overlap=false")
+    if cfg.evaluation.tasks:
+        errs.append("parallel.tp_comm_overlap cannot run evaluation.tasks during training (their batches have other "
+                    "shapes than the userbuffers); evaluate the checkpoints with tools/evaluate.py instead")
     return errs
 
 

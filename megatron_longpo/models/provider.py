@@ -86,6 +86,19 @@ def _output_layer_without_wgrad_fusion(fusion: bool) -> Iterator[None]:
         mcore_tp_layers._grad_accum_fusion_available = saved
 
 
+def init_tp_comm_overlap(model: ModelConfig, parallel: ParallelConfig, tokens_per_micro_batch: int) -> None:
+    """Create TE's userbuffers for parallel.tp_comm_overlap (once per process, before the model):
+    one buffer of [tokens per micro-batch / cp, hidden], as Megatron-LM's _initialize_tp_communicators."""
+    if not parallel.tp_comm_overlap:
+        return
+    from transformer_engine.pytorch import module as te_module  # optional: TE userbuffers (parallel.tp_comm_overlap)
+
+    te_module.base.initialize_ub(
+        shape=[tokens_per_micro_batch // parallel.context_parallel_size, model.hidden_size],
+        tp_size=parallel.tensor_model_parallel_size, use_fp8=parallel.fp8 is not None,
+        dtype=params_dtype(model), bootstrap_backend="nccl")
+
+
 def params_dtype(model: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if model.params_dtype == "bf16" else torch.float32
 
@@ -160,6 +173,11 @@ def transformer_config(
         if errs:
             raise ConfigError("; ".join(errs))
         kwargs.update(fp8=parallel.fp8, fp8_recipe=parallel.fp8_recipe)
+    if parallel.tp_comm_overlap:
+        if impl != "transformer_engine" or on_cpu:
+            raise ConfigError("parallel.tp_comm_overlap needs the Transformer Engine layer spec with CUDA "
+                              f"({capabilities.unavailable_reason('transformer_engine')}); set parallel.tp_comm_overlap=false")
+        kwargs.update(tp_comm_overlap=True)
         if parallel.fp8_recipe == "delayed":
             kwargs.update(fp8_amax_history_len=parallel.fp8_amax_history_len,
                           fp8_amax_compute_algo=parallel.fp8_amax_compute_algo)

@@ -22,7 +22,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_longpo.config import ConfigError, LongPOConfig, config_changes, load_config, to_dict, validate
 from megatron_longpo.evaluation.setup import evaluator_from_config
-from megatron_longpo.models.provider import build_model
+from megatron_longpo.models.provider import build_model, init_tp_comm_overlap
 from megatron_longpo.gpu_rules import te_version_notes
 from megatron_longpo.runtime.capabilities import cuda_available, te_version
 from megatron_longpo.runtime.distributed import (
@@ -36,6 +36,7 @@ from megatron_longpo.training import preflight
 from megatron_longpo.checkpoint import CheckpointError, read_meta
 from megatron_longpo.checkpoint.integrity import remove_leftovers
 from megatron_longpo.data.indexed import load_metadata
+from megatron_longpo.data.pair_layout import rows_per_pair
 from megatron_longpo.reference.fingerprint import dataset_identity, describe_dataset_mismatch
 from megatron_longpo.training.checkpointing import (
     TrainState,
@@ -84,6 +85,8 @@ def _wrap_ddp(model, cfg: LongPOConfig):
 def _build_model(cfg: LongPOConfig):
     """The policy: cfg.model (its rope_theta overrides the checkpoint's), attention per backend."""
     t = cfg.training
+    init_tp_comm_overlap(cfg.model, cfg.parallel,  # every row is padded to max_seq_length then
+                         cfg.data.max_seq_length * t.micro_batch_size * rows_per_pair(cfg.data.pair_layout))
     return build_model(cfg.model, cfg.parallel, pair_layout=cfg.data.pair_layout,
                        recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
                        recompute_num_layers=t.recompute_num_layers, recompute_modules=t.recompute_modules, ddp=True)

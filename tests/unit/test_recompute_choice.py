@@ -75,3 +75,23 @@ def test_tp_collective_bytes_by_hand():
     assert tp_collective_bytes(cfg, 2) == 2 * 2 * 12 * tensor / 2
     cfg.parallel.tensor_model_parallel_size = 1
     assert tp_collective_bytes(cfg, 2) == 0
+
+
+def test_tp_comm_overlap_rules():
+    cfg = load_config(CONFIGS / "mistral7b_128k.yaml", ["--parallel.tp_comm_overlap=true"])
+    validate(cfg, 8)  # TP4, SP, TE layers
+    for override, needle in (("--parallel.sequence_parallel=false", "needs parallel.tensor_model_parallel_size > 1"),
+                             ("--model.transformer_impl=local", "needs Transformer Engine layers")):
+        bad = load_config(CONFIGS / "mistral7b_128k.yaml", ["--parallel.tp_comm_overlap=true", override,
+                                                              "--parallel.fp8=null"])
+        with pytest.raises(ConfigError, match=needle):
+            validate(bad, 8)
+
+
+def test_tp_comm_overlap_refused_without_te_layers_at_build():
+    from megatron_longpo.models.provider import transformer_config  # deferred: torch / megatron-core
+
+    cfg = LongPOConfig()
+    cfg.parallel.tp_comm_overlap = True
+    with pytest.raises(ConfigError, match="tp_comm_overlap needs the Transformer Engine layer spec with CUDA"):
+        transformer_config(cfg.model, cfg.parallel, impl="local")
