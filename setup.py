@@ -34,9 +34,13 @@ setup(
     extras_require={
         "wandb": ["wandb"],
         "plot": ["matplotlib"],  # tools/evaluate.py --plot (accuracy vs length PNG)
-        # transformer-engine and flash-attn compile against the cluster's CUDA/torch; apex is
-        # built from source (docs/install.md).
-        "gpu": ["transformer-engine[pytorch]>=2.9", "flash-attn>=2.6"],
+        # Transformer Engine: the range megatron-core 0.16.1 is tested with (its pyproject, extra
+        # dev). TE >= 2.16.1 refuses to load the pickled FP8 state it saves (docs/install.md).
+        # Inside an NGC container install without this extra: the container's TE and torch stay.
+        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
+        # flash-attn 2 (parallel.attention_backend=flash), optional: H100 runs use SDPA or TE's
+        # cuDNN attention; it has no wheel for every torch/CUDA and then builds for hours.
+        "flash": ["flash-attn>=2.6,<2.9"],
         "dev": ["pytest>=8", "pytest-timeout", "matplotlib"],  # the PNG outputs are tested
         # self-evolution data generation at scale (tools/generate_longpo_data.py --backend vllm)
         "vllm": ["vllm>=0.8"],

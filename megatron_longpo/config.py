@@ -95,12 +95,20 @@ class ParallelConfig:
     )
     fp8_amax_history_len: int = _f(1024, "Delayed scaling: amax history length (TE's recipe default).")
     fp8_amax_compute_algo: Literal["max", "most_recent"] = _f("max", "Delayed scaling: amax from the history.")
-    attention_backend: Literal["auto", "te", "sdpa", "flash"] = _f(
-        "auto", "Core attention: TE (CUDA), the project's CP attention with SDPA or flash-attn."
+    attention_backend: Literal["auto", "te", "sdpa", "flash", "cudnn", "fa3"] = _f(
+        "auto", "Core attention: TE (CUDA, its own CP), or the project's CP attention (any layout) with the block "
+                "kernel sdpa, flash (flash-attn 2), cudnn (TE DotProductAttention, cuDNN fused) or fa3 (FlashAttention-3)."
     )
     cp_comm_type: Literal["p2p", "a2a", "all_gather", "a2a+p2p"] = _f(
         "p2p", "TE context-parallel communication (attention_backend=te)."
     )
+    tp_comm_overlap: bool = _f(
+        False, "Overlap the TP (sequence-parallel) all-gathers / reduce-scatters with the TE GEMMs (TE userbuffers). "
+               "Needs TE layers, TP > 1 and sequence_parallel; userbuffers have one fixed shape, so every micro-batch "
+               "is padded to data.max_seq_length. Not yet run on a GPU.")
+    cp_kv_gather_chunks: int = _f(
+        1, "Project CP attention: all-gather K/V in this many KV-head chunks, each gather overlapping the previous "
+           "chunk's attention (1: one blocking gather). Must divide num_query_groups/tp; pays off at cp >= 4.")
     distributed_backend: Literal["auto", "nccl", "gloo"] = _f(
         "auto", "torch.distributed backend: nccl on CUDA, gloo on CPU (auto)."
     )
@@ -121,6 +129,9 @@ class DataConfig:
     check_tokenizer: bool = _f(
         True, "Refuse data whose tokenizer splits text differently from the tokenizer of the model checkpoint.")
 
+
+# parallel.attention_backend values (the torch-free CLIs offer the same choices)
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "flash", "cudnn", "fa3")
 
 # Positions per chunk of the vocab-parallel log-prob: the default of training, reference and
 # evaluation (here because the torch-free CLIs need it too; loss/logprobs.py re-exports it).
@@ -198,10 +209,15 @@ class TrainingConfig:
               "global_batch_size), set at start-up (the log shows the epoch).")
     seed: int = _f(1234, "Seed for init, data order and RNG trackers.")
     recompute_granularity: Optional[Literal["full", "selective"]] = _f(
-        None, "Activation recomputation."
-    )
-    recompute_method: Literal["uniform", "block"] = _f("uniform", "Full recompute method.")
-    recompute_num_layers: int = _f(1, "Layers per recompute unit (full recompute).")
+        None, "Activation recomputation: full (whole layers, per recompute_method) or selective (the "
+              "recompute_modules of every layer); tools/estimate_memory.py --recompute lists the choices that fit.")
+    recompute_method: Literal["uniform", "block"] = _f(
+        "uniform", "Full recompute: uniform (every layer, in units of recompute_num_layers) or block (only the "
+                   "first recompute_num_layers layers; the others keep their activations).")
+    recompute_num_layers: int = _f(1, "Full recompute: layers per unit (uniform) or layers recomputed (block).")
+    recompute_modules: list = _f(
+        ["core_attn"], "Selective recompute: any of layernorm (both norms, ~free), mlp (the SwiGLU MLP), core_attn "
+                       "(the attention kernel; saves nothing with flash-class kernels).")
     exit_duration_mins: Optional[float] = _f(None, "Save and exit after this many minutes.")
     exit_interval: Optional[int] = _f(None, "Save and exit when the step number is a multiple of this.")
     eval_interval: Optional[int] = _f(None, "Run validation every N steps.")
@@ -700,6 +716,7 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
                 "schedule); change training.global_batch_size or micro_batch_size")
     if t.train_iters < 0:
         errs.append("training.train_iters must be >= 0")
+    errs += _recompute_errors(cfg)
     if cfg.loss.logprob_chunk_size <= 0:
         errs.append("loss.logprob_chunk_size must be > 0")
     if cfg.loss.mode in OBJECTIVES:
@@ -723,6 +740,9 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             "data.pair_layout=shared_prefix cannot run on parallel.attention_backend=te (TE attention "
             "cannot express the branch mask); set parallel.attention_backend to auto, sdpa or flash"
         )
+    errs += _attention_kernel_errors(cfg)
+    errs += _cp_overlap_errors(cfg)
+    errs += _tp_overlap_errors(cfg)
     errs += _evaluation_errors(cfg)
     if t.eval_iters < 0:
         errs.append(f"training.eval_iters must be >= 0 (0 = the whole validation set), got {t.eval_iters}")
@@ -734,6 +754,74 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
         errs.append(f"checkpoint.load_iteration must be >= 0 (got {cfg.checkpoint.load_iteration})")
     if errs:
         raise ConfigError("; ".join(errs))
+
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # the dense-model choices of Megatron-Core 0.16.1
+
+
+def _recompute_errors(cfg: LongPOConfig) -> list[str]:
+    t = cfg.training
+    errs = []
+    if t.recompute_granularity == "full" and not 1 <= t.recompute_num_layers <= cfg.model.num_layers:
+        errs.append(f"training.recompute_num_layers ({t.recompute_num_layers}) must be in [1, model.num_layers="
+                    f"{cfg.model.num_layers}] with training.recompute_granularity=full")
+    if t.recompute_granularity == "selective":
+        mods = t.recompute_modules
+        if not isinstance(mods, list) or not mods or any(m not in RECOMPUTE_MODULES for m in mods):
+            errs.append(f"training.recompute_modules must be a non-empty list of {list(RECOMPUTE_MODULES)} with "
+                        f"training.recompute_granularity=selective, got {mods!r}")
+        elif "layernorm" in mods and cfg.parallel.fp8 and cfg.parallel.fp8_recipe == "delayed":
+            errs.append("training.recompute_modules=layernorm cannot run with parallel.fp8_recipe=delayed "
+                        "(Megatron-Core 0.16.1); use parallel.fp8_recipe=tensorwise or drop layernorm")
+    return errs
+
+
+def _tp_overlap_errors(cfg: LongPOConfig) -> list[str]:
+    p = cfg.parallel
+    if not p.tp_comm_overlap:
+        return []
+    errs = []
+    if p.tensor_model_parallel_size < 2 or not p.sequence_parallel:
+        errs.append("parallel.tp_comm_overlap needs parallel.tensor_model_parallel_size > 1 and "
+                    "parallel.sequence_parallel=true (it overlaps the sequence-parallel collectives)")
+    if cfg.model.transformer_impl == "local":
+        errs.append("parallel.tp_comm_overlap needs Transformer Engine layers (TE userbuffers); set "
+                    "model.transformer_impl=transformer_engine (or auto with TE) or parallel.tp_comm_overlap=false")
+    if cfg.evaluation.tasks:
+        errs.append("parallel.tp_comm_overlap cannot run evaluation.tasks during training (their batches have other "
+                    "shapes than the userbuffers); evaluate the checkpoints with tools/evaluate.py instead")
+    return errs
+
+
+def _cp_overlap_errors(cfg: LongPOConfig) -> list[str]:
+    p, m = cfg.parallel, cfg.model
+    n, tp = p.cp_kv_gather_chunks, p.tensor_model_parallel_size
+    if n < 1:
+        return [f"parallel.cp_kv_gather_chunks must be >= 1 (got {n})"]
+    if n > 1 and (m.num_query_groups // max(tp, 1)) % n:
+        return [f"parallel.cp_kv_gather_chunks={n} must divide the KV heads per TP rank (model.num_query_groups/tp = "
+                f"{m.num_query_groups // max(tp, 1)}); use 1 or a divisor"]
+    if n > 1 and p.attention_backend == "te":
+        return ["parallel.cp_kv_gather_chunks applies to the project CP attention only, not parallel.attention_backend=te"]
+    return []
+
+
+def _attention_kernel_errors(cfg: LongPOConfig) -> list[str]:
+    """Rules of the project attention's CUDA block kernels (flash-attn 2, TE cuDNN, FA3)."""
+    kernel = cfg.parallel.attention_backend
+    if kernel not in ("flash", "cudnn", "fa3"):
+        return []
+    errs = []
+    if cfg.model.params_dtype != "bf16":
+        errs.append(f"parallel.attention_backend={kernel} runs bf16 only (model.params_dtype="
+                    f"{cfg.model.params_dtype}); set model.params_dtype=bf16 or parallel.attention_backend=sdpa")
+    if kernel == "fa3" and cfg.model.attention_dropout > 0:
+        errs.append(f"parallel.attention_backend=fa3 has no attention dropout (model.attention_dropout="
+                    f"{cfg.model.attention_dropout}); set it to 0 or use parallel.attention_backend=cudnn or sdpa")
+    if cfg.model.head_dim > 256 or cfg.model.head_dim % 8:
+        errs.append(f"parallel.attention_backend={kernel} needs a head dim <= 256 and a multiple of 8 (got "
+                    f"{cfg.model.head_dim}); use parallel.attention_backend=sdpa")
+    return errs
 
 
 def _evaluation_errors(cfg: LongPOConfig) -> list[str]:

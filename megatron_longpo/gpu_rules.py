@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 NVTE_ATTENTION_VARS = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
 
@@ -118,3 +121,54 @@ def nvte_env_errors(environ: Mapping[str, str]) -> list[str]:
         for var in NVTE_ATTENTION_VARS
         if var in environ and environ[var] != "1"
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer Engine version (setup.py pins the range megatron-core 0.16.1 is tested with)
+# ----------------------------------------------------------------------------------------------
+
+# megatron-core 0.16.1 pyproject.toml, extra "dev": transformer-engine[pytorch,core_cu13]>=2.9.0a0,<2.12.0
+TE_SUPPORTED = ">=2.9.0a0,<2.12.0"
+# From TE 2.16.1 ``set_extra_state`` refuses pickled (delayed-scaling) FP8 state unless this
+# variable is 1, while ``get_extra_state`` still pickles it: such runs save but cannot resume.
+TE_REFUSES_PICKLED_STATE_FROM = "2.16.1"
+TE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+TE_PICKLE_REFUSAL = "Refusing to load pickled Transformer Engine extra state"
+
+
+def te_version_supported(version: str) -> bool:
+    """Whether ``version`` of Transformer Engine is inside the range megatron-core 0.16.1 supports."""
+    return Version(version) in SpecifierSet(TE_SUPPORTED, prereleases=True)
+
+
+def te_refuses_pickled_state(version: Optional[str]) -> bool:
+    """TE >= 2.16.1 refuses pickled delayed-scaling state on load (unless TE_PICKLE_ENV=1)."""
+    return version is not None and Version(version) >= Version(TE_REFUSES_PICKLED_STATE_FROM)
+
+
+def te_version_notes(version: Optional[str], parallel: Any) -> list[str]:
+    """Start-up warnings about the installed TE (None: TE absent, nothing to say)."""
+    if version is None:
+        return []
+    notes = []
+    if not te_version_supported(version):
+        notes.append(f"Transformer Engine {version} is outside the range megatron-core 0.16.1 is tested with "
+                     f"({TE_SUPPORTED}); pip install 'transformer-engine[pytorch]{TE_SUPPORTED}' (docs/install.md)")
+    if parallel.fp8 and parallel.fp8_recipe == "delayed" and te_refuses_pickled_state(version):
+        notes.append(f"Transformer Engine {version} refuses pickled FP8 delayed-scaling state on load: this run "
+                     f"resumes its own checkpoints (checkpoint.save) with {TE_PICKLE_ENV}=1 set for the load only; "
+                     "other checkpoints need it set by you (trusted files only) or parallel.fp8_recipe=tensorwise")
+    return notes
+
+
+def is_te_pickle_refusal(err: BaseException) -> bool:
+    """``err`` is TE's refusal to unpickle FP8 extra state."""
+    return isinstance(err, RuntimeError) and TE_PICKLE_REFUSAL in str(err)
+
+
+def fp8_resume_error(where: str, version: Optional[str]) -> str:
+    """The one-line error for a checkpoint whose pickled FP8 state TE refused."""
+    return (f"{where}: Transformer Engine {version or '?'} refuses the pickled FP8 delayed-scaling state in this "
+            f"checkpoint ({TE_PICKLE_ENV} is not 1); if you trust the checkpoint set {TE_PICKLE_ENV}=1, or install "
+            f"transformer-engine{TE_SUPPORTED} (setup.py's pin), or train with parallel.fp8_recipe=tensorwise "
+            "(no pickled state)")

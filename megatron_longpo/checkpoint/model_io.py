@@ -40,6 +40,7 @@ from megatron_longpo.config import ModelConfig
 from megatron_longpo.fsutil import fsync_path
 from megatron_longpo.runtime.distributed import rank
 from megatron_longpo.runtime.signals import start_checkpoint_helpers
+from megatron_longpo.runtime.te_state import loading_te_extra_state
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,8 @@ def load_model_checkpoint(
             f"checkpoint {iter_dir} lacks {len(absent_tensors)} tensor(s) the model has, e.g. "
             f"{absent_tensors[:4]}; pass strict=False to keep their initial values"
         )
-    missing, _ = model.load_state_dict(loaded, strict=False)
+    with loading_te_extra_state(str(iter_dir)):  # FP8 state of other runs: TE's own default policy
+        missing, _ = model.load_state_dict(loaded, strict=False)
     missing = sorted(k for k in missing if not _is_extra_state(k))
     if missing and strict:
         raise CheckpointError(f"checkpoint {iter_dir} did not provide {missing[:4]}")

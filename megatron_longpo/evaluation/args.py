@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE
+from megatron_longpo.config import ATTENTION_BACKENDS, DEFAULT_LOGPROB_CHUNK_SIZE
 from megatron_longpo.data.templates import TEMPLATE_CHOICES
 from megatron_longpo.evaluation.tasks import TASK_NAMES
 
@@ -53,7 +53,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--cp", type=int, default=1, help="context-parallel size")
     p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--attention-backend", choices=["auto", "te", "sdpa", "flash"], default="auto")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
     p.add_argument("--rope-theta", type=float, default=None, help="override every checkpoint's RoPE base")
     p.add_argument("--params-dtype", choices=["fp32", "bf16"], default=None, help="override the checkpoints' dtype")
     p.add_argument("--tokens-per-batch", type=int, default=DEFAULT_TOKENS_PER_BATCH, help="padded tokens per forward")

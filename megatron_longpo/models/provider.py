@@ -17,13 +17,15 @@ of Megatron's 0..S-1 table, which is what the shared-prefix layout needs (models
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import layers as mcore_tp_layers
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -40,8 +42,7 @@ from megatron_longpo.models.rope import install_bounded_rope_cache, rope_from_mo
 from megatron_longpo.runtime import capabilities
 
 
-def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext: bool,
-                    ddp: bool = True) -> dict[str, bool]:
+def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, ddp: bool = True) -> dict[str, bool]:
     """Megatron fusion flags valid for this run (pure; tests/unit/test_gpu_rules.py).
 
     - bias_activation_fusion (bias-SwiGLU) and bias_dropout_fusion: torch-compiled kernels, valid
@@ -49,10 +50,12 @@ def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext
     - apply_rope_fusion: TE's fused RoPE kernel, only with the TE spec AND TE attention; the project
       attention passes per-row angles [s, b, 1, d] (shared-prefix positions), which the fused
       kernel does not take.
-    - gradient_accumulation_fusion: TE linears accumulate wgrad into main_grad natively, but
-      GPTModel's output layer is a local ColumnParallelLinear, which refuses the flag without
-      apex's extension; so on when CUDA + TE + that extension, and only for a model that Megatron
-      DDP wraps (``ddp``): the fused wgrad writes into ``param.main_grad``, which DDP creates.
+    - gradient_accumulation_fusion: TE linears accumulate wgrad into main_grad natively (no apex),
+      so on with CUDA + TE, for a model that Megatron DDP wraps (``ddp``: the fused wgrad writes
+      into ``param.main_grad``, which DDP creates). GPTModel's output layer is a local
+      ColumnParallelLinear that refuses the flag without apex's extension; the project never runs
+      its forward (log-probs use its weight), so :func:`build_model` builds it with the fusion off
+      (:func:`_output_layer_without_wgrad_fusion`).
     - masked_softmax_fusion / persist_layer_norm: only used by Megatron's local
       DotProductAttention / apex LayerNorm, which this project never builds: off.
     """
@@ -63,7 +66,7 @@ def fusion_settings(on_cuda: bool, impl: str, te_attention: bool, grad_accum_ext
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=te and te_attention,
-        gradient_accumulation_fusion=te and grad_accum_ext and ddp,
+        gradient_accumulation_fusion=te and ddp,
     )
 
 
@@ -80,6 +83,36 @@ def batch_p2p_comm(parallel: ParallelConfig) -> bool:
     return not (parallel.pipeline_model_parallel_size == 2 and parallel.virtual_pipeline_model_parallel_size)
 
 
+@contextlib.contextmanager
+def _output_layer_without_wgrad_fusion(fusion: bool) -> Iterator[None]:
+    """Let GPTModel build its local output layer while ``gradient_accumulation_fusion`` is on for
+    the TE linears: Megatron-Core 0.16.1 ColumnParallelLinear refuses the flag at construction
+    when apex's fused_weight_gradient_mlp_cuda is missing (module flag read in __init__). Scoped to
+    the constructor; build_model then turns the flag off on that layer."""
+    if not fusion or capabilities.grad_accum_fusion_available():
+        yield
+        return
+    saved = mcore_tp_layers._grad_accum_fusion_available
+    mcore_tp_layers._grad_accum_fusion_available = True
+    try:
+        yield
+    finally:
+        mcore_tp_layers._grad_accum_fusion_available = saved
+
+
+def init_tp_comm_overlap(model: ModelConfig, parallel: ParallelConfig, tokens_per_micro_batch: int) -> None:
+    """Create TE's userbuffers for parallel.tp_comm_overlap (once per process, before the model):
+    one buffer of [tokens per micro-batch / cp, hidden], as Megatron-LM's _initialize_tp_communicators."""
+    if not parallel.tp_comm_overlap:
+        return
+    from transformer_engine.pytorch import module as te_module  # optional: TE userbuffers (parallel.tp_comm_overlap)
+
+    te_module.base.initialize_ub(
+        shape=[tokens_per_micro_batch // parallel.context_parallel_size, model.hidden_size],
+        tp_size=parallel.tensor_model_parallel_size, use_fp8=parallel.fp8 is not None,
+        dtype=params_dtype(model), bootstrap_backend="nccl")
+
+
 def params_dtype(model: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if model.params_dtype == "bf16" else torch.float32
 
@@ -91,6 +124,7 @@ def transformer_config(
     recompute_granularity: Optional[str] = None,
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
+    recompute_modules: Optional[list] = None,
     impl: str = "local",
     te_attention: bool = False,
     ddp: bool = False,
@@ -102,7 +136,7 @@ def transformer_config(
     """
     dtype = params_dtype(model)
     on_cpu = not capabilities.cuda_available()
-    fusions = fusion_settings(not on_cpu, impl, te_attention, capabilities.grad_accum_fusion_available(), ddp)
+    fusions = fusion_settings(not on_cpu, impl, te_attention, ddp)
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -139,16 +173,29 @@ def transformer_config(
         kwargs.update(recompute_granularity=recompute_granularity)
         if recompute_granularity == "full":
             kwargs.update(recompute_method=recompute_method, recompute_num_layers=recompute_num_layers)
+        elif recompute_modules:
+            if "layernorm" in recompute_modules and not capabilities.te_available():
+                # Megatron-Core 0.16.1 CheckpointWithoutOutput() defaults to fp8=False and tests
+                # `fp8 is not None`, so it reads TE's FP8 state: layernorm recompute needs TE.
+                raise ConfigError("training.recompute_modules=layernorm needs Transformer Engine with CUDA "
+                                  "(Megatron-Core 0.16.1); use recompute_modules without layernorm here")
+            kwargs.update(recompute_modules=list(recompute_modules))
     if parallel.fp8:
         if impl != "transformer_engine":
             raise ConfigError(
                 "parallel.fp8 needs the Transformer Engine layer spec but this run resolved "
-                "model.transformer_impl to local; install Transformer Engine or set parallel.fp8=null"
+                f"model.transformer_impl to local ({capabilities.unavailable_reason('transformer_engine')}); "
+                "install Transformer Engine or set parallel.fp8=null"
             )
         errs = fp8_device_errors(parallel, None if on_cpu else torch.cuda.get_device_capability())
         if errs:
             raise ConfigError("; ".join(errs))
         kwargs.update(fp8=parallel.fp8, fp8_recipe=parallel.fp8_recipe)
+    if parallel.tp_comm_overlap:
+        if impl != "transformer_engine" or on_cpu:
+            raise ConfigError("parallel.tp_comm_overlap needs the Transformer Engine layer spec with CUDA "
+                              f"({capabilities.unavailable_reason('transformer_engine')}); set parallel.tp_comm_overlap=false")
+        kwargs.update(tp_comm_overlap=True)
         if parallel.fp8_recipe == "delayed":
             kwargs.update(fp8_amax_history_len=parallel.fp8_amax_history_len,
                           fp8_amax_compute_algo=parallel.fp8_amax_compute_algo)
@@ -246,6 +293,7 @@ def build_model(
     recompute_granularity: Optional[str] = None,
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
+    recompute_modules: Optional[list] = None,
     initialize: bool = True,
     ddp: bool = False,
     vp_stage: Optional[int] = None,
@@ -265,13 +313,15 @@ def build_model(
     """
     impl = capabilities.resolve_transformer_impl(model.transformer_impl, capabilities.te_available())
     if core_attention is None:
-        core_attention = core_attention_class(resolve_attention_backend(parallel, pair_layout, impl))
+        core_attention = core_attention_class(resolve_attention_backend(parallel, pair_layout, impl),
+                                              parallel.cp_kv_gather_chunks)
     cfg = transformer_config(
         model,
         parallel,
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
+        recompute_modules=recompute_modules,
         impl=impl,
         te_attention=core_attention is None,
         ddp=ddp,
@@ -282,21 +332,24 @@ def build_model(
     if parallel.virtual_pipeline_model_parallel_size and vp_stage is None:
         raise ValueError("parallel.virtual_pipeline_model_parallel_size is set: build with build_model_chunks "
                          "(or pass vp_stage)")
-    gpt = LongPOGPTModel(
-        config=cfg,
-        transformer_layer_spec=layer_spec(model, impl, core_attention, get_num_layers_to_build(cfg, vp_stage)),
-        vocab_size=padded_vocab_size(model, parallel.tensor_model_parallel_size),
-        max_sequence_length=model.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        vp_stage=vp_stage,
-        parallel_output=True,
-        share_embeddings_and_output_weights=model.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=model.rope_theta,
-        rope_scaling=rope_scaling,
-        rope_scaling_factor=float(model.rope_scaling.get("factor", 8.0)) if rope_scaling else 8.0,
-    )
+    with _output_layer_without_wgrad_fusion(cfg.gradient_accumulation_fusion):
+        gpt = LongPOGPTModel(
+            config=cfg,
+            transformer_layer_spec=layer_spec(model, impl, core_attention, get_num_layers_to_build(cfg, vp_stage)),
+            vocab_size=padded_vocab_size(model, parallel.tensor_model_parallel_size),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=model.rope_theta,
+            rope_scaling=rope_scaling,
+            rope_scaling_factor=float(model.rope_scaling.get("factor", 8.0)) if rope_scaling else 8.0,
+        )
+    if cfg.gradient_accumulation_fusion and not capabilities.grad_accum_fusion_available() and gpt.post_process:
+        gpt.output_layer.gradient_accumulation_fusion = False  # its forward never runs here; if it did, unfused
     gpt.explicit_rope = isinstance(core_attention, type) and issubclass(core_attention, ContextParallelAttention)
     install_bounded_rope_cache(gpt.rotary_pos_emb)
     return gpt.to(capabilities.device()) if initialize else gpt

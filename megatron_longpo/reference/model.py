@@ -90,14 +90,16 @@ def preserved_rng() -> Iterator[None]:
 
 
 def load_reference_model(
-    ckpt: ReferenceCheckpoint, model_cfg: ModelConfig, parallel: ParallelConfig
+    ckpt: ReferenceCheckpoint, model_cfg: ModelConfig, parallel: ParallelConfig, keep_fp8: bool = False
 ) -> torch.nn.Module:
     """Build ``model_cfg`` on the current TP/CP groups, load the checkpoint, freeze it (eval, no grads).
+
+    FP8 is off unless ``keep_fp8`` (precompute --fp8: the reference forward in the policy's recipe).
 
     Collective over the default process group (dist_checkpointing.load).
     """
     with preserved_rng():
-        model = build_model(model_cfg, dataclasses.replace(parallel, fp8=None))
+        model = build_model(model_cfg, parallel if keep_fp8 else dataclasses.replace(parallel, fp8=None))
     load_model_checkpoint(ckpt.iter_dir, model, model_cfg)  # extra content (optimizer state) is ignored
     model.eval()
     model.requires_grad_(False)

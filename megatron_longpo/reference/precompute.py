@@ -55,6 +55,7 @@ from megatron_longpo.checkpoint import tokenizer_dir
 from megatron_longpo.data.checks import tokenizer_mismatch
 from megatron_longpo.data.schema import DataError
 from megatron_longpo.fsutil import write_text_atomic
+from megatron_longpo.gpu_rules import fp8_rule_errors
 from megatron_longpo.reference.cache import FORMAT_VERSION, ReferenceCacheError, write_cache
 from megatron_longpo.reference.compute import (
     DEFAULT_PAD_MULTIPLE,
@@ -95,6 +96,8 @@ class PrecomputeOptions:
     params_dtype: Optional[str] = None  # override the checkpoint's dtype: fp32 | bf16
     attention_backend: str = "auto"
     logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE
+    fp8: Optional[str] = None  # the policy's FP8 format (hybrid | e4m3) for the reference forward
+    fp8_recipe: str = "delayed"
     overwrite: bool = False  # replace an existing cache at --output
     restart: bool = False  # discard an interrupted run's partial results
     progress: bool = True
@@ -148,6 +151,16 @@ def _check_options(o: PrecomputeOptions) -> None:
         raise PrecomputeError(f"--output {out} exists and is not a cache directory; choose another path")
 
 
+def fp8_reference_errors(model_cfg, parallel: ParallelConfig) -> list[str]:
+    """The FP8 rules (gpu_rules.py) for the reference forward, in precompute option names."""
+    rename = {"parallel.fp8": "--fp8", "model.params_dtype=bf16": "a bf16 checkpoint (or --params-dtype bf16)",
+              "parallel.tensor_model_parallel_size": "--tp", "parallel.fp8=null": "no --fp8"}
+    errs = fp8_rule_errors(model_cfg, parallel)
+    for old, new in rename.items():
+        errs = [e.replace(old, new) for e in errs]
+    return errs
+
+
 def _inputs(o: PrecomputeOptions, world: int):
     _check_options(o)
     if world % o.tp:
@@ -160,11 +173,15 @@ def _inputs(o: PrecomputeOptions, world: int):
     if why:  # training refuses this data for this model: do not spend a precompute on it
         raise PrecomputeError(why)
     model_cfg = effective_model_config(ckpt, rope_theta=o.rope_theta, params_dtype=o.params_dtype)
-    parallel = ParallelConfig(tensor_model_parallel_size=o.tp, attention_backend=o.attention_backend)  # type: ignore[arg-type]
+    parallel = ParallelConfig(tensor_model_parallel_size=o.tp, attention_backend=o.attention_backend,  # type: ignore[arg-type]
+                              fp8=o.fp8, fp8_recipe=o.fp8_recipe)  # type: ignore[arg-type]
     try:
         validate_model(model_cfg, parallel)
     except ConfigError as e:
         raise PrecomputeError(f"the reference model of --load {o.load} cannot run with --tp {o.tp}: {e}") from e
+    errs = fp8_reference_errors(model_cfg, parallel)
+    if errs:
+        raise PrecomputeError(f"--fp8 {o.fp8} with the reference model of --load {o.load}: {'; '.join(errs)}")
     check_dataset_vocab(meta, model_cfg.vocab_size, option="--data")
     return meta, ckpt, model_cfg, parallel
 
@@ -334,6 +351,7 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
         "tokens_per_batch": o.tokens_per_batch, "pad_to_multiple": pad_multiple,
         "logprob_chunk_size": o.logprob_chunk_size, "attention_backend": o.attention_backend,
         "num_batches": len(plan), "plan_sha256": _plan_digest(plan),
+        **({"fp8": [o.fp8, o.fp8_recipe]} if o.fp8 else {}),  # absent without FP8: older partial runs still resume
     }
     pdir = partial_dir(o.output)
 
@@ -347,7 +365,7 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
     if finished:
         say(f"resuming {pdir}: {len(finished)} of {len(plan)} batches already done")
 
-    model = load_reference_model(ckpt, model_cfg, parallel)
+    model = load_reference_model(ckpt, model_cfg, parallel, keep_fp8=o.fp8 is not None)
     writer = PartWriter(pdir, rank, o.fsync_interval_s) if groups.tp_rank == 0 and groups.cp_rank == 0 else None
     my_tokens = sum(length_of[int(i)] for k in mine for i in plan[k])
     pbar = None
@@ -420,6 +438,7 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
                 "values_dtype": "float64", "tp": o.tp, "world_size": world,
                 "tokens_per_batch": o.tokens_per_batch, "pad_to_multiple": pad_multiple,
                 "logprob_chunk_size": o.logprob_chunk_size, "attention_backend": o.attention_backend,
+                "fp8": o.fp8, "fp8_recipe": o.fp8_recipe if o.fp8 else None,
                 "num_batches": len(plan), "plan_sha256": key["plan_sha256"],
             },
             "stats": {
@@ -453,7 +472,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = PrecomputeOptions(
         load=a.load, data=a.data, output=a.output, mode=a.mode, tp=a.tp, tokens_per_batch=a.tokens_per_batch,
         pad_to_multiple=a.pad_to_multiple, rope_theta=a.rope_theta, params_dtype=a.params_dtype,
-        attention_backend=a.attention_backend, logprob_chunk_size=a.logprob_chunk_size, overwrite=a.overwrite,
+        attention_backend=a.attention_backend, logprob_chunk_size=a.logprob_chunk_size, fp8=a.fp8,
+        fp8_recipe=a.fp8_recipe, overwrite=a.overwrite,
         restart=a.restart, progress=not a.no_progress, stop_after_batches=a.stop_after_batches,
         check_tokenizer=not a.no_check_tokenizer,
     )

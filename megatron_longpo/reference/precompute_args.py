@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_longpo.config import DEFAULT_LOGPROB_CHUNK_SIZE
+from megatron_longpo.config import ATTENTION_BACKENDS, DEFAULT_LOGPROB_CHUNK_SIZE
+from megatron_longpo.gpu_rules import FP8_RECIPES
 
 MODES = ("longpo", "dpo")
 DEFAULT_TOKENS_PER_BATCH = 32768
@@ -30,7 +31,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope-theta", type=float, default=None,
                    help="override the checkpoint's RoPE base (rare: LongPO's reference keeps the original one)")
     p.add_argument("--params-dtype", choices=["fp32", "bf16"], default=None, help="override the checkpoint's dtype")
-    p.add_argument("--attention-backend", choices=["auto", "te", "sdpa", "flash"], default="auto")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
+    p.add_argument("--fp8", choices=["hybrid", "e4m3"], default=None,
+                   help="run the reference forward in the policy's FP8 recipe (Transformer Engine, bf16 checkpoint), so "
+                        "the step-0 margin carries no FP8-vs-bf16 offset; default: no FP8")
+    p.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed", help="FP8 scaling recipe (with --fp8)")
     p.add_argument("--logprob-chunk-size", type=int, default=DEFAULT_LOGPROB_CHUNK_SIZE, help="positions per chunk of the vocab-parallel log-prob")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --output")
     p.add_argument("--restart", action="store_true", help="discard the partial results of an interrupted run")

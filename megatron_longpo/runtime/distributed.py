@@ -73,17 +73,26 @@ def init_distributed(parallel: ParallelConfig) -> None:
         raise RuntimeError("parallel.distributed_backend=nccl needs CUDA; use gloo (or auto) on CPU")
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_device = None
     if capabilities.cuda_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        local_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        torch.cuda.set_device(local_device)
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group(
-        backend=backend,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
-    )
+    dist.init_process_group(**process_group_kwargs(backend, rank, world, parallel.distributed_timeout_minutes,
+                                                   local_device))
+
+
+def process_group_kwargs(backend: str, rank: int, world: int, timeout_minutes: int,
+                         device: Optional[torch.device]) -> dict:
+    """Arguments of ``init_process_group``. With NCCL the device is bound up front (``device_id``):
+    the communicator is created eagerly on this rank's GPU instead of lazily at the first
+    collective, where a barrier would have to guess the device."""
+    kw = dict(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if backend == "nccl" and device is not None:
+        kw["device_id"] = device
+    return kw
 
 
 def _free_port() -> int:

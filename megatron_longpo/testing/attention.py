@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_longpo.data.batch import PairBatch
-from megatron_longpo.models.attention import ContextParallelAttention, allowed
+from megatron_longpo.models.attention import allowed, core_attention_class
 from megatron_longpo.models.provider import build_model
 from megatron_longpo.models.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
@@ -58,6 +58,7 @@ def run_pair_model(
     recompute: bool = False,
     sp: bool = False,
     backward: bool = True,
+    kv_gather_chunks: int = 1,
 ):
     """Forward (+ LongPO-style backward for batches[0]) on this rank's slice; full results back.
 
@@ -68,7 +69,7 @@ def run_pair_model(
     pcfg = parallel_config(tp=tp, cp=cp, sequence_parallel=sp)
     g = init_model_parallel(pcfg)
     set_seed(1)
-    core = ContextParallelAttention if attention == "project" else DotProductAttention
+    core = core_attention_class("sdpa", kv_gather_chunks) if attention == "project" else DotProductAttention
     model = build_model(
         mcfg, pcfg, core_attention=core,
         recompute_granularity="full" if recompute else None, recompute_method="uniform", recompute_num_layers=1,

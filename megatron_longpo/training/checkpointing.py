@@ -41,6 +41,7 @@ from megatron_longpo.checkpoint.integrity import CheckpointCorruptError, complet
 from megatron_longpo.checkpoint.model_io import load_sharded
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.runtime.distributed import rank, world_size
+from megatron_longpo.runtime.te_state import loading_te_extra_state
 
 __all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_training_checkpoint"]
 
@@ -75,6 +76,31 @@ def find_checkpoint(path: str | Path, iteration: Optional[int] = None) -> Option
     if latest_iteration(p) is None and not any(p.glob("iter_*/longpo_meta.json")):
         return None
     return resolve_checkpoint_dir(p)
+
+
+# Megatron-Core's distributed optimizer falls back to the deprecated 'fully_sharded_model_space'
+# without metadata; 'dp_reshardable' is what Megatron-LM 0.16.1 writes by default (fully parallel,
+# reshardable over DP only; this project resumes optimizer state into the same layout anyway).
+OPTIMIZER_SHARDING = "dp_reshardable"
+# What a checkpoint that records no type was written with (before the metadata was passed).
+LEGACY_OPTIMIZER_SHARDING = "fully_sharded_model_space"
+KNOWN_OPTIMIZER_SHARDINGS = (OPTIMIZER_SHARDING, LEGACY_OPTIMIZER_SHARDING)
+
+
+def optimizer_sharding_metadata(sharding_type: str = OPTIMIZER_SHARDING) -> dict:
+    """The ``metadata`` of ``optimizer.sharded_state_dict`` (the plain CPU optimizer ignores it)."""
+    return {"distrib_optim_sharding_type": sharding_type}
+
+
+def saved_optimizer_sharding(train_state: dict, where: str) -> str:
+    """The optimizer sharding type a checkpoint was saved with; refuses one this code cannot load."""
+    kind = train_state.get("optimizer_sharding", LEGACY_OPTIMIZER_SHARDING)
+    if kind not in KNOWN_OPTIMIZER_SHARDINGS:
+        raise CheckpointError(
+            f"{where}/longpo_meta.json: train_state.optimizer_sharding={kind!r} is not one of "
+            f"{list(KNOWN_OPTIMIZER_SHARDINGS)}; it was written by another tool or version (set "
+            "checkpoint.finetune=true to load the weights only)")
+    return kind
 
 
 SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
@@ -173,11 +199,12 @@ def save_training_checkpoint(
     ``data_identity`` (the train_data fingerprint) lets a resume notice a changed dataset.
     """
     sd = {"model": model.sharded_state_dict()}
-    sd["optimizer"] = optimizer.sharded_state_dict(sd["model"])
+    sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], metadata=optimizer_sharding_metadata())
     sd["scheduler"] = scheduler.state_dict()
     sd["rng_state"] = _rng_object(_rng_state())
     extra = {"train_state": {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-                             "layout": layout_of(groups), "config": config, "data": data_identity}}
+                             "layout": layout_of(groups), "config": config, "data": data_identity,
+                             "optimizer_sharding": OPTIMIZER_SHARDING}}
     src_tok = None
     if source_checkpoint:
         meta = read_meta(source_checkpoint)
@@ -213,10 +240,13 @@ def load_checkpoint(
     finetune: bool = False,
     verify: str = "full",
     scheduler_on_resume: str = "checkpoint",
+    own_checkpoint: bool = False,
 ) -> TrainState:
     """Load weights (any layout) and, unless ``finetune`` or the checkpoint is model-only, the
     optimizer, scheduler, RNG and data position. Returns the restored TrainState. The files are
-    first checked against their save-time manifest (``verify``: full | size | none)."""
+    first checked against their save-time manifest (``verify``: full | size | none).
+    ``own_checkpoint``: the run resumes its own checkpoint.save, so TE may unpickle its FP8 state
+    (runtime/te_state.py)."""
     d = resolve_checkpoint_dir(ckpt)
     meta = read_meta(d)
     check_compatible(meta.model, model, model_cfg, str(d))
@@ -229,10 +259,12 @@ def load_checkpoint(
                 f"{d}: optimizer state was saved with layout {saved} but this run is {now}; resume with the "
                 f"same tp/cp/dp, or set checkpoint.finetune=true to load the weights only into the new layout"
             )
+        sharding = saved_optimizer_sharding(ts, str(d))
     verify_checkpoint(d, verify)
     sd = {"model": model.sharded_state_dict()}
     if full:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True)
+        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True,
+                                                       metadata=optimizer_sharding_metadata(sharding))
         sd["rng_state"] = _rng_object(None)
     # Module _extra_state may be absent either way (local-spec checkpoint into a TE model and back).
     loaded, absent = load_sharded(sd, d)
@@ -241,7 +273,8 @@ def load_checkpoint(
             f"{d} lacks {len(absent)} entr(ies) this run needs, e.g. {absent[:4]}; it was saved by a different "
             "model or optimizer setup (set checkpoint.finetune=true to load the weights only)"
         )
-    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    with loading_te_extra_state(str(d), trusted=own_checkpoint):
+        missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
         raise CheckpointError(f"{d} did not provide {missing[:4]} for this model")

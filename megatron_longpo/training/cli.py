@@ -13,7 +13,15 @@ import sys
 from typing import Optional
 
 from megatron_longpo.config import ConfigError, load_config, validate
-from megatron_longpo.training.memory_model import GiB, estimate_memory, estimate_step_seconds
+from megatron_longpo.training.memory_model import (
+    GiB,
+    cheapest_recompute,
+    estimate_memory,
+    estimate_step_seconds,
+    recompute_choices,
+    recompute_label,
+    tp_collective_bytes,
+)
 
 
 def parse_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
@@ -72,6 +80,10 @@ def estimate_memory_main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--world-size", type=int, required=True)
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0)
     ap.add_argument("--tflops-per-gpu", type=float, default=400.0, help="assumed sustained model TFLOP/s")
+    ap.add_argument("--tp-bus-gbps", type=float, default=360.0,
+                    help="assumed NVLink bus bandwidth of the TP collectives (GB/s per GPU; H100 NVLink4: ~360 by NCCL tests)")
+    ap.add_argument("--recompute", action="store_true",
+                    help="also list every activation-recompute choice (memory, step time) and the fastest that fits")
     ap.add_argument("overrides", nargs="*", help="--section.key=value")
     args, extra = ap.parse_known_args(argv)
     try:
@@ -95,4 +107,19 @@ def estimate_memory_main(argv: Optional[list[str]] = None) -> int:
     tokens = cfg.training.global_batch_size * 2 * est.tokens_per_pair
     print(f"  step time at {args.tflops_per_gpu:.0f} model TFLOP/s/GPU: {secs:.1f} s "
           f"({tokens / secs:,.0f} pair tokens/s over {args.world_size} GPUs)")
+    tp_bytes = tp_collective_bytes(cfg, args.world_size)
+    print(f"  TP collectives (SP, not overlapped): {tp_bytes / 1e9:,.0f} GB per GPU per step = "
+          f"{tp_bytes / (args.tp_bus_gbps * 1e9):.1f} s at {args.tp_bus_gbps:.0f} GB/s (add to the step time)")
+    if args.recompute:
+        _print_recompute_choices(cfg, args.world_size, args.gpu_memory_gib, args.tflops_per_gpu)
     return 0
+
+
+def _print_recompute_choices(cfg, world: int, gpu_gib: float, tflops: float) -> None:
+    best = cheapest_recompute(cfg, world, gpu_gib)
+    print(f"  recompute choices (fastest first; fits = total <= {gpu_gib:.0f} - 8 GiB):")
+    for option in recompute_choices(cfg):
+        total = estimate_memory(option, world).total / GiB
+        mark = "  <-- fastest that fits" if best is not None and recompute_label(option) == recompute_label(best) else ""
+        print(f"    {recompute_label(option):<28s} {total:7.2f} GiB  {estimate_step_seconds(option, world, tflops):7.1f} s"
+              f"{'' if total <= gpu_gib - 8 else '  (does not fit)'}{mark}")

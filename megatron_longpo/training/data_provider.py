@@ -33,7 +33,8 @@ class TrainingData:
         self.reference = reference
         t = cfg.training
         self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * groups.dp_size)
-        self.pad_multiple = seq_length_multiple(cfg.parallel)
+        # TE userbuffers (parallel.tp_comm_overlap) take one fixed shape: every row padded to max_seq_length
+        self.pad_multiple = cfg.data.max_seq_length if cfg.parallel.tp_comm_overlap else seq_length_multiple(cfg.parallel)
         self._sampler: Optional[Iterator[list[int]]] = None
         self.set_consumed_samples(0)
 

@@ -22,8 +22,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_longpo.config import ConfigError, LongPOConfig, config_changes, load_config, to_dict, validate
 from megatron_longpo.evaluation.setup import evaluator_from_config
-from megatron_longpo.models.provider import build_model_chunks
-from megatron_longpo.runtime.capabilities import cuda_available
+from megatron_longpo.gpu_rules import te_version_notes
+from megatron_longpo.models.provider import build_model_chunks, init_tp_comm_overlap
+from megatron_longpo.runtime.capabilities import cuda_available, te_version
 from megatron_longpo.runtime.distributed import (
     ParallelGroups,
     destroy,
@@ -35,6 +36,7 @@ from megatron_longpo.training import preflight
 from megatron_longpo.checkpoint import CheckpointError, read_meta
 from megatron_longpo.checkpoint.integrity import remove_leftovers
 from megatron_longpo.data.indexed import load_metadata
+from megatron_longpo.data.pair_layout import rows_per_pair
 from megatron_longpo.reference.fingerprint import dataset_identity, describe_dataset_mismatch
 from megatron_longpo.training.checkpointing import (
     TrainState,
@@ -87,9 +89,12 @@ def _build_model(cfg: LongPOConfig) -> list:
     """The policy's chunks on this pipeline rank (one without VPP): cfg.model (its rope_theta
     overrides the checkpoint's), attention per backend."""
     t = cfg.training
+    init_tp_comm_overlap(cfg.model, cfg.parallel,  # every row is padded to max_seq_length then
+                         cfg.data.max_seq_length * t.micro_batch_size * rows_per_pair(cfg.data.pair_layout))
     return build_model_chunks(cfg.model, cfg.parallel, pair_layout=cfg.data.pair_layout,
                               recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
-                              recompute_num_layers=t.recompute_num_layers, ddp=True)
+                              recompute_num_layers=t.recompute_num_layers, recompute_modules=t.recompute_modules,
+                              ddp=True)
 
 
 def train(cfg: LongPOConfig) -> TrainResult:
@@ -107,6 +112,8 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
     world = dist.get_world_size()
     validate(cfg, world)
     preflight.check_before_init(cfg)
+    for note in te_version_notes(te_version(), cfg.parallel):  # TE outside setup.py's pin, FP8 resume policy
+        _print0(f"[longpo] WARNING: {note}")
 
     groups = init_model_parallel(cfg.parallel)
     set_seed(cfg.training.seed)
@@ -175,6 +182,8 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
                 raise FloatingPointError(f"loss is {metrics.get('loss')} at step {state.iteration}; stopping")
             losses.append(metrics["loss"])
             last = metrics
+            if start_iteration == 0 and state.iteration == 1:  # this step's forward ran on the starting weights
+                _log_step0(cfg, logger, metrics)
             logger.log(state.iteration, metrics)
 
             if cfg.training.eval_interval and data.has_validation and state.iteration % cfg.training.eval_interval == 0:
@@ -213,6 +222,21 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
             f"elapsed {time.time() - t_start:.1f}s checkpoint: {last_saved}")
     return TrainResult(state.iteration, state.consumed_samples, last, str(last_saved) if last_saved else None,
                        stopped_by, losses)
+
+
+def step0_metrics(metrics: dict) -> dict:
+    """Rewards and log-probs of the first step: its forward ran on the starting weights (the
+    reference's), so rewards/margins is the offset before any update: long vs short context and
+    RoPE base, plus the numerics of the policy forward (FP8) against the reference cache (bf16)."""
+    return {k: v for k, v in metrics.items() if k.startswith(("rewards/", "logps/"))}
+
+
+def _log_step0(cfg: LongPOConfig, logger: MetricsLogger, metrics: dict) -> None:
+    logger.log(0, step0_metrics(metrics), prefix="step0")
+    if cfg.parallel.fp8:
+        _print0(f"[longpo] step 0 ran the policy in FP8 ({cfg.parallel.fp8}, {cfg.parallel.fp8_recipe}); a reference cache "
+                f"computed in bf16 offsets rewards/margins by the FP8 noise summed over each response: precompute it "
+                f"with tools/precompute_reference.py --fp8 {cfg.parallel.fp8} --fp8-recipe {cfg.parallel.fp8_recipe}")
 
 
 def epochs_to_iters(num_epochs: float, num_samples: int, global_batch_size: int) -> int:
@@ -270,7 +294,7 @@ def _load_or_resume(cfg: LongPOConfig, model, optimizer, scheduler, groups: Para
 
             def load(d: Path) -> TrainState:
                 return load_checkpoint(d, model, optimizer, scheduler, groups, cfg.model, verify=c.verify,
-                                       scheduler_on_resume=cfg.optim.scheduler_on_resume)
+                                       scheduler_on_resume=cfg.optim.scheduler_on_resume, own_checkpoint=True)
 
             fallback = c.fallback_on_corrupt and c.load_iteration is None
             st, used = resume_with_fallback(c.save, found, load, fallback, log=_print0)

@@ -3,13 +3,19 @@
 Pure arithmetic on a config, so users can check a 512K config before they queue it. All sizes
 in bytes. The model assumes what the reference configs use: bf16 params, fp32 main grads,
 fp32 master weights and optimizer state (Adam: 2 moments, RMSprop: 1), sharded over dp*cp by
-the distributed optimizer when it is on, full activation recomputation (one stored layer input per layer), flash/TE attention (no
-[s, s] scores), chunked log-probs.
+the distributed optimizer when it is on, flash/TE attention (no [s, s] scores), chunked log-probs.
+Activations follow ``training.recompute_*`` (:func:`saved_per_token`): full recompute stores one
+layer input per recompute unit, block recompute stores full activations for the layers it does not
+recompute, selective recompute drops the module outputs it recomputes (:func:`recompute_choices`
+lists each choice with its memory and extra FLOPs; :func:`cheapest_recompute` picks the fastest
+that fits).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
 
 from megatron_longpo.config import LongPOConfig, padded_vocab_size
 from megatron_longpo.data.pair_layout import PairLayout, rows_per_pair
@@ -29,13 +35,14 @@ class MemoryEstimate:
     logprob_chunk: int
     total: int
     tokens_per_pair: int
+    recompute: str = "full/uniform/1"
 
     def lines(self) -> list[str]:
         rows = [
             ("weights (bf16, /tp)", self.weights),
             ("main grads (fp32, /tp)", self.main_grads),
             ("optimizer (fp32 master + state, /tp[/dp/cp])", self.optimizer),
-            ("stored layer inputs (full recompute)", self.stored_activations),
+            (f"stored activations ({self.recompute})", self.stored_activations),
             ("one layer's recompute working set", self.layer_working_set),
             ("K/V all-gather buffers (project CP attention)", self.kv_gather_buffers),
             ("log-prob chunk (fp32 logits, V/tp)", self.logprob_chunk),
@@ -78,8 +85,7 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
     s_local = s // cp  # tokens of one row on this CP rank
     s_sp = s_local // tp if p.sequence_parallel else s_local
     act_bytes = 2 if m.params_dtype == "bf16" else 4
-    # Full recompute stores each layer's input [s_local/tp, rows, h].
-    stored = m.num_layers * rows * s_sp * h * act_bytes
+    stored = m.num_layers * rows * s_local * act_bytes * stored_per_token_per_layer(cfg)
     # Recomputing one layer: attention + MLP intermediates. ~ (qkv + attn out + norms) on h and
     # the SwiGLU intermediates on f, sharded by tp (SP shards the h-sized ones too); fp8 keeps
     # some copies in 1 byte, ignored here (conservative).
@@ -92,7 +98,105 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
     chunk = min(cfg.loss.logprob_chunk_size, s_local * rows)
     logprob = chunk * vocab_local * 4 * 2  # logits + their softmax grad in backward
     total = weights + grads + optimizer + stored + working + kv_buf + logprob
-    return MemoryEstimate(n, weights, grads, optimizer, stored, working, kv_buf, logprob, total, s)
+    return MemoryEstimate(n, weights, grads, optimizer, int(stored), working, kv_buf, logprob, int(total), s,
+                          recompute_label(cfg))
+
+
+# Activation elements autograd keeps per token of one layer, by tensor ([s, b, x] tensors; x/tp
+# for TP-sharded ones, and h-sized ones /tp too with sequence parallelism). CUDA path: fused
+# bias-SwiGLU (keeps fc1's output only), flash-class attention (keeps q, k, v, out, lse).
+def saved_per_token(cfg: LongPOConfig) -> dict[str, float]:
+    """Elements kept per token (per CP-local row position) of one layer without recompute."""
+    m, p = cfg.model, cfg.parallel
+    tp = p.tensor_model_parallel_size
+    h_div = tp if p.sequence_parallel else 1
+    q, kv, f = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim, m.ffn_hidden_size
+    return {
+        "layer_input": m.hidden_size / h_div,  # input_layernorm's input (the residual stream)
+        "layernorm": 2 * m.hidden_size / h_div,  # both norm outputs (QKV and fc1 inputs)
+        "core_attn": (q + 2 * kv + q) / tp,  # q, k, v after RoPE; attention output (= proj input)
+        "mlp_residual": m.hidden_size / h_div,  # pre_mlp_layernorm's input
+        "mlp": 3 * f / tp,  # fc1 output (2f, SwiGLU input), SwiGLU output (fc2 input)
+    }
+
+
+def stored_per_token_per_layer(cfg: LongPOConfig) -> float:
+    """Elements per token per layer kept between forward and backward, averaged over the layers,
+    under ``training.recompute_*``."""
+    t = cfg.training
+    parts = saved_per_token(cfg)
+    every = sum(parts.values())
+    layers = cfg.model.num_layers
+    if t.recompute_granularity == "full":
+        if t.recompute_method == "block":  # the first n layers recomputed, the rest keep everything
+            n = min(t.recompute_num_layers, layers)
+            return (n * parts["layer_input"] + (layers - n) * every) / layers
+        return parts["layer_input"] * math.ceil(layers / t.recompute_num_layers) / layers  # one input per unit
+    if t.recompute_granularity == "selective":
+        mods = set(t.recompute_modules)
+        dropped = (parts["layernorm"] if "layernorm" in mods else 0) + (parts["mlp"] if "mlp" in mods else 0)
+        # core_attn recompute keeps q, k, v as the checkpoint's inputs and the output as proj's input
+        # (flash-class kernels keep no [s, s] scores): it saves nothing here.
+        return every - dropped
+    return every
+
+
+def recompute_label(cfg: LongPOConfig) -> str:
+    t = cfg.training
+    if t.recompute_granularity == "full":
+        return f"full/{t.recompute_method}/{t.recompute_num_layers}"
+    if t.recompute_granularity == "selective":
+        return "selective/" + "+".join(sorted(t.recompute_modules))
+    return "no recompute"
+
+
+def recompute_forward_fraction(cfg: LongPOConfig, seq_tokens: Optional[int] = None) -> float:
+    """Extra forward work of the recompute as a fraction of the layers' forward FLOPs (a causal row
+    of ``seq_tokens``): 1 for full recompute of every layer."""
+    t, m = cfg.training, cfg.model
+    if t.recompute_granularity == "full":
+        n = min(t.recompute_num_layers, m.num_layers) if t.recompute_method == "block" else m.num_layers
+        return n / m.num_layers
+    if t.recompute_granularity != "selective":
+        return 0.0
+    s = seq_tokens or cfg.data.max_seq_length
+    h, f = m.hidden_size, m.ffn_hidden_size
+    q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
+    # per token: QKV + proj, attention (a causal row: (s+1)/2 keys per query), SwiGLU MLP (flops.py)
+    linear, attn, mlp = 2 * h * (q + 2 * kv) + 2 * q * h, 4 * q * (s + 1) / 2, 6 * h * f
+    mods = set(t.recompute_modules)
+    extra = (attn if "core_attn" in mods else 0) + (mlp if "mlp" in mods else 0)  # norms: ~0 FLOPs
+    return extra / (linear + attn + mlp)
+
+
+def recompute_choices(cfg: LongPOConfig) -> list[LongPOConfig]:
+    """The recompute settings the estimator compares, fastest first (ties: less memory first)."""
+    layers = cfg.model.num_layers
+
+    def with_(granularity, method="uniform", n=1, modules=()):
+        return replace(cfg, training=replace(cfg.training, recompute_granularity=granularity, recompute_method=method,
+                                             recompute_num_layers=n, recompute_modules=list(modules)))
+
+    options = [with_(None), with_("selective", modules=["layernorm"]), with_("selective", modules=["mlp"]),
+               with_("selective", modules=["layernorm", "mlp"])]
+    options += [with_("full", "block", n) for n in range(1, layers)]
+    options.append(with_("full", "uniform", 1))
+    options = [o for o in options if not (o.training.recompute_granularity == "selective" and _layernorm_fp8_delayed(o))]
+    return sorted(options, key=lambda o: (recompute_forward_fraction(o), stored_per_token_per_layer(o)))
+
+
+def _layernorm_fp8_delayed(cfg: LongPOConfig) -> bool:
+    """Megatron-Core 0.16.1 refuses layernorm recompute with the FP8 delayed recipe."""
+    return bool(cfg.parallel.fp8) and cfg.parallel.fp8_recipe == "delayed" and "layernorm" in cfg.training.recompute_modules
+
+
+def cheapest_recompute(cfg: LongPOConfig, world_size: int, gpu_memory_gib: float = 80.0,
+                       margin_gib: float = 8.0) -> Optional[LongPOConfig]:
+    """The fastest recompute choice whose estimate leaves ``margin_gib`` free (None: none fits)."""
+    for option in recompute_choices(cfg):
+        if estimate_memory(option, world_size).total / GiB <= gpu_memory_gib - margin_gib:
+            return option
+    return None
 
 
 def estimate_step_seconds(cfg: LongPOConfig, world_size: int, tflops_per_gpu: float, seq_tokens: int | None = None,
@@ -115,7 +219,25 @@ def estimate_step_seconds(cfg: LongPOConfig, world_size: int, tflops_per_gpu: fl
         pair = PairLayout.of_pair("shared_prefix", prefix=s - 2 * r, chosen=r, rejected=r)
     tokens = pair.num_tokens()
     flops = pairs * train_flops(m, tokens, attended_pairs(pair), n_logit_positions=tokens)
-    # Full recompute adds one forward of the layers (4/3 of model FLOPs).
-    if cfg.training.recompute_granularity == "full":
-        flops *= 4.0 / 3.0
+    # Recompute adds a part of one forward of the layers (full recompute: 4/3 of model FLOPs).
+    flops *= 1.0 + recompute_forward_fraction(cfg, s) / 3.0
     return flops / (world_size * tflops_per_gpu * 1e12)
+
+
+def tp_collective_bytes(cfg: LongPOConfig, world_size: int, seq_tokens: Optional[int] = None) -> float:
+    """Bytes each GPU moves per optimizer step in the TP (sequence-parallel) collectives, which
+    this project does not overlap (no tp_comm_overlap): per layer an all-gather before QKV and fc1
+    and a reduce-scatter after proj and fc2 in the forward, the same four in the backward, and the
+    forward's again for the recomputed share. A ring moves (tp-1)/tp of the full tensor per GPU."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    if tp == 1:
+        return 0.0
+    dp = max(1, world_size // (tp * cp * p.pipeline_model_parallel_size))
+    s = seq_tokens or cfg.data.max_seq_length
+    rows = t.micro_batch_size * rows_per_pair(cfg.data.pair_layout)
+    act_bytes = 2 if m.params_dtype == "bf16" else 4
+    tensor = rows * (s // cp) * m.hidden_size * act_bytes  # [s/cp, rows, h] gathered
+    per_layer = (8 + 4 * recompute_forward_fraction(cfg, s)) * tensor * (tp - 1) / tp
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+    return m.num_layers * per_layer * micro_batches

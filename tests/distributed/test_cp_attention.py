@@ -61,3 +61,18 @@ def test_cp_matches_cp1(arch, tp, cp, seq, recompute):
     outs = run_distributed(run_pair_model, tp * cp, args=(arch, tp, cp, full, [batch]), kwargs=dict(recompute=recompute))
     for rank_out in outs:
         _compare(rank_out[0], ref, batch)
+
+
+def test_overlapped_kv_gather_matches_cp1():
+    """parallel.cp_kv_gather_chunks=2 at CP=4 (with recompute): K/V gathered per KV-head chunk,
+    the second gather in flight during the first chunk's attention; same logits, loss, gradients."""
+    from megatron_longpo.testing.models import tiny_model_config
+
+    pairs = make_pairs(LONG_PAIRS, tiny_model_config("mistral").vocab_size, seed=7)
+    batch = raw_pair_batch(pairs, "two_sequences", 40)
+    full = full_state_dict("mistral")
+    ref = run_distributed(run_pair_model, 1, args=("mistral", 1, 1, full, [batch]), kwargs=dict(attention="megatron"))[0][0]
+    outs = run_distributed(run_pair_model, 4, args=("mistral", 1, 4, full, [batch]),
+                           kwargs=dict(recompute=True, kv_gather_chunks=2))
+    for rank_out in outs:
+        _compare(rank_out[0], ref, batch)

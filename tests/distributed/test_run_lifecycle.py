@@ -131,6 +131,9 @@ def test_sft_logs_no_reference_metrics(datasets, tmp_path):
     m = _metrics(tmp_path)[0]
     assert "nll_loss" in m and "logps/chosen" in m
     assert not [k for k in m if k.startswith(("rewards/", "logps/ref_")) or k == "pref_loss"], m
+    # the first step's forward ran on the starting weights: logged once more as step 0 (defect 5)
+    (s0,) = _metrics(tmp_path, "step0")
+    assert s0["step"] == 0 and s0["logps/chosen"] == m["logps/chosen"] and "loss" not in s0
 
 
 def test_damaged_newest_checkpoint_falls_back_or_is_named(datasets, tmp_path):

@@ -12,7 +12,10 @@ import torch
 from megatron_longpo.config import ConfigError, LongPOConfig, validate
 from megatron_longpo.data.pair_layout import PairLayout
 from megatron_longpo.models.attention import (
+    ContextParallelAttention,
+    CudnnContextParallelAttention,
     attend_local,
+    core_attention_class,
     plan_blocks,
     resolve_attention_backend,
     row_layouts,
@@ -181,8 +184,23 @@ def test_backend_resolution_on_this_machine():
     with pytest.raises(RuntimeError, match="attention_backend=te needs Transformer Engine"):
         resolve_attention_backend(parallel_config(attention_backend="te"), "two_sequences", "local")
     if not cuda:
-        with pytest.raises(RuntimeError, match="attention_backend=flash needs CUDA"):
-            resolve_attention_backend(parallel_config(attention_backend="flash"), "two_sequences", "local")
+        for kernel in ("flash", "cudnn", "fa3"):  # every project kernel says why it cannot run
+            with pytest.raises(RuntimeError, match=f"attention_backend={kernel} needs CUDA.*no CUDA device.*sdpa"):
+                resolve_attention_backend(parallel_config(attention_backend=kernel), "shared_prefix", "local")
+
+
+def test_config_rules_of_the_block_kernels():
+    cfg = LongPOConfig()
+    for kernel in ("flash", "cudnn", "fa3"):
+        cfg.parallel.attention_backend = kernel
+        with pytest.raises(ConfigError, match=f"attention_backend={kernel} runs bf16 only"):
+            validate(cfg)
+    cfg.model.params_dtype = "bf16"
+    cfg.model.attention_dropout = 0.1
+    with pytest.raises(ConfigError, match="attention_backend=fa3 has no attention dropout"):
+        validate(cfg)
+    cfg.parallel.attention_backend = "cudnn"
+    validate(cfg)
 
 
 def test_config_rejects_shared_prefix_on_te():
@@ -193,3 +211,22 @@ def test_config_rejects_shared_prefix_on_te():
         validate(cfg)
     cfg.parallel.attention_backend = "auto"
     validate(cfg)
+
+
+def test_config_rules_of_the_overlapped_kv_gather():
+    cfg = LongPOConfig()  # 2 KV heads, tp 1
+    cfg.parallel.cp_kv_gather_chunks = 2
+    validate(cfg)
+    cfg.parallel.cp_kv_gather_chunks = 3
+    with pytest.raises(ConfigError, match=r"cp_kv_gather_chunks=3 must divide the KV heads per TP rank"):
+        validate(cfg)
+    cfg.parallel.cp_kv_gather_chunks = 0
+    with pytest.raises(ConfigError, match="cp_kv_gather_chunks must be >= 1"):
+        validate(cfg)
+
+
+def test_backend_classes_carry_the_gather_chunks():
+    assert core_attention_class("sdpa") is ContextParallelAttention and core_attention_class("te", 2) is None
+    cls = core_attention_class("cudnn", 4)
+    assert issubclass(cls, CudnnContextParallelAttention) and cls.kv_gather_chunks == 4 and cls.kernel == "cudnn"
+    assert ContextParallelAttention.kv_gather_chunks == 1  # the base class is untouched

@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from megatron.core.tensor_parallel import layers as mcore_tp_layers
 
 from megatron_longpo.config import (
     ConfigError,
@@ -22,7 +23,8 @@ from megatron_longpo.config import (
 )
 from megatron_longpo.gpu_rules import fp8_device_errors, nvte_env_errors
 from megatron_longpo.models.attention.kernels import choose_sdpa
-from megatron_longpo.models.provider import fusion_settings
+from megatron_longpo.models.provider import _output_layer_without_wgrad_fusion, fusion_settings
+from megatron_longpo.runtime import capabilities
 from megatron_longpo.runtime.gpu_env import (
     check_process_environment,
     local_world_size_errors,
@@ -232,23 +234,35 @@ def test_expanded_kv_matches_gqa():
 
 
 def test_fusions_on_cuda_with_te():
-    f = fusion_settings(on_cuda=True, impl="transformer_engine", te_attention=True, grad_accum_ext=True)
+    f = fusion_settings(on_cuda=True, impl="transformer_engine", te_attention=True)
     assert f["bias_activation_fusion"] and f["bias_dropout_fusion"] and f["apply_rope_fusion"]
-    assert f["gradient_accumulation_fusion"]
+    assert f["gradient_accumulation_fusion"]  # TE linears fuse wgrad without apex
     # the fused wgrad writes param.main_grad, which only Megatron DDP creates
-    assert not fusion_settings(on_cuda=True, impl="transformer_engine", te_attention=True, grad_accum_ext=True,
+    assert not fusion_settings(on_cuda=True, impl="transformer_engine", te_attention=True,
                                ddp=False)["gradient_accumulation_fusion"]
-    f = fusion_settings(on_cuda=True, impl="transformer_engine", te_attention=False, grad_accum_ext=False)
-    assert not f["apply_rope_fusion"] and not f["gradient_accumulation_fusion"]
-    f = fusion_settings(on_cuda=False, impl="local", te_attention=False, grad_accum_ext=False)
+    f = fusion_settings(on_cuda=True, impl="transformer_engine", te_attention=False)
+    assert not f["apply_rope_fusion"] and f["gradient_accumulation_fusion"]
+    assert not fusion_settings(on_cuda=True, impl="local", te_attention=False)["gradient_accumulation_fusion"]
+    f = fusion_settings(on_cuda=False, impl="local", te_attention=False)
     assert not any(f.values())
+
+
+def test_output_layer_builds_with_wgrad_fusion_and_without_apex():
+    """The local output layer refuses gradient_accumulation_fusion without apex at construction;
+    build_model scopes that refusal away (and restores Megatron's module flag afterwards)."""
+    if capabilities.grad_accum_fusion_available():
+        pytest.skip("apex's fused_weight_gradient_mlp_cuda is installed: nothing to work around")
+    before = mcore_tp_layers._grad_accum_fusion_available
+    with _output_layer_without_wgrad_fusion(True):
+        assert mcore_tp_layers._grad_accum_fusion_available
+    assert mcore_tp_layers._grad_accum_fusion_available == before
 
 
 def test_cuda_fusion_flags_build_a_valid_megatron_config():
     """Megatron's own TransformerConfig validation accepts the CUDA flags for this model family."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    f = fusion_settings(on_cuda=True, impl="local", te_attention=False, grad_accum_ext=False)
+    f = fusion_settings(on_cuda=True, impl="local", te_attention=False)
     TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
                       gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
                       normalization="RMSNorm", **f)

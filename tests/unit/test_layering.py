@@ -37,7 +37,7 @@ LAYERS: list[set[str]] = [
 # Edges between units of one layer or upwards that are known and scheduled to go; keep empty.
 ALLOWED_EXCEPTIONS: set[tuple[str, str]] = set()
 OPTIONAL_ROOTS = {
-    "transformer_engine", "flash_attn", "fused_weight_gradient_mlp_cuda", "apex", "vllm", "wandb",
+    "transformer_engine", "flash_attn", "flash_attn_interface", "fused_weight_gradient_mlp_cuda", "apex", "vllm", "wandb",
     "matplotlib", "pyarrow", "openai",
 }
 HEAVY_ROOTS = {"torch", "megatron", "transformers"}

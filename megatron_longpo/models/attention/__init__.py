@@ -10,6 +10,8 @@
 from megatron_longpo.models.attention.backend import core_attention_class, resolve_attention_backend
 from megatron_longpo.models.attention.core import (
     ContextParallelAttention,
+    CudnnContextParallelAttention,
+    FA3ContextParallelAttention,
     FlashContextParallelAttention,
     attend_local,
     branch_layout_tensor,
@@ -21,6 +23,8 @@ from megatron_longpo.models.attention.plan import Block, allowed, attended_pairs
 __all__ = [
     "Block",
     "ContextParallelAttention",
+    "CudnnContextParallelAttention",
+    "FA3ContextParallelAttention",
     "FlashContextParallelAttention",
     "allowed",
     "attend_local",

@@ -105,6 +105,36 @@ class _AllGatherSeq(torch.autograd.Function):
         return out, None
 
 
+class _AsyncAllGatherSeq(torch.autograd.Function):
+    """:class:`_AllGatherSeq` launched asynchronously: the output is valid only after the handle
+    appended to ``pending`` is waited on (the caller does, before reading it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, pending: list) -> torch.Tensor:
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))
+        pending.append(_all_gather(out, x.contiguous(), group=group, async_op=True))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllGatherSeq.backward(ctx, grad)[0], None, None
+
+
+def gather_chunks_overlapped(chunks: Sequence[torch.Tensor], cp_group: dist.ProcessGroup):
+    """Yield each [S/cp, ...] chunk gathered into global order [S, ...], with the gather of chunk
+    i+1 in flight while the caller computes on chunk i (differentiable)."""
+    cp = dist.get_world_size(cp_group)
+    pending: list = []
+    gathered = [_AsyncAllGatherSeq.apply(chunks[0], cp_group, pending)]
+    for i in range(len(chunks)):
+        if i + 1 < len(chunks):
+            gathered.append(_AsyncAllGatherSeq.apply(chunks[i + 1], cp_group, pending))
+        pending[i].wait()
+        yield zigzag_unslice(list(gathered[i].chunk(cp, dim=0)), dim=0)
+
+
 def gather_global_sequence(x_local: torch.Tensor, cp_group: dist.ProcessGroup) -> torch.Tensor:
     """[S/cp, ...] zigzag-local -> [S, ...] in global order (differentiable)."""
     cp = dist.get_world_size(cp_group)
@@ -179,6 +209,9 @@ class ContextParallelAttention(MegatronModule):
     """
 
     kernel = "sdpa"
+    # parallel.cp_kv_gather_chunks: K/V gathered in this many KV-head chunks, each chunk's gather
+    # overlapping the previous chunk's attention (heads are independent, so the result is the same)
+    kv_gather_chunks = 1
 
     def __init__(
         self,
@@ -232,6 +265,8 @@ class ContextParallelAttention(MegatronModule):
         cp = self.cp_group.size()
         cp_rank = self.cp_group.rank()
         g = key.shape[2]
+        if cp > 1 and self.kv_gather_chunks > 1:
+            return self._forward_overlapped(query, key, value, layouts, cp, cp_rank)
         if cp > 1:
             # One all-gather for K and V together: [s, b, 2g, d] -> [S, b, 2g, d] (global order).
             kv = gather_global_sequence(torch.cat([key, value], dim=2), self.cp_group)
@@ -251,8 +286,39 @@ class ContextParallelAttention(MegatronModule):
         )  # [b, h, s, d]
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
+    def _forward_overlapped(self, query, key, value, layouts, cp: int, cp_rank: int) -> torch.Tensor:
+        """K/V gathered per chunk of KV heads; chunk i+1's gather runs during chunk i's attention."""
+        s, b, h, d = query.shape
+        g = key.shape[2]
+        n = self.kv_gather_chunks
+        if g % n:
+            raise ValueError(f"parallel.cp_kv_gather_chunks={n} must divide the KV heads per TP rank ({g})")
+        gc, rep = g // n, h // g
+        chunks = [torch.cat([key[:, :, i * gc:(i + 1) * gc], value[:, :, i * gc:(i + 1) * gc]], dim=2) for i in range(n)]
+        outs = []
+        for i, kv in enumerate(gather_chunks_overlapped(chunks, self.cp_group)):  # [S, b, 2gc, d]
+            outs.append(attend_local(
+                query[:, :, i * gc * rep:(i + 1) * gc * rep].permute(1, 2, 0, 3),  # this chunk's query heads
+                kv[:, :, :gc].permute(1, 2, 0, 3), kv[:, :, gc:].permute(1, 2, 0, 3),
+                layouts, cp_rank, cp, scale=self.softmax_scale, kernel=self.kernel,
+                dropout_p=self.dropout_p if self.training else 0.0,
+            ))  # [b, h/n, s, d]
+        return torch.cat(outs, dim=1).permute(2, 0, 1, 3).reshape(s, b, h * d)
+
 
 class FlashContextParallelAttention(ContextParallelAttention):
     """The same attention computed with flash-attn 2 kernels (CUDA, flash-attn installed)."""
 
     kernel = "flash"
+
+
+class CudnnContextParallelAttention(ContextParallelAttention):
+    """The same attention computed by TE DotProductAttention (cuDNN fused attention on H100)."""
+
+    kernel = "cudnn"
+
+
+class FA3ContextParallelAttention(ContextParallelAttention):
+    """The same attention computed with FlashAttention-3 kernels (Hopper)."""
+
+    kernel = "fa3"

@@ -11,11 +11,16 @@ Shapes: q [n, h, Lq, d], k/v [n, g, Lk, d] with Lk >= Lq and h % g == 0 (GQA); r
   CPU flash kernel (Lq is at most one zigzag chunk, S / 2cp; CPU runs are for tests and the demo,
   not for long contexts); the block is recomputed in backward so the mask is never kept.
 - ``flash``: flash-attn 2 (``flash_attn_func``, causal = bottom-right aligned since 2.1), CUDA only.
+- ``cudnn``: Transformer Engine's ``DotProductAttention`` with ``attn_mask_type=causal_bottom_right``
+  (cuDNN fused attention on Hopper), CUDA + TE only.
+- ``fa3``: FlashAttention-3 (``flash_attn_interface.flash_attn_func``, causal = bottom-right),
+  Hopper + a source build of flash-attention/hopper only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -125,4 +130,37 @@ def flash_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.transpose(1, 2)
 
 
-KERNELS: dict[str, KernelFn] = {"sdpa": sdpa_lower_right, "flash": flash_lower_right}
+def fa3_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Lower-right causal attention with FlashAttention-3 (Hopper; ``flash_attn_interface``)."""
+    from flash_attn_interface import flash_attn_func  # optional: FA3 is built from source (parallel.attention_backend=fa3)
+
+    if dropout_p:
+        raise ValueError("parallel.attention_backend=fa3 has no attention dropout; use sdpa or cudnn")
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True)
+    if isinstance(out, tuple):  # FA3 releases differ: out, or (out, softmax_lse)
+        out = out[0]
+    return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _te_attention(heads: int, groups: int, head_dim: int, scale: float, dropout_p: float) -> torch.nn.Module:
+    """One TE DotProductAttention per shape: bottom-right causal, bshd, no learned state."""
+    from transformer_engine.pytorch import DotProductAttention  # optional: TE is the gpu extra (parallel.attention_backend=cudnn)
+
+    return DotProductAttention(num_attention_heads=heads, kv_channels=head_dim, num_gqa_groups=groups,
+                               attention_dropout=dropout_p, qkv_format="bshd",
+                               attn_mask_type="causal_bottom_right", softmax_scale=scale)
+
+
+def cudnn_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Lower-right causal attention with TE's DotProductAttention (``causal_bottom_right``): cuDNN
+    fused attention on H100 (TE picks its flash backend instead when flash-attn is installed and
+    faster; NVTE_* variables are left to Megatron, gpu_rules.nvte_env_errors)."""
+    n, h, lq, d = q.shape
+    te_attn = _te_attention(h, k.shape[1], d, float(scale), float(dropout_p))
+    out = te_attn(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
+    return out.reshape(n, lq, h, d).transpose(1, 2)  # [n, Lq, h*d] -> [n, h, Lq, d]
+
+
+KERNELS: dict[str, KernelFn] = {"sdpa": sdpa_lower_right, "flash": flash_lower_right, "cudnn": cudnn_lower_right,
+                                "fa3": fa3_lower_right}
