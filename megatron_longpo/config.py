@@ -673,6 +673,15 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             "cannot express the branch mask); set parallel.attention_backend to auto, sdpa or flash"
         )
     errs += _evaluation_errors(cfg)
+    if p.virtual_pipeline_model_parallel_size:
+        # The reference and evaluation forwards run one model chunk per pipeline stage.
+        if cfg.reference.source == "online":
+            errs.append("reference.source=online cannot run with parallel.virtual_pipeline_model_parallel_size "
+                        "(the frozen reference runs one chunk per stage); precompute the cache "
+                        "(tools/precompute_reference.py --pp N) and set reference.source=cache, or set VPP to null")
+        if cfg.evaluation.tasks:
+            errs.append("evaluation.tasks cannot run with parallel.virtual_pipeline_model_parallel_size; evaluate the "
+                        "checkpoints with tools/evaluate.py --pp N, or set VPP to null")
     if t.eval_iters < 0:
         errs.append(f"training.eval_iters must be >= 0 (0 = the whole validation set), got {t.eval_iters}")
     if cfg.optim.lr_warmup_steps is not None and not 0 <= cfg.optim.lr_warmup_steps <= max(t.train_iters, 0):
