@@ -744,6 +744,15 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
     errs += _cp_overlap_errors(cfg)
     errs += _tp_overlap_errors(cfg)
     errs += _evaluation_errors(cfg)
+    if p.virtual_pipeline_model_parallel_size:
+        # The reference and evaluation forwards run one model chunk per pipeline stage.
+        if cfg.reference.source == "online":
+            errs.append("reference.source=online cannot run with parallel.virtual_pipeline_model_parallel_size "
+                        "(the frozen reference runs one chunk per stage); precompute the cache "
+                        "(tools/precompute_reference.py --pp N) and set reference.source=cache, or set VPP to null")
+        if cfg.evaluation.tasks:
+            errs.append("evaluation.tasks cannot run with parallel.virtual_pipeline_model_parallel_size; evaluate the "
+                        "checkpoints with tools/evaluate.py --pp N, or set VPP to null")
     if t.eval_iters < 0:
         errs.append(f"training.eval_iters must be >= 0 (0 = the whole validation set), got {t.eval_iters}")
     if cfg.optim.min_lr > cfg.optim.lr:

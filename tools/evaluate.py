@@ -2,7 +2,7 @@
 """Score Megatron checkpoints on synthetic long-context tasks (see docs/evaluation.md).
 
     torchrun --nproc-per-node N tools/evaluate.py --load CKPT [CKPT ...] --tasks niah_single,kv_retrieval \
-        --lengths 4096,128k [--samples 8] [--tp K] [--cp K] --output results.json [--plot results.png]
+        --lengths 4096,128k [--samples 8] [--tp K] [--cp K] [--pp K] --output results.json [--plot results.png]
 """
 
 import sys

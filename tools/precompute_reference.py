@@ -2,7 +2,7 @@
 """Compute the reference log-prob cache of a preprocessed dataset (see docs/reference_cache.md).
 
     torchrun --nproc-per-node N tools/precompute_reference.py --load REF_CKPT --data PREFIX \
-        --output CACHE [--mode longpo|dpo] [--tp K] [--tokens-per-batch T] [--overwrite] [--restart]
+        --output CACHE [--mode longpo|dpo] [--tp K] [--pp K] [--tokens-per-batch T] [--overwrite] [--restart]
 
 An interrupted run continues where it stopped when started again with the same options.
 """

@@ -52,6 +52,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--haystack", nargs="*", default=[], help="haystack documents (.txt/.md/.jsonl files or dirs); default: built-in filler")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--cp", type=int, default=1, help="context-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (a forward-only pipeline schedule)")
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
     p.add_argument("--rope-theta", type=float, default=None, help="override every checkpoint's RoPE base")

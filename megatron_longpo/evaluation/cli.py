@@ -1,7 +1,7 @@
 """tools/evaluate.py: synthetic long-context scores of Megatron checkpoints under TP / CP / DP.
 
     torchrun --nproc-per-node N tools/evaluate.py --load CKPT [CKPT ...] \
-        --tasks niah_single,variable_tracking --lengths 4096,131072 [--samples 8] [--tp K] [--cp K] \
+        --tasks niah_single,variable_tracking --lengths 4096,131072 [--samples 8] [--tp K] [--cp K] [--pp K] \
         --output results.json [--plot results.png]
 
 Every check that can fail (options, checkpoints, tokenizer, task lengths) runs before a model is
@@ -91,10 +91,10 @@ def evaluate(a: argparse.Namespace, log=print) -> dict:
     """Run the evaluation on every rank of the default group (initialised here); returns the JSON doc."""
     t0 = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    parallel = ParallelConfig(tensor_model_parallel_size=a.tp, context_parallel_size=a.cp,
+    parallel = ParallelConfig(tensor_model_parallel_size=a.tp, context_parallel_size=a.cp, pipeline_model_parallel_size=a.pp,
                               sequence_parallel=a.sequence_parallel, attention_backend=a.attention_backend)
-    if world % (a.tp * a.cp):
-        raise ConfigError(f"world size {world} must be divisible by --tp * --cp = {a.tp * a.cp}")
+    if world % (a.tp * a.cp * a.pp):
+        raise ConfigError(f"world size {world} must be divisible by --tp * --cp * --pp = {a.tp * a.cp * a.pp}")
     if a.samples <= 0 or a.tokens_per_batch <= 0 or a.logprob_chunk_size <= 0:
         raise ConfigError("--samples, --tokens-per-batch and --logprob-chunk-size must be > 0")
     if a.plot:
@@ -117,7 +117,7 @@ def evaluate(a: argparse.Namespace, log=print) -> dict:
     rank0 = dist.get_rank() == 0
     say = log if rank0 else (lambda _m: None)
     say(f"[evaluate] {len(evaluator.samples)} samples ({len(a.tasks)} tasks x {len(a.lengths)} lengths x {a.samples}), "
-        f"{evaluator.total_tokens:,} tokens per checkpoint; tp={groups.tp_size} cp={groups.cp_size} dp={groups.dp_size}; "
+        f"{evaluator.total_tokens:,} tokens per checkpoint; tp={groups.tp_size} cp={groups.cp_size} pp={groups.pp_size} dp={groups.dp_size}; "
         f"tokenizer {tok_path} template {template.name}")
     entries = []
     for c in ckpts:

@@ -6,7 +6,9 @@ stage only (Megatron's ``forward_step`` / ``loss_func`` contract, training/step.
 :func:`stage_forward` (model -> this stage's output, the final hidden states on the last stage)
 and :func:`hidden_segment_logprobs` (final hidden states -> per-segment statistics with
 :func:`segment_logprob_sums`: chunked, vocab-parallel, summed over CP; never a [S, V] tensor).
-:func:`rank_segment_logprobs` is the two in a row, for a model that is not pipelined.
+:func:`rank_segment_logprobs` is the two in a row (reference precompute, evaluation); on a
+pipelined model it runs them through Megatron's forward-only schedule and returns the last
+stage's statistics on every stage.
 Target and segment ids stay on the host, so the reduction plans on them without a device sync
 (megatron_longpo/testing/syncs.py counts this for the training step). With ``argmax=True`` it
 also counts, per segment, the positions whose target token is the argmax of the full-vocabulary
@@ -26,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 from megatron_longpo.loss.logprobs import (
@@ -183,16 +186,53 @@ def rank_segment_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     argmax: bool = False,
 ) -> list[SegmentStats]:
-    """:func:`stage_forward` then :func:`hidden_segment_logprobs` on a model that is not pipelined
-    (the whole model on this rank): per-segment statistics, summed over CP.
+    """:func:`stage_forward` then :func:`hidden_segment_logprobs`: per-segment statistics, summed
+    over CP. On a pipelined model (``groups.pp_size > 1``, this rank's stage) the two run through
+    a forward-only schedule (no gradient) and every stage gets the last stage's statistics.
 
     Collective over the TP and CP groups. Differentiable in ``sums`` unless called under
     ``torch.no_grad()``.
     """
+    if groups.pp_size > 1:
+        return _pipelined_segment_logprobs(model, tokens, position_ids, attention_mask, target_ids, segment_ids,
+                                           num_segments, groups, vocab_size=vocab_size,
+                                           sequence_parallel=sequence_parallel, chunk_size=chunk_size, argmax=argmax)
     hidden = stage_forward(model, tokens, position_ids, attention_mask)
     return hidden_segment_logprobs(model, hidden, target_ids, segment_ids, num_segments, groups,
                                    vocab_size=vocab_size, sequence_parallel=sequence_parallel,
                                    chunk_size=chunk_size, argmax=argmax)
+
+
+@torch.no_grad()
+def _pipelined_segment_logprobs(model, tokens, position_ids, attention_mask, target_ids, segment_ids, num_segments,
+                                groups: ParallelGroups, *, vocab_size: int, sequence_parallel: bool, chunk_size: int,
+                                argmax: bool) -> list[SegmentStats]:
+    """:func:`rank_segment_logprobs` on one pipeline stage (``model``: this stage, not interleaved):
+    Megatron's forward-only schedule over one micro-batch, the statistics computed on the last
+    stage (``loss_func`` with ``collect_non_loss_data``) and sent to every stage. No gradient."""
+    if isinstance(model, (list, tuple)):
+        raise ValueError("the reference / evaluation forward takes one model chunk per stage (no VPP)")
+
+    def forward_step(_data, chunk):
+        out = stage_forward(chunk, tokens, position_ids, attention_mask)
+
+        def collect(hidden, non_loss_data=True):
+            stats = hidden_segment_logprobs(chunk, hidden, target_ids, segment_ids, num_segments, groups,
+                                            vocab_size=vocab_size, sequence_parallel=sequence_parallel,
+                                            chunk_size=chunk_size, argmax=argmax)
+            return [SegmentStats(r.sums.cpu(), r.counts.cpu(),
+                                 None if r.argmax_matches is None else r.argmax_matches.cpu()) for r in stats]
+
+        return out, collect
+
+    rows, s_local = tokens.shape
+    store = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
+        seq_length=s_local * groups.cp_size, micro_batch_size=rows, forward_only=True, collect_non_loss_data=True,
+    )
+    box = [store[0] if groups.is_last_stage else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(groups.pp_group, groups.pp_size - 1), group=groups.pp_group)
+    return box[0]
 
 
 def _segment_argmax_matches(hidden, weight, target_ids, segs, num_segments, vocab_size, groups: ParallelGroups,

@@ -3,7 +3,7 @@
 Order of work (everything that can fail cheaply fails first, on every rank, before any model):
   1. options, output path, dataset sidecar, mode support, reference checkpoint + its own config,
      vocabulary, world size % tp
-  2. process groups (TP = --tp, DP = world / tp), dataset, work plan (compute.plan_batches)
+  2. process groups (TP = --tp, PP = --pp, DP = world / (tp * pp)), dataset, work plan (compute.plan_batches)
   3. rank 0 prepares or resumes ``CACHE.partial/`` and shares the set of finished batches
   4. the reference model (its own config) is built and loaded at TP = --tp
   5. each DP rank computes its share of the unfinished batches; its TP-rank-0 process appends one
@@ -90,6 +90,7 @@ class PrecomputeOptions:
     output: str  # cache directory to write
     mode: str = "longpo"  # longpo: short contexts per turn; dpo: long sequences S_w / S_l
     tp: int = 1
+    pp: int = 1  # pipeline stages of the reference model (forward-only schedule)
     tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH
     pad_to_multiple: int = DEFAULT_PAD_MULTIPLE
     rope_theta: Optional[float] = None  # override the checkpoint's RoPE base (rare)
@@ -132,8 +133,8 @@ def partial_dir(output: str | Path) -> Path:
 def _check_options(o: PrecomputeOptions) -> None:
     if o.mode not in MODES:
         raise PrecomputeError(f"--mode {o.mode!r} is not one of {list(MODES)}")
-    if o.tp < 1:
-        raise PrecomputeError(f"--tp must be >= 1 (got {o.tp})")
+    if o.tp < 1 or o.pp < 1:
+        raise PrecomputeError(f"--tp and --pp must be >= 1 (got {o.tp}, {o.pp})")
     if o.tokens_per_batch <= 0:
         raise PrecomputeError(f"--tokens-per-batch must be > 0 (got {o.tokens_per_batch})")
     if o.pad_to_multiple <= 0:
@@ -163,8 +164,9 @@ def fp8_reference_errors(model_cfg, parallel: ParallelConfig) -> list[str]:
 
 def _inputs(o: PrecomputeOptions, world: int):
     _check_options(o)
-    if world % o.tp:
-        raise PrecomputeError(f"the world size {world} (torchrun --nproc-per-node x nodes) must be a multiple of --tp {o.tp}")
+    if world % (o.tp * o.pp):
+        raise PrecomputeError(f"the world size {world} (torchrun --nproc-per-node x nodes) must be a multiple of "
+                              f"--tp x --pp = {o.tp * o.pp}")
     meta = load_metadata(o.data)
     check_dataset_supports_mode(meta, o.mode, option="--data")
     ckpt = read_reference_checkpoint(o.load, "--load")
@@ -173,12 +175,13 @@ def _inputs(o: PrecomputeOptions, world: int):
     if why:  # training refuses this data for this model: do not spend a precompute on it
         raise PrecomputeError(why)
     model_cfg = effective_model_config(ckpt, rope_theta=o.rope_theta, params_dtype=o.params_dtype)
-    parallel = ParallelConfig(tensor_model_parallel_size=o.tp, attention_backend=o.attention_backend,  # type: ignore[arg-type]
+    parallel = ParallelConfig(tensor_model_parallel_size=o.tp, pipeline_model_parallel_size=o.pp,
+                              attention_backend=o.attention_backend,  # type: ignore[arg-type]
                               fp8=o.fp8, fp8_recipe=o.fp8_recipe)  # type: ignore[arg-type]
     try:
         validate_model(model_cfg, parallel)
     except ConfigError as e:
-        raise PrecomputeError(f"the reference model of --load {o.load} cannot run with --tp {o.tp}: {e}") from e
+        raise PrecomputeError(f"the reference model of --load {o.load} cannot run with --tp {o.tp} --pp {o.pp}: {e}") from e
     errs = fp8_reference_errors(model_cfg, parallel)
     if errs:
         raise PrecomputeError(f"--fp8 {o.fp8} with the reference model of --load {o.load}: {'; '.join(errs)}")
@@ -366,7 +369,9 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
         say(f"resuming {pdir}: {len(finished)} of {len(plan)} batches already done")
 
     model = load_reference_model(ckpt, model_cfg, parallel, keep_fp8=o.fp8 is not None)
-    writer = PartWriter(pdir, rank, o.fsync_interval_s) if groups.tp_rank == 0 and groups.cp_rank == 0 else None
+    # One writer per model replica (every TP / CP / PP rank of it holds the same results).
+    writer = PartWriter(pdir, rank, o.fsync_interval_s) \
+        if groups.tp_rank == 0 and groups.cp_rank == 0 and groups.pp_rank == 0 else None
     my_tokens = sum(length_of[int(i)] for k in mine for i in plan[k])
     pbar = None
     if is_main and o.progress:
@@ -470,7 +475,7 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_arg_parser().parse_args(argv)
     opts = PrecomputeOptions(
-        load=a.load, data=a.data, output=a.output, mode=a.mode, tp=a.tp, tokens_per_batch=a.tokens_per_batch,
+        load=a.load, data=a.data, output=a.output, mode=a.mode, tp=a.tp, pp=a.pp, tokens_per_batch=a.tokens_per_batch,
         pad_to_multiple=a.pad_to_multiple, rope_theta=a.rope_theta, params_dtype=a.params_dtype,
         attention_backend=a.attention_backend, logprob_chunk_size=a.logprob_chunk_size, fp8=a.fp8,
         fp8_recipe=a.fp8_recipe, overwrite=a.overwrite,

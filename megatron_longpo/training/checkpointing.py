@@ -53,7 +53,32 @@ class TrainState:
 
 
 def layout_of(groups) -> dict:
-    return {"tp": groups.tp_size, "cp": groups.cp_size, "dp": groups.dp_size, "world": world_size()}
+    return {"tp": groups.tp_size, "cp": groups.cp_size, "pp": getattr(groups, "pp_size", 1), "dp": groups.dp_size,
+            "world": world_size()}
+
+
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def model_sharded_state_dict(model) -> dict:
+    """The model's sharded state dict; under VPP (a list of chunks) one entry per chunk. Keys of
+    the stored tensors are global (layer offsets of the stage and chunk), so a checkpoint loads
+    into any TP / PP / VPP layout."""
+    chunks = _chunks(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _load_model_state(model, state: dict) -> list[str]:
+    """Load ``state`` (shaped as :func:`model_sharded_state_dict`); returns the missing keys."""
+    chunks = _chunks(model)
+    parts = [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
+    missing = []
+    for c, part in zip(chunks, parts):
+        missing += c.load_state_dict(part, strict=False)[0]
+    return missing
 
 
 def find_checkpoint(path: str | Path, iteration: Optional[int] = None) -> Optional[Path]:
@@ -198,7 +223,7 @@ def save_training_checkpoint(
     ``tokenizer`` metadata and tokenizer files, so the run directory exports back to HF alone.
     ``data_identity`` (the train_data fingerprint) lets a resume notice a changed dataset.
     """
-    sd = {"model": model.sharded_state_dict()}
+    sd = {"model": model_sharded_state_dict(model)}
     sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], metadata=optimizer_sharding_metadata())
     sd["scheduler"] = scheduler.state_dict()
     sd["rng_state"] = _rng_object(_rng_state())
@@ -249,19 +274,22 @@ def load_checkpoint(
     (runtime/te_state.py)."""
     d = resolve_checkpoint_dir(ckpt)
     meta = read_meta(d)
-    check_compatible(meta.model, model, model_cfg, str(d))
+    check_compatible(meta.model, _chunks(model)[0], model_cfg, str(d))
     ts = meta.extra.get("train_state")
     full = ts is not None and not finetune
     if full:
         saved, now = ts["layout"], layout_of(groups)
-        if any(saved[k] != now[k] for k in ("tp", "cp", "dp", "world")):
+        # TP and PP may change: parameters and optimizer state are saved under global (layer-
+        # offset, unsharded-shape) keys that dist_checkpointing reshards (tests/e2e/test_train.py).
+        if any(saved.get(k, 1) != now[k] for k in ("cp", "dp", "world")):
             raise CheckpointError(
                 f"{d}: optimizer state was saved with layout {saved} but this run is {now}; resume with the "
-                f"same tp/cp/dp, or set checkpoint.finetune=true to load the weights only into the new layout"
+                f"same cp/dp and world size (tp and pp may change), or set checkpoint.finetune=true to load the "
+                "weights only into the new layout"
             )
         sharding = saved_optimizer_sharding(ts, str(d))
     verify_checkpoint(d, verify)
-    sd = {"model": model.sharded_state_dict()}
+    sd = {"model": model_sharded_state_dict(model)}
     if full:
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True,
                                                        metadata=optimizer_sharding_metadata(sharding))
@@ -274,8 +302,7 @@ def load_checkpoint(
             "model or optimizer setup (set checkpoint.finetune=true to load the weights only)"
         )
     with loading_te_extra_state(str(d), trusted=own_checkpoint):
-        missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+        missing = [k for k in _load_model_state(model, loaded["model"]) if not k.endswith("_extra_state")]
     if missing:
         raise CheckpointError(f"{d} did not provide {missing[:4]} for this model")
     if not full:

@@ -18,6 +18,8 @@ from megatron_longpo.training.memory_model import (
     cheapest_recompute,
     estimate_memory,
     estimate_step_seconds,
+    micro_batches_per_step,
+    pipeline_bubble,
     recompute_choices,
     recompute_label,
     tp_collective_bytes,
@@ -94,15 +96,21 @@ def estimate_memory_main(argv: Optional[list[str]] = None) -> int:
         return 2
     est = estimate_memory(cfg, args.world_size)
     p = cfg.parallel
-    dp = args.world_size // (p.tensor_model_parallel_size * p.context_parallel_size)
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size or 1
+    dp = args.world_size // (p.tensor_model_parallel_size * p.context_parallel_size * pp)
     print(f"{args.config}: {est.params / 1e9:.2f}B params, {est.tokens_per_pair} tokens/row, "
-          f"tp={p.tensor_model_parallel_size} cp={p.context_parallel_size} dp={dp} "
+          f"tp={p.tensor_model_parallel_size} cp={p.context_parallel_size} pp={pp}"
+          f"{f' vpp={vpp}' if vpp > 1 else ''} dp={dp} "
           f"sp={p.sequence_parallel} fp8={p.fp8} layout={cfg.data.pair_layout}")
     print("\n".join(est.lines()))
     headroom = args.gpu_memory_gib - est.total / GiB
     print(f"  {'headroom on a ' + str(int(args.gpu_memory_gib)) + ' GiB GPU':<48s} {headroom:8.2f} GiB"
           + ("   <-- DOES NOT FIT" if headroom < 8 else ""))
     secs = estimate_step_seconds(cfg, args.world_size, args.tflops_per_gpu)
+    if pp > 1:
+        mb = micro_batches_per_step(cfg, args.world_size)
+        print(f"  pipeline bubble: (pp-1)/(vpp*M) = {pp - 1}/({vpp}*{mb}) = "
+              f"{pipeline_bubble(pp, vpp, mb):.1%} of the busy time (in the step time below)")
     # Throughput in the unit the LongPO paper reports: chosen + rejected sequence tokens per second.
     tokens = cfg.training.global_batch_size * 2 * est.tokens_per_pair
     print(f"  step time at {args.tflops_per_gpu:.0f} model TFLOP/s/GPU: {secs:.1f} s "

@@ -127,8 +127,8 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
     evaluator = evaluator_from_config(cfg)  # synthetic long-context tasks (None without evaluation.tasks)
     chunks = _build_model(cfg)
     ddps = _wrap_ddp(chunks, cfg)
-    # Checkpoints take the one chunk of a rank (VPP is refused with checkpoints by validate()).
-    model = chunks[0]
+    # One module per rank, or the list of its VPP chunks (schedules and checkpoints take both).
+    model = chunks[0] if len(chunks) == 1 else chunks
     ddp = ddps[0] if len(ddps) == 1 else ddps
     optimizer, scheduler = build_optimizer(ddps, cfg.optim, cfg.model, cfg.training.train_iters)
 

@@ -9,6 +9,13 @@ layer input per recompute unit, block recompute stores full activations for the 
 recompute, selective recompute drops the module outputs it recomputes (:func:`recompute_choices`
 lists each choice with its memory and extra FLOPs; :func:`cheapest_recompute` picks the fastest
 that fits).
+
+Pipeline parallelism (PP, VPP): every term is per stage and the estimate is the stage that needs
+the most (usually the first): its layers' weights, grads and optimizer state; the embedding on the
+first stage, the output layer (and final norm) on the last (a tied embedding is held by both);
+the stored layer inputs of every micro-batch in flight (1F1B: stage r holds pp - r micro-batches;
+interleaved: (pp - r - 1) * 2 + (vpp - 1) * pp + 1 chunk micro-batches, Megatron's warm-up
+count, each 1/vpp of the stage's layers); the log-prob chunk on the last stage only.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from megatron_longpo.config import LongPOConfig, padded_vocab_size
+from megatron_longpo.config import LongPOConfig, padded_vocab_size, pipeline_stage_layers
 from megatron_longpo.data.pair_layout import PairLayout, rows_per_pair
 
 GiB = 1024**3
@@ -36,6 +43,10 @@ class MemoryEstimate:
     total: int
     tokens_per_pair: int
     recompute: str = "full/uniform/1"
+    stage: int = 0  # the pipeline stage this estimate is for (the one that needs the most)
+    pipeline_stages: int = 1
+    in_flight: int = 1  # micro-batches (x chunk) whose layer inputs this stage keeps at once
+    stage_params: int = 0  # parameters on that stage (= params without PP)
 
     def lines(self) -> list[str]:
         rows = [
@@ -48,33 +59,87 @@ class MemoryEstimate:
             ("log-prob chunk (fp32 logits, V/tp)", self.logprob_chunk),
             ("total", self.total),
         ]
-        return [f"  {name:<48s} {val / GiB:8.2f} GiB" for name, val in rows]
+        out = [f"  {name:<48s} {val / GiB:8.2f} GiB" for name, val in rows]
+        if self.pipeline_stages > 1:
+            out.insert(0, f"  pipeline stage {self.stage} of {self.pipeline_stages} (the largest): "
+                          f"{self.stage_params / 1e9:.2f}B params, {self.in_flight} micro-batch chunk(s) in flight")
+        return out
+
+
+def _layer_params(cfg: LongPOConfig) -> int:
+    m = cfg.model
+    h, f, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
+    q, kv = m.num_attention_heads * d, m.num_query_groups * d
+    return h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h + (q + 2 * kv if m.add_qkv_bias else 0)
 
 
 def parameter_count(cfg: LongPOConfig) -> int:
     m = cfg.model
-    h, f, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
-    q, kv = m.num_attention_heads * d, m.num_query_groups * d
     v = padded_vocab_size(m, cfg.parallel.tensor_model_parallel_size)
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h + (q + 2 * kv if m.add_qkv_bias else 0)
-    emb = v * h * (1 if m.tie_word_embeddings else 2)
-    return m.num_layers * per_layer + emb + h
+    emb = v * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+    return m.num_layers * _layer_params(cfg) + emb + m.hidden_size
+
+
+def stage_parameter_count(cfg: LongPOConfig, stage: int) -> int:
+    """Parameters held by pipeline stage ``stage``: its layers, the embedding on the first stage,
+    the output layer (a tied embedding's copy) and final norm on the last."""
+    m, p = cfg.model, cfg.parallel
+    pp = p.pipeline_model_parallel_size
+    layers = sum(pipeline_stage_layers(m.num_layers, p)[stage])
+    vh = padded_vocab_size(m, p.tensor_model_parallel_size) * m.hidden_size
+    n = layers * _layer_params(cfg)
+    if stage == 0:
+        n += vh
+    if stage == pp - 1:
+        n += vh + m.hidden_size
+    return n
+
+
+def micro_batches_per_step(cfg: LongPOConfig, world_size: int) -> int:
+    p, t = cfg.parallel, cfg.training
+    dp = max(1, world_size // (p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size))
+    return max(1, t.global_batch_size // (t.micro_batch_size * dp))
+
+
+def in_flight_chunks(pp: int, vpp: int, stage: int, num_microbatches: int) -> int:
+    """Micro-batch chunks whose activations stage ``stage`` holds at the peak (Megatron's warm-up
+    counts: 1F1B pp - stage; interleaved (pp - stage - 1) * 2 + (vpp - 1) * pp + 1), capped by the
+    step's micro-batches (x vpp chunks)."""
+    if pp == 1:
+        return 1
+    if vpp == 1:
+        return min(pp - stage, num_microbatches)
+    return min((pp - stage - 1) * 2 + (vpp - 1) * pp + 1, num_microbatches * vpp)
+
+
+def pipeline_bubble(pp: int, vpp: int, num_microbatches: int) -> float:
+    """Idle fraction of the ideal step time: (pp - 1) / (vpp * M) (1F1B: vpp = 1)."""
+    return (pp - 1) / (vpp * max(1, num_microbatches))
 
 
 def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None = None) -> MemoryEstimate:
-    """Peak-ish memory of one GPU for a micro-batch of ``seq_tokens`` laid-out tokens per row.
+    """Peak-ish memory of one GPU for a micro-batch of ``seq_tokens`` laid-out tokens per row:
+    with pipeline parallelism, of the stage that needs the most.
 
     ``seq_tokens`` defaults to ``data.max_seq_length``; with ``two_sequences`` a micro-batch has
     2 rows per pair, with ``shared_prefix`` one.
     """
+    pp = cfg.parallel.pipeline_model_parallel_size
+    return max((_stage_memory(cfg, world_size, seq_tokens, r) for r in range(pp)), key=lambda e: e.total)
+
+
+def _stage_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None, stage: int) -> MemoryEstimate:
     m, p = cfg.model, cfg.parallel
-    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
-    dp = max(1, world_size // (tp * cp * p.pipeline_model_parallel_size))
+    tp, cp, pp = p.tensor_model_parallel_size, p.context_parallel_size, p.pipeline_model_parallel_size
+    vpp = p.virtual_pipeline_model_parallel_size or 1
+    dp = max(1, world_size // (tp * cp * pp))
     s = seq_tokens or cfg.data.max_seq_length
     rows = cfg.training.micro_batch_size * rows_per_pair(cfg.data.pair_layout)
     h, f = m.hidden_size, m.ffn_hidden_size
     kv = m.num_query_groups * m.head_dim
-    n = parameter_count(cfg)
+    n = stage_parameter_count(cfg, stage) if pp > 1 else parameter_count(cfg)
+    layers = sum(pipeline_stage_layers(m.num_layers, p)[stage])
+    last = stage == pp - 1
     wbytes = 2 if m.params_dtype == "bf16" else 4
     weights = n * wbytes // tp
     grads = n * 4 // tp
@@ -85,7 +150,11 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
     s_local = s // cp  # tokens of one row on this CP rank
     s_sp = s_local // tp if p.sequence_parallel else s_local
     act_bytes = 2 if m.params_dtype == "bf16" else 4
-    stored = m.num_layers * rows * s_local * act_bytes * stored_per_token_per_layer(cfg)
+    # Stored activations (training.recompute_*, :func:`stored_per_token_per_layer`) for every
+    # micro-batch (chunk) in flight on this stage, each holding 1/vpp of the stage's layers.
+    flight = in_flight_chunks(pp, vpp, stage, micro_batches_per_step(cfg, world_size))
+    chunk_layers = layers // vpp
+    stored = flight * chunk_layers * rows * s_local * act_bytes * stored_per_token_per_layer(cfg, chunk_layers)
     # Recomputing one layer: attention + MLP intermediates. ~ (qkv + attn out + norms) on h and
     # the SwiGLU intermediates on f, sharded by tp (SP shards the h-sized ones too); fp8 keeps
     # some copies in 1 byte, ignored here (conservative).
@@ -96,10 +165,11 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
         kv_buf = rows * s * (2 * kv // tp) * act_bytes * 2
     vocab_local = padded_vocab_size(m, tp) // tp
     chunk = min(cfg.loss.logprob_chunk_size, s_local * rows)
-    logprob = chunk * vocab_local * 4 * 2  # logits + their softmax grad in backward
+    logprob = chunk * vocab_local * 4 * 2 if last else 0  # logits + their softmax grad in backward
     total = weights + grads + optimizer + stored + working + kv_buf + logprob
-    return MemoryEstimate(n, weights, grads, optimizer, int(stored), working, kv_buf, logprob, int(total), s,
-                          recompute_label(cfg))
+    return MemoryEstimate(parameter_count(cfg), weights, grads, optimizer, int(stored), working, kv_buf, logprob,
+                          int(total), s, recompute_label(cfg), stage=stage, pipeline_stages=pp, in_flight=flight,
+                          stage_params=n)
 
 
 # Activation elements autograd keeps per token of one layer, by tensor ([s, b, x] tensors; x/tp
@@ -120,13 +190,20 @@ def saved_per_token(cfg: LongPOConfig) -> dict[str, float]:
     }
 
 
-def stored_per_token_per_layer(cfg: LongPOConfig) -> float:
+def chunk_layers(cfg: LongPOConfig) -> int:
+    """Layers of one model chunk (a pipeline stage, or a virtual stage under VPP; the whole model
+    without PP): Megatron applies recompute_method / recompute_num_layers per chunk."""
+    p = cfg.parallel
+    return max(1, cfg.model.num_layers // (p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)))
+
+
+def stored_per_token_per_layer(cfg: LongPOConfig, layers: Optional[int] = None) -> float:
     """Elements per token per layer kept between forward and backward, averaged over the layers,
     under ``training.recompute_*``."""
     t = cfg.training
     parts = saved_per_token(cfg)
     every = sum(parts.values())
-    layers = cfg.model.num_layers
+    layers = layers or chunk_layers(cfg)
     if t.recompute_granularity == "full":
         if t.recompute_method == "block":  # the first n layers recomputed, the rest keep everything
             n = min(t.recompute_num_layers, layers)
@@ -155,8 +232,8 @@ def recompute_forward_fraction(cfg: LongPOConfig, seq_tokens: Optional[int] = No
     of ``seq_tokens``): 1 for full recompute of every layer."""
     t, m = cfg.training, cfg.model
     if t.recompute_granularity == "full":
-        n = min(t.recompute_num_layers, m.num_layers) if t.recompute_method == "block" else m.num_layers
-        return n / m.num_layers
+        layers = chunk_layers(cfg)
+        return min(t.recompute_num_layers, layers) / layers if t.recompute_method == "block" else 1.0
     if t.recompute_granularity != "selective":
         return 0.0
     s = seq_tokens or cfg.data.max_seq_length
@@ -171,7 +248,7 @@ def recompute_forward_fraction(cfg: LongPOConfig, seq_tokens: Optional[int] = No
 
 def recompute_choices(cfg: LongPOConfig) -> list[LongPOConfig]:
     """The recompute settings the estimator compares, fastest first (ties: less memory first)."""
-    layers = cfg.model.num_layers
+    layers = chunk_layers(cfg)
 
     def with_(granularity, method="uniform", n=1, modules=()):
         return replace(cfg, training=replace(cfg.training, recompute_granularity=granularity, recompute_method=method,
@@ -201,7 +278,8 @@ def cheapest_recompute(cfg: LongPOConfig, world_size: int, gpu_memory_gib: float
 
 def estimate_step_seconds(cfg: LongPOConfig, world_size: int, tflops_per_gpu: float, seq_tokens: int | None = None,
                           shared_prefix_response_tokens: int = 4096) -> float:
-    """Seconds per optimizer step at an assumed sustained model TFLOP/s per GPU.
+    """Seconds per optimizer step at an assumed sustained model TFLOP/s per GPU (while busy: a
+    pipeline adds its bubble, :func:`pipeline_bubble`).
 
     A pair is two full rows of ``seq_tokens`` (two_sequences), or one row of ``seq_tokens`` whose
     last ``shared_prefix_response_tokens`` are the two branches, half each (shared_prefix).
@@ -221,7 +299,10 @@ def estimate_step_seconds(cfg: LongPOConfig, world_size: int, tflops_per_gpu: fl
     flops = pairs * train_flops(m, tokens, attended_pairs(pair), n_logit_positions=tokens)
     # Recompute adds a part of one forward of the layers (full recompute: 4/3 of model FLOPs).
     flops *= 1.0 + recompute_forward_fraction(cfg, s) / 3.0
-    return flops / (world_size * tflops_per_gpu * 1e12)
+    p = cfg.parallel
+    bubble = pipeline_bubble(p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size or 1,
+                             micro_batches_per_step(cfg, world_size))
+    return flops * (1.0 + bubble) / (world_size * tflops_per_gpu * 1e12)
 
 
 def tp_collective_bytes(cfg: LongPOConfig, world_size: int, seq_tokens: Optional[int] = None) -> float:
@@ -240,4 +321,4 @@ def tp_collective_bytes(cfg: LongPOConfig, world_size: int, seq_tokens: Optional
     tensor = rows * (s // cp) * m.hidden_size * act_bytes  # [s/cp, rows, h] gathered
     per_layer = (8 + 4 * recompute_forward_fraction(cfg, s)) * tensor * (tp - 1) / tp
     micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
-    return m.num_layers * per_layer * micro_batches
+    return m.num_layers / p.pipeline_model_parallel_size * per_layer * micro_batches  # this stage's layers

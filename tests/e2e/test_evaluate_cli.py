@@ -55,7 +55,7 @@ def _logliks(doc):
     return [[s["loglik"] for s in c["samples"]] for c in doc["checkpoints"]]
 
 
-def test_evaluate_tp1_tp2_cp2_identical(base):
+def test_evaluate_tp1_tp2_cp2_pp2_identical(base):
     d = base
     r = _run(_torchrun(1, "tools/evaluate.py", "--load", d / "base", d / "base", "--labels", "a,b", *SUITE,
                        "--output", d / "tp1.json", "--plot", d / "tp1.png"))
@@ -85,7 +85,7 @@ def test_evaluate_tp1_tp2_cp2_identical(base):
     assert [s["seed"] for s in rope["checkpoints"][0]["samples"]] == [s["seed"] for s in ref["checkpoints"][0]["samples"]]
     assert _logliks(rope)[0] != _logliks(ref)[0]
 
-    for name, layout in (("tp2", ["--tp", "2"]), ("cp2", ["--cp", "2"])):
+    for name, layout in (("tp2", ["--tp", "2"]), ("cp2", ["--cp", "2"]), ("pp2", ["--pp", "2"])):
         _run(_torchrun(2, "tools/evaluate.py", "--load", d / "base", d / "base", "--labels", "a,b", *SUITE, *layout,
                        "--output", d / f"{name}.json", "--no-progress"))
         got = json.loads((d / f"{name}.json").read_text())

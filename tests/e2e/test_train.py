@@ -80,12 +80,16 @@ def test_resume_equals_uninterrupted(prepared):
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
 
 
-def test_sigterm_saves_and_exits_zero(prepared):
+@pytest.mark.parametrize("layout", [{}, {"parallel.tensor_model_parallel_size": 1,
+                                         "parallel.pipeline_model_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_sigterm_saves_and_exits_zero(prepared, layout):
+    """pp2: the signal reaches the last pipeline stage only; both stages stop at one step and save."""
     import psutil
 
-    run = "sigterm"
+    run = "sigterm" + ("_pp2" if layout else "")
     args = torchrun(2, "pretrain_longpo.py", "--config", "examples/configs/tiny_cpu.yaml",
-                     *train_overrides(prepared, run, **{"training.train_iters": 400, "checkpoint.save_interval": 1000}))
+                     *train_overrides(prepared, run, **{"training.train_iters": 400, "checkpoint.save_interval": 1000},
+                                      **layout))
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = prepared / run / "metrics.jsonl"
@@ -105,7 +109,7 @@ def test_sigterm_saves_and_exits_zero(prepared):
     assert 3 <= stopped < 400
     # A shorter run than planned: continue on the config's schedule (the saved one decays over 400 steps).
     p2 = _train(prepared, run, **{"training.train_iters": stopped + 2, "checkpoint.save_interval": 1000,
-                                  "optim.scheduler_on_resume": "config"})
+                                  "optim.scheduler_on_resume": "config"}, **layout)
     assert f"at step {stopped}" in p2.stdout
     steps = [m["step"] for m in read_metrics(prepared, run) if m["split"] == "train"]
     assert steps[-2:] == [stopped + 1, stopped + 2]

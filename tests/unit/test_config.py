@@ -9,6 +9,7 @@ from megatron_longpo.config import (
     ModelConfig,
     ParallelConfig,
     apply_overrides,
+    pipeline_stage_layers,
     load_config,
     padded_vocab_size,
     save_config,
@@ -71,7 +72,15 @@ def test_unknown_yaml_key_names_file_and_key(tmp_path):
          dict(max_seq_length=12), 4, "max_seq_length % 8 == 0"),
         ({}, dict(tensor_model_parallel_size=2, context_parallel_size=2), {}, 6, "world_size % (tp*cp*pp) == 0"),
         ({}, dict(sequence_parallel=True), {}, 1, "sequence_parallel=true needs"),
-        ({}, dict(pipeline_model_parallel_size=2), {}, 2, "pipeline_model_parallel_size must be 1"),
+        (dict(num_layers=3), dict(pipeline_model_parallel_size=2), {}, 2,
+         "model.num_layers (3) must be a positive multiple of parallel.pipeline_model_parallel_size (2)"),
+        (dict(num_layers=4), dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=4), {}, 2,
+         "virtual_pipeline_model_parallel_size=4 cannot split into 4 equal chunks"),
+        ({}, dict(virtual_pipeline_model_parallel_size=2), {}, 1, "needs parallel.pipeline_model_parallel_size > 1"),
+        (dict(num_layers=4), dict(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=4), {}, 2,
+         "leave 0 of model.num_layers=4 layers for 1 middle stage"),
+        (dict(num_layers=4), dict(num_layers_in_last_pipeline_stage=2), {}, 1,
+         "num_layers_in_last_pipeline_stage=2 needs parallel.pipeline_model_parallel_size > 1"),
         (dict(num_attention_heads=4, num_query_groups=3), {}, {}, 1, "divisible by model.num_query_groups"),
         (dict(rope_scaling={"rope_type": "yarn"}), {}, {}, 1, "rope_scaling"),
     ],
@@ -93,6 +102,24 @@ def test_valid_config_passes_and_batch_rule():
     bad = apply_overrides(cfg, ["--training.global_batch_size=3"])
     with pytest.raises(ConfigError, match="global_batch_size"):
         validate(bad, 8)
+
+
+def test_pipeline_stage_layers_and_vpp_rules():
+    P = ParallelConfig
+    assert pipeline_stage_layers(8, P(pipeline_model_parallel_size=4)) == [[2]] * 4
+    assert pipeline_stage_layers(8, P(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)) == \
+        [[2, 2], [2, 2]]
+    assert pipeline_stage_layers(10, P(pipeline_model_parallel_size=4, num_layers_in_first_pipeline_stage=1,
+                                       num_layers_in_last_pipeline_stage=3)) == [[1], [3], [3], [3]]
+    assert sum(map(sum, pipeline_stage_layers(80, P(pipeline_model_parallel_size=4,
+                                                    virtual_pipeline_model_parallel_size=5)))) == 80
+    vpp = P(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    cfg = _cfg(model=ModelConfig(num_layers=4), parallel=vpp, data=DataConfig(max_seq_length=256))
+    validate(apply_overrides(cfg, ["--training.global_batch_size=4"]), 2)
+    with pytest.raises(ConfigError, match=r"micro-batches per step and DP rank .* = 3\) to be a multiple of"):
+        validate(apply_overrides(cfg, ["--training.global_batch_size=3"]), 2)
+    with pytest.raises(ConfigError, match="reference.source=online cannot run with parallel.virtual_pipeline"):
+        validate(apply_overrides(cfg, ["--training.global_batch_size=4", "--reference.source=online"]), 2)
 
 
 def test_seq_multiple_and_vocab_padding():
