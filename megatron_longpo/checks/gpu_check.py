@@ -566,8 +566,8 @@ def section_checkpoint(sizes: Sizes, smoke: bool, workdir: Path) -> dict:
 
     def build(seed: int):
         set_seed(seed)
-        model = _build_model(cfg)
-        ddp = _wrap_ddp(model, cfg)
+        [model] = _build_model(cfg)  # no PP here: one chunk
+        [ddp] = _wrap_ddp([model], cfg)
         optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.model, cfg.training.train_iters)
         return model, ddp, optimizer, scheduler
 
@@ -650,8 +650,8 @@ def section_train(sizes: Sizes, smoke: bool) -> dict:
     cfg = train_config(sizes.train_model, max(sizes.train_tokens), smoke)
     groups = init_model_parallel(cfg.parallel)
     set_seed(0)
-    model = _build_model(cfg)
-    ddp = _wrap_ddp(model, cfg)
+    [model] = _build_model(cfg)  # no PP here: one chunk
+    [ddp] = _wrap_ddp([model], cfg)
     optimizer, scheduler = build_optimizer([ddp], cfg.optim, cfg.model, cfg.training.train_iters)
     n_params = sum(p.numel() for p in model.parameters())
     results: dict[str, Any] = {
