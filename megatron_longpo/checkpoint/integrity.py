@@ -84,7 +84,7 @@ def write_manifest(iter_dir: str | Path) -> dict:
     d = Path(iter_dir)
     rank, world = dist_rank(), world_size()
     names = _files(d) if rank == 0 else None
-    names = _broadcast(names)
+    names = broadcast_from_rank0(names)
     mine = {n: file_record(d / n).__dict__ for n in names[rank::world]}
     files: dict = {}
     for part in _gather(mine):
@@ -95,7 +95,8 @@ def write_manifest(iter_dir: str | Path) -> dict:
     return manifest
 
 
-def _broadcast(obj):
+def broadcast_from_rank0(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself without torch.distributed)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -163,7 +164,7 @@ def verify_checkpoint(iter_dir: str | Path, level: str = "full") -> bool:
         err = None
     except CheckpointCorruptError as e:
         manifest, err = None, str(e)
-    manifest, err = _broadcast((manifest, err))
+    manifest, err = broadcast_from_rank0((manifest, err))
     if err:
         raise CheckpointCorruptError(_corrupt_message(d, [err]), d, [err])
     if manifest is None:
@@ -173,19 +174,53 @@ def verify_checkpoint(iter_dir: str | Path, level: str = "full") -> bool:
     problems = sorted(p for part in _gather(mine) for p in part)
     if problems:
         raise CheckpointCorruptError(_corrupt_message(d, problems), d, problems)
+    mark_verified(d)
     return True
+
+
+_VERIFIED: set[tuple] = set()  # iteration dirs this process verified or wrote (retention counts these)
+
+
+def _identity(iter_dir: str | Path) -> Optional[tuple]:
+    """The directory as it is now: a rewritten iteration (new manifest) is a different one."""
+    d = Path(iter_dir)
+    try:
+        st = (d / MANIFEST_FILE).stat()
+    except OSError:
+        return None
+    return str(d.resolve()), st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def mark_verified(iter_dir: str | Path) -> None:
+    ident = _identity(iter_dir)
+    if ident is not None:
+        _VERIFIED.add(ident)
+
+
+def forget_verified() -> None:
+    """Start afresh, as a new process does (pooled test workers run many trainings)."""
+    _VERIFIED.clear()
+
+
+def is_verified(iter_dir: str | Path) -> bool:
+    return _identity(iter_dir) in _VERIFIED
 
 
 def _corrupt_message(d: Path, problems: list[str]) -> str:
     shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
-    earlier = [i for i in complete_iterations(d.parent) if d.name != f"iter_{i:07d}" and f"iter_{i:07d}" < d.name]
-    if earlier:
-        hint = (f"earlier complete iteration(s) of this run: {earlier}; load one with "
-                f"checkpoint.load_iteration={earlier[-1]} (resuming falls back to it automatically unless "
-                f"checkpoint.fallback_on_corrupt=false)")
-    else:
-        hint = "no earlier complete iteration exists in this run directory; restore the files from a backup"
-    return f"checkpoint {d} is damaged:\n  {shown}\n{hint}"
+    return f"checkpoint {d} is damaged:\n  {shown}\n{earlier_hint(d)}"
+
+
+def earlier_hint(d: Path) -> str:
+    """What to load instead of the damaged iteration ``d``: advice every reader of a checkpoint accepts."""
+    earlier = [i for i in complete_iterations(d.parent) if f"iter_{i:07d}" < d.name]
+    if not earlier:
+        return "no earlier complete iteration exists in this run directory; restore the files from a backup"
+    alt = d.parent / f"iter_{earlier[-1]:07d}"
+    return (f"earlier complete iteration(s) of this run: {earlier}; use {alt} instead (every tool and "
+            f"checkpoint.load take an iteration directory; when resuming checkpoint.save, set "
+            f"checkpoint.load_iteration={earlier[-1]}, or leave checkpoint.fallback_on_corrupt=true and the "
+            f"damaged one is set aside automatically)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +256,7 @@ def check_free_space(run_dir: Path, sharded_state_dict: dict, iteration: int) ->
             msg = (f"not enough disk space to save iteration {iteration} to {run_dir}: it needs about "
                    f"{need_bytes / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; free space, lower "
                    f"checkpoint.keep_last, or set checkpoint.save to a larger file system{kept}")
-    msg = _broadcast(msg)
+    msg = broadcast_from_rank0(msg)
     if msg:
         raise CheckpointError(msg)
 
@@ -240,6 +275,6 @@ def remove_leftovers(run_dir: str | Path, log=print) -> list[str]:
 
 
 __all__ = [
-    "MANIFEST_FILE", "VERIFY_LEVELS", "CheckpointCorruptError", "check_free_space", "complete_iterations",
-    "file_record", "read_manifest", "remove_leftovers", "verify_checkpoint", "write_manifest",
+    "MANIFEST_FILE", "VERIFY_LEVELS", "CheckpointCorruptError", "broadcast_from_rank0", "check_free_space", "complete_iterations",
+    "earlier_hint", "file_record", "forget_verified", "is_verified", "mark_verified", "read_manifest", "remove_leftovers", "verify_checkpoint", "write_manifest",
 ]

@@ -35,7 +35,7 @@ from megatron_longpo.checkpoint.format import (
     resolve_checkpoint_dir,
     write_text_atomic,
 )
-from megatron_longpo.checkpoint.integrity import check_free_space, verify_checkpoint, write_manifest
+from megatron_longpo.checkpoint.integrity import check_free_space, mark_verified, verify_checkpoint, write_manifest
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.fsutil import fsync_path
 from megatron_longpo.runtime.distributed import rank
@@ -100,6 +100,7 @@ def save_sharded_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
         fsync_path(run)
     _barrier()
+    mark_verified(final)  # hashed from the bytes just written: retention counts it as intact
     return final
 
 
@@ -120,8 +121,14 @@ def _is_extra_state(key: str) -> bool:
     return key.endswith("_extra_state")
 
 
-def load_sharded(sharded_state_dict: dict, iter_dir: str | Path) -> tuple[dict, list[str]]:
-    """``dist_checkpointing.load`` that tolerates module ``_extra_state`` in either direction.
+def load_sharded(sharded_state_dict: dict, iter_dir: str | Path, *, verify: str = "full") -> tuple[dict, list[str]]:
+    """The one verified read of checkpoint tensors: every reader (training, reference precompute,
+    evaluation, export, generation's ``--model RUN``) loads through here.
+
+    Collective. First checks the files against the manifest written at save (``verify``: full |
+    size | none; :func:`verify_checkpoint`), naming every damaged file and the earlier iteration to
+    use instead, before a tensor is read. Then ``dist_checkpointing.load``, tolerating module
+    ``_extra_state`` in either direction.
 
     Returns (loaded state, keys the request has but the checkpoint lacks, ``_extra_state``
     excepted). Checkpoint content the request does not ask for is skipped (a TE checkpoint's FP8
@@ -131,17 +138,26 @@ def load_sharded(sharded_state_dict: dict, iter_dir: str | Path) -> tuple[dict, 
     a new run needs). Every failure, including torch DCP's ``CheckpointException`` (a
     BaseException, which ``except Exception`` misses), becomes a CheckpointError naming the path.
     """
+    verify_checkpoint(iter_dir, verify)
     try:
         loaded, _, absent = dist_checkpointing.load(
             sharded_state_dict, str(iter_dir), strict=StrictHandling.RETURN_UNEXPECTED
         )
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with the path
-        raise CheckpointError(f"cannot load {iter_dir}: {type(e).__name__}: {_first_line(e)}") from e
+        raise CheckpointError(f"cannot load {iter_dir}: {_first_line(e)}") from e
     return loaded, sorted(k for k in absent if not _is_extra_state(k))
 
 
-def _first_line(e: BaseException, limit: int = 2000) -> str:
-    text = str(e)
+def _first_line(e: BaseException, limit: int = 500) -> str:
+    """The cause in one line: torch DCP's CheckpointException carries each rank's (exception,
+    stack) pair, and its str() is every rank's whole traceback."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]
+        cause = first[0] if isinstance(first, tuple) else first
+        text = f"{type(cause).__name__}: {' '.join(str(cause).split())} (rank {min(failures)})"
+    else:
+        text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
@@ -212,9 +228,8 @@ def load_model_checkpoint(
     soft = check_compatible(meta.model, model, model_cfg, str(iter_dir))
     if soft and rank() == 0:
         log.warning("loading %s into a model that differs in: %s", iter_dir, "; ".join(soft))
-    verify_checkpoint(iter_dir, verify)
     sharded = model.sharded_state_dict()
-    loaded, absent_tensors = load_sharded(sharded, iter_dir)
+    loaded, absent_tensors = load_sharded(sharded, iter_dir, verify=verify)
     if absent_tensors and strict:
         raise CheckpointError(
             f"checkpoint {iter_dir} lacks {len(absent_tensors)} tensor(s) the model has, e.g. "

@@ -23,7 +23,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -37,7 +36,8 @@ from megatron_longpo.checkpoint import (
     tokenizer_dir,
 )
 from megatron_longpo.checkpoint.format import TOKENIZER_DIR, iter_dir_name
-from megatron_longpo.checkpoint.integrity import CheckpointCorruptError, complete_iterations, verify_checkpoint
+from megatron_longpo.checkpoint.integrity import CheckpointCorruptError, complete_iterations
+from megatron_longpo.checkpoint.retention import prune, set_aside
 from megatron_longpo.checkpoint.model_io import load_sharded
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.runtime.distributed import rank, world_size
@@ -109,8 +109,9 @@ def resume_with_fallback(
     log=print,
 ) -> tuple[TrainState, Path]:
     """``load(iter_dir)`` on ``first``; if its files are damaged and ``fallback``, on the newest
-    intact earlier iteration of ``run_dir`` instead, saying what happened. Verification runs
-    before any tensor is read, so a damaged iteration leaves the model untouched."""
+    intact earlier iteration of ``run_dir`` instead, saying what happened and setting the damaged
+    one aside (``iter_N.damaged``: never loaded or counted by retention again). Verification runs
+    before any tensor is read, so a damaged iteration leaves the model untouched. Collective."""
     try:
         return load(first), first
     except CheckpointCorruptError as err:
@@ -121,6 +122,7 @@ def resume_with_fallback(
     for it in reversed([i for i in complete_iterations(Path(run_dir)) if i < current]):
         cand = Path(run_dir) / iter_dir_name(it)
         log(f"[longpo] WARNING: {damaged}\n[longpo] falling back to the previous complete checkpoint {cand}")
+        set_aside(damaged.iter_dir, damaged, log)
         try:
             return load(cand), cand
         except CheckpointCorruptError as err:
@@ -165,8 +167,11 @@ def save_training_checkpoint(
     keep_last: int = 2,
     source_checkpoint: Optional[str] = None,
     data_identity: Optional[dict] = None,
+    verify: str = "full",
+    log=print,
 ) -> Path:
-    """Save everything needed to resume at ``state.iteration``; prune to the newest ``keep_last``.
+    """Save everything needed to resume at ``state.iteration``; keep the newest ``keep_last``
+    intact iterations (:func:`megatron_longpo.checkpoint.retention.prune`, ``verify`` its check).
 
     ``source_checkpoint`` (the converted model the run started from) lends its ``source`` /
     ``tokenizer`` metadata and tokenizer files, so the run directory exports back to HF alone.
@@ -184,23 +189,11 @@ def save_training_checkpoint(
         extra.update({k: meta.extra[k] for k in ("source", "tokenizer") if k in meta.extra})
         src_tok = tokenizer_dir(source_checkpoint)
     final = save_sharded_checkpoint(run_dir, sd, model_cfg, iteration=state.iteration, extra_meta=extra)
-    if rank() == 0:
-        run = Path(run_dir)
-        if src_tok is not None and not (run / TOKENIZER_DIR).exists():
-            shutil.copytree(src_tok, run / TOKENIZER_DIR)
-        _prune(run, keep_last, keep=final.name)
-    if dist.is_initialized():
-        dist.barrier()
+    run = Path(run_dir)
+    if rank() == 0 and src_tok is not None and not (run / TOKENIZER_DIR).exists():
+        shutil.copytree(src_tok, run / TOKENIZER_DIR)
+    prune(run, keep_last, verify, log, current=state.iteration)  # collective
     return final
-
-
-def _prune(run: Path, keep_last: int, keep: str) -> None:
-    if keep_last <= 0:
-        return
-    done = sorted(d for d in run.glob("iter_*") if d.is_dir() and (d / "longpo_meta.json").is_file())
-    for d in done[:-keep_last]:
-        if d.name != keep:
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def load_checkpoint(
@@ -213,10 +206,12 @@ def load_checkpoint(
     finetune: bool = False,
     verify: str = "full",
     scheduler_on_resume: str = "checkpoint",
+    resuming: bool = False,
 ) -> TrainState:
     """Load weights (any layout) and, unless ``finetune`` or the checkpoint is model-only, the
     optimizer, scheduler, RNG and data position. Returns the restored TrainState. The files are
-    first checked against their save-time manifest (``verify``: full | size | none)."""
+    first checked against their save-time manifest (``verify``: full | size | none). ``resuming``:
+    ``ckpt`` is this run's own ``checkpoint.save`` (its error advice differs: finetune does not apply)."""
     d = resolve_checkpoint_dir(ckpt)
     meta = read_meta(d)
     check_compatible(meta.model, model, model_cfg, str(d))
@@ -224,18 +219,24 @@ def load_checkpoint(
     full = ts is not None and not finetune
     if full:
         saved, now = ts["layout"], layout_of(groups)
+        if any(saved[k] != now[k] for k in ("tp", "cp", "dp", "world")) and resuming:
+            run = d.parent
+            raise CheckpointError(
+                f"{d}: checkpoint.save={run} holds a run saved with layout {saved} but this run is {now}; its "
+                f"optimizer state resumes only in that layout. Resume with the same tp/cp/dp, or start a new run "
+                f"directory from its weights: checkpoint.save=NEW_DIR checkpoint.load={run} checkpoint.finetune=true "
+                f"(or delete {run} to start over)")
         if any(saved[k] != now[k] for k in ("tp", "cp", "dp", "world")):
             raise CheckpointError(
                 f"{d}: optimizer state was saved with layout {saved} but this run is {now}; resume with the "
                 f"same tp/cp/dp, or set checkpoint.finetune=true to load the weights only into the new layout"
             )
-    verify_checkpoint(d, verify)
     sd = {"model": model.sharded_state_dict()}
     if full:
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True)
         sd["rng_state"] = _rng_object(None)
     # Module _extra_state may be absent either way (local-spec checkpoint into a TE model and back).
-    loaded, absent = load_sharded(sd, d)
+    loaded, absent = load_sharded(sd, d, verify=verify)
     if absent:
         raise CheckpointError(
             f"{d} lacks {len(absent)} entr(ies) this run needs, e.g. {absent[:4]}; it was saved by a different "

@@ -217,7 +217,8 @@ def _save(cfg, state, model, optimizer, scheduler, groups, data_id: dict) -> Pat
     t = time.time()
     path = save_training_checkpoint(cfg.checkpoint.save, dataclasses.replace(state), model, optimizer, scheduler,
                            to_dict(cfg), groups, model_cfg=cfg.model, keep_last=cfg.checkpoint.keep_last,
-                           source_checkpoint=cfg.checkpoint.load, data_identity=data_id)
+                           source_checkpoint=cfg.checkpoint.load, data_identity=data_id,
+                           verify=cfg.checkpoint.verify, log=_print0)
     _print0(f"[longpo] saved {path} in {time.time() - t:.1f}s")
     return path
 
@@ -262,7 +263,7 @@ def _load_or_resume(cfg: LongPOConfig, model, optimizer, scheduler, groups: Para
 
             def load(d: Path) -> TrainState:
                 return load_checkpoint(d, model, optimizer, scheduler, groups, cfg.model, verify=c.verify,
-                                       scheduler_on_resume=cfg.optim.scheduler_on_resume)
+                                       scheduler_on_resume=cfg.optim.scheduler_on_resume, resuming=True)
 
             fallback = c.fallback_on_corrupt and c.load_iteration is None
             st, used = resume_with_fallback(c.save, found, load, fallback, log=_print0)

@@ -5,6 +5,7 @@ no reference cache is needed) exactly as ``pretrain_longpo.py`` would, on real c
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,10 @@ def _cfg(data: str, run: Path, **over):
 
 
 def _train(data, run, **over):
+    from megatron_longpo.checkpoint.integrity import forget_verified
     from megatron_longpo.training.loop import train
 
+    forget_verified()  # each training is a new process in real use
     r = train(_cfg(data, Path(run), **over))
     return {"iteration": r.iteration, "consumed": r.consumed_samples, "checkpoint": r.checkpoint}
 
@@ -165,3 +168,36 @@ def test_num_epochs_sets_train_iters_and_logs_the_epoch(datasets, tmp_path):
     out = train(a, tmp_path, **{"training.num_epochs": 1.5, "training.train_iters": 999})
     assert out["iteration"] == 6
     assert [m["epoch"] for m in _metrics(tmp_path)] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+def _flip(path: Path, every: int = 20_000) -> None:
+    b = bytearray(path.read_bytes())
+    for i in range(0, len(b), every):
+        b[i] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def _iters(ckpt: Path) -> list[str]:
+    return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_"))
+
+
+def test_retention_counts_only_intact_iterations_and_sets_damaged_aside(datasets, tmp_path):
+    # issue 25 item 2: iter_2 intact, iter_4 damaged; the resume falls back to 2 and saves 3: the old
+    # retention kept 3 and the damaged 4 and deleted the intact 2.
+    a, _ = datasets
+    ckpt = tmp_path / "ckpt"
+    train(a, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.keep_last": 2})
+    _flip(sorted((ckpt / "iter_0000004").glob("*.distcp"))[0])
+    out = train(a, tmp_path, **{"training.train_iters": 3, "checkpoint.keep_last": 2,
+                                "optim.scheduler_on_resume": "config"})
+    assert out["iteration"] == 3
+    assert _iters(ckpt) == ["iter_0000002", "iter_0000003", "iter_0000004.damaged"]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    # A damaged iteration the run never loaded (checkpoint.load_iteration picks an older one) is
+    # verified before retention counts it: keep_last=1 keeps the newest intact, not the damaged 4.
+    shutil.rmtree(ckpt)
+    train(a, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.keep_last": 0})
+    _flip(sorted((ckpt / "iter_0000004").glob("*.distcp"))[0])
+    train(a, tmp_path, **{"training.train_iters": 3, "checkpoint.keep_last": 1, "checkpoint.load_iteration": 2,
+                          "optim.scheduler_on_resume": "config"})
+    assert _iters(ckpt) == ["iter_0000003", "iter_0000004.damaged"]
