@@ -228,24 +228,43 @@ def earlier_hint(d: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def state_dict_bytes(sharded_state_dict: dict) -> int:
-    """Bytes this rank's main replicas add to a checkpoint (tensors only; objects are small)."""
-    total = 0
+def _main_tensors(sharded_state_dict: dict):
+    """The tensors this rank writes: main replicas of sharded tensors, and plain tensors."""
     for v in nested_values(sharded_state_dict):
         if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id) and v.data is not None:
-            total += v.data.numel() * v.data.element_size()
+            yield v.data
         elif isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-    return total
+            yield v
 
 
-def check_free_space(run_dir: Path, sharded_state_dict: dict, iteration: int) -> None:
-    """Collective: refuse a save that cannot fit on the file system of ``run_dir``, before writing."""
-    need = torch.tensor([float(state_dict_bytes(sharded_state_dict))], dtype=torch.float64)
+def state_dict_bytes(sharded_state_dict: dict) -> int:
+    """Bytes this rank's main replicas add to a checkpoint (tensors only; objects are small)."""
+    return sum(t.numel() * t.element_size() for t in _main_tensors(sharded_state_dict))
+
+
+def state_dict_numel(sharded_state_dict: dict) -> int:
+    """Elements of this rank's main replicas (what optimizer state is sized by)."""
+    return sum(t.numel() for t in _main_tensors(sharded_state_dict))
+
+
+def save_bytes_needed(tensor_bytes: int) -> int:
+    """Free space a save of ``tensor_bytes`` of tensors needs: proportional headroom for the
+    metadata, pickled objects and file-system blocks (10%), plus 1 MiB for the small files."""
+    return int(tensor_bytes * 1.10) + (1 << 20)
+
+
+def _all_reduce_bytes(nbytes: int) -> int:
+    need = torch.tensor([float(nbytes)], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         need = need.to(collective_device())
         dist.all_reduce(need)
-    need_bytes = int(need.item() * 1.05) + (64 << 20)  # metadata, pickled objects, file-system slack
+    return int(need.item())
+
+
+def require_free_space(run_dir: Path, tensor_bytes: int, what: str) -> None:
+    """Collective: raise CheckpointError on every rank when the file system of ``run_dir`` cannot
+    hold ``what`` (a checkpoint with ``tensor_bytes``, this rank's share, summed over ranks)."""
+    need_bytes = save_bytes_needed(_all_reduce_bytes(tensor_bytes))
     msg = None
     if dist_rank() == 0:
         probe = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), Path("/"))
@@ -253,12 +272,17 @@ def check_free_space(run_dir: Path, sharded_state_dict: dict, iteration: int) ->
         if free < need_bytes:
             prev = complete_iterations(run_dir) if run_dir.is_dir() else []
             kept = f"; the previous checkpoint iter_{prev[-1]:07d} is intact" if prev else ""
-            msg = (f"not enough disk space to save iteration {iteration} to {run_dir}: it needs about "
-                   f"{need_bytes / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; free space, lower "
+            msg = (f"not enough disk space to {what} in {run_dir}: a checkpoint needs about "
+                   f"{need_bytes / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free; free space, lower "
                    f"checkpoint.keep_last, or set checkpoint.save to a larger file system{kept}")
     msg = broadcast_from_rank0(msg)
     if msg:
         raise CheckpointError(msg)
+
+
+def check_free_space(run_dir: Path, sharded_state_dict: dict, iteration: int) -> None:
+    """Collective: refuse a save that cannot fit on the file system of ``run_dir``, before writing."""
+    require_free_space(run_dir, state_dict_bytes(sharded_state_dict), f"save iteration {iteration}")
 
 
 def remove_leftovers(run_dir: str | Path, log=print) -> list[str]:
@@ -275,6 +299,7 @@ def remove_leftovers(run_dir: str | Path, log=print) -> list[str]:
 
 
 __all__ = [
-    "MANIFEST_FILE", "VERIFY_LEVELS", "CheckpointCorruptError", "broadcast_from_rank0", "check_free_space", "complete_iterations",
+    "MANIFEST_FILE", "VERIFY_LEVELS", "CheckpointCorruptError", "broadcast_from_rank0", "check_free_space",
+    "require_free_space", "save_bytes_needed", "state_dict_bytes", "state_dict_numel", "complete_iterations",
     "earlier_hint", "file_record", "forget_verified", "is_verified", "mark_verified", "read_manifest", "remove_leftovers", "verify_checkpoint", "write_manifest",
 ]

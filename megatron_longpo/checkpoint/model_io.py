@@ -30,6 +30,7 @@ from megatron_longpo.checkpoint.format import (
     CheckpointError,
     CheckpointMeta,
     iter_dir_name,
+    latest_iteration,
     new_meta,
     read_meta,
     resolve_checkpoint_dir,
@@ -85,10 +86,16 @@ def save_sharded_checkpoint(
     try:
         dist_checkpointing.save(sharded_state_dict, str(tmp))  # collective; ends with a barrier
         write_manifest(tmp)  # collective: sizes + CRC32 of every file, verified at load
-    except OSError as e:  # e.g. ENOSPC mid-write; other ranks may still be writing, so no clean-up here
+    except (OSError, CheckpointException) as e:
+        # ENOSPC mid-write: torch DCP gathers the writers' errors into a CheckpointException (a
+        # BaseException whose str() is every rank's traceback). Said in one line; the partial
+        # directory goes (a rank still writing cannot resurrect it as complete: it lacks the
+        # manifest and meta, and the next start removes any leftover).
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSaveError(
-            f"saving iteration {iteration} to {run} failed ({e}); earlier checkpoints are untouched and the partial "
-            f"{tmp.name} is never loaded (it is removed at the next start)") from e
+            f"saving iteration {iteration} to {run} failed ({_first_line(e)}); the partial {tmp.name} was removed "
+            f"and earlier checkpoints are untouched{_newest_hint(run)}") from e
     if rank() == 0:
         write_text_atomic(tmp / META_FILE, json.dumps(meta.to_json(), indent=2) + "\n")
         old = run / f"{final.name}.old"
@@ -102,6 +109,11 @@ def save_sharded_checkpoint(
     _barrier()
     mark_verified(final)  # hashed from the bytes just written: retention counts it as intact
     return final
+
+
+def _newest_hint(run: Path) -> str:
+    latest = latest_iteration(run) if run.is_dir() else None
+    return f" (the newest, iter_{latest:07d}, is intact)" if latest is not None else ""
 
 
 def save_model_checkpoint(

@@ -36,13 +36,18 @@ from megatron_longpo.checkpoint import (
     tokenizer_dir,
 )
 from megatron_longpo.checkpoint.format import TOKENIZER_DIR, iter_dir_name
-from megatron_longpo.checkpoint.integrity import CheckpointCorruptError, complete_iterations
+from megatron_longpo.checkpoint.integrity import (
+    CheckpointCorruptError,
+    complete_iterations,
+    state_dict_bytes,
+    state_dict_numel,
+)
 from megatron_longpo.checkpoint.retention import prune, set_aside
 from megatron_longpo.checkpoint.model_io import load_sharded
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.runtime.distributed import rank, world_size
 
-__all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_training_checkpoint"]
+__all__ = ["CheckpointError", "TrainState", "estimate_save_bytes", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_training_checkpoint"]
 
 
 @dataclass
@@ -75,6 +80,20 @@ def find_checkpoint(path: str | Path, iteration: Optional[int] = None) -> Option
     if latest_iteration(p) is None and not any(p.glob("iter_*/longpo_meta.json")):
         return None
     return resolve_checkpoint_dir(p)
+
+
+# fp32 state tensors per parameter that the optimizer saves (Adam: two moments; RMSprop: square
+# average; SGD: momentum buffer); bf16 / fp16 parameters add an fp32 master copy.
+OPTIMIZER_STATES = {"adam": 2, "rmsprop": 1, "sgd": 1}
+
+
+def estimate_save_bytes(model, optimizer_name: str, params_dtype: str) -> int:
+    """This rank's share of the bytes a training checkpoint writes: its main-replica weights as
+    stored plus the fp32 optimizer state, known before a step runs (the optimizer's state tensors
+    exist only after the first step). Summed over ranks by the free-space check."""
+    sd = model.sharded_state_dict()
+    fp32_per_param = OPTIMIZER_STATES[optimizer_name] + (0 if params_dtype == "fp32" else 1)
+    return state_dict_bytes(sd) + 4 * fp32_per_param * state_dict_numel(sd)
 
 
 SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")

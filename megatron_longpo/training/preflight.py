@@ -16,6 +16,7 @@ from megatron_longpo.checkpoint import CheckpointError, check_compatible, read_m
 from megatron_longpo.config import ConfigError, LongPOConfig, ModelConfig
 from megatron_longpo.data.checks import check_dataset_files
 from megatron_longpo.data.indexed import load_metadata
+from megatron_longpo.data.errors import DataError
 from megatron_longpo.data.tokenizer import Tokenizer
 from megatron_longpo.reference import check_reference_cache
 
@@ -73,7 +74,14 @@ def check_tokenizer_matches_model(cfg: LongPOConfig) -> None:
     if found is None or not want.get("behaviour"):
         return  # nothing to compare: no tokenizer shipped, or data preprocessed before the check existed
     ckpt, tdir = found
-    if Tokenizer(tdir).behaviour_fingerprint() != want["behaviour"]:
+    try:
+        behaviour = Tokenizer(tdir).behaviour_fingerprint()
+    except DataError as e:  # e.g. a converted model whose HF directory had no tokenizer files
+        raise PreflightError(
+            f"checkpoint {ckpt} ships a tokenizer directory {tdir} that does not load ({e}). Copy the model's "
+            f"tokenizer files into {tdir} (or convert again: tools/convert_hf_to_megatron.py --tokenizer DIR), or set "
+            "data.check_tokenizer=false to train without comparing it to the data's tokenizer") from e
+    if behaviour != want["behaviour"]:
         raise PreflightError(
             f"data.train_data={cfg.data.train_data} was tokenized with {want.get('path')} but the model "
             f"checkpoint {ckpt} ships the tokenizer {tdir}, which splits text differently: the model would be "
