@@ -90,6 +90,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _child_failed(e: ChildFailedError) -> int:
     rank, failure = e.get_first_failure()
     code = failure.exitcode
+    if code == 130:  # a worker's second Ctrl-C (runtime/signals.exit_now): it stopped at once, by request
+        print("[longpo.launch] interrupted: workers stopped at once without saving this step (exit 130)",
+              file=sys.stderr, flush=True)
+        return 130
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     others = f" ({len(e.failures) - 1} other worker(s) stopped)" if len(e.failures) > 1 else ""
     print(f"[longpo.launch] worker rank {rank} {how}{others}; its error is above", file=sys.stderr, flush=True)

@@ -28,6 +28,8 @@ import signal
 import sys
 import threading
 from multiprocessing import resource_tracker
+
+import psutil
 from typing import Iterator, Mapping, Optional, Sequence
 
 from megatron_longpo.fsutil import write_text_atomic
@@ -125,6 +127,12 @@ def exit_now(owner_pid: int) -> None:
     """
     if os.getpid() == owner_pid and os.environ.get("RANK", "0") == "0" and not os.environ.get(LAUNCHER_ENV):
         os.write(2, b"[longpo] interrupted: stopped at once without saving this step (exit 130)\n")
+    if os.getpid() == owner_pid:
+        # Helpers (Megatron's writer Manager, started immune to these signals) would outlive us
+        # and keep the job's output pipes open.
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
     os._exit(130)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from megatron_longpo.testing.e2e import PY, ROOT, free_port, run_cli
+from megatron_longpo.testing.e2e import PY, ROOT, free_port, run_cli, wait_latest
 
 pytestmark = pytest.mark.slow
 
@@ -150,17 +150,6 @@ def _popen(args) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_latest(proc, ckpt: Path, at_least: int, timeout=300) -> int:
-    f = ckpt / "latest_checkpointed_iteration.txt"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if f.exists() and int(f.read_text()) >= at_least:
-            return int(f.read_text())
-        assert proc.poll() is None, proc.stdout.read()[-5000:]
-        time.sleep(0.05)
-    raise TimeoutError(f"no checkpoint >= {at_least} in {ckpt}")
-
-
 def test_one_writer_per_run_dir_and_workers_die_with_the_launcher(fx):
     # Was: a second run wrote the same checkpoint.save, and after kill -9 of the launcher its
     # workers kept training and saving.
@@ -169,7 +158,7 @@ def test_one_writer_per_run_dir_and_workers_die_with_the_launcher(fx):
     first = _popen(_launch(2, *_train_args(d, "shared", **{"training.train_iters": 100000,
                                                           "checkpoint.save_interval": 2})))
     try:
-        _wait_latest(first, ckpt, 2)
+        wait_latest(first, ckpt, 2)
         workers = [c for c in psutil.Process(first.pid).children(recursive=True)
                    if "pretrain_longpo.py" in " ".join(c.cmdline())]
         assert len(workers) == 2
@@ -192,25 +181,34 @@ def test_one_writer_per_run_dir_and_workers_die_with_the_launcher(fx):
 
 SECOND_CTRL_C_DURING_SAVE = r'''
 import os, signal, sys, time
-from megatron.core import dist_checkpointing
-import megatron_longpo.checkpoint.model_io as model_io
 
-armed = []
-save = dist_checkpointing.save
-def slow_save(*a, **k):
-    armed.append(1)
-    return save(*a, **k)
-model_io.dist_checkpointing = type("M", (), {"save": staticmethod(slow_save), "load": dist_checkpointing.load})
 
-def ctrl_c_twice():  # arrives while dist_checkpointing forks its writer: in the at-fork hook
-    if armed and len(armed) < 3:
+def main():
+    from megatron.core import dist_checkpointing
+    import megatron_longpo.checkpoint.model_io as model_io
+    from megatron_longpo.training.cli import main as train_main
+
+    armed = []
+    save = dist_checkpointing.save
+
+    def saving(*a, **k):
         armed.append(1)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-os.register_at_fork(before=ctrl_c_twice)
-sys.argv = ["pretrain_longpo.py"] + sys.argv[1:]
-from megatron_longpo.training.cli import main
-sys.exit(main())
+        return save(*a, **k)
+
+    model_io.dist_checkpointing = type("M", (), {"save": staticmethod(saving), "load": dist_checkpointing.load})
+
+    def ctrl_c_twice():  # arrives while dist_checkpointing forks its writer: inside the at-fork hook
+        if armed and len(armed) < 3:
+            armed.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+
+    os.register_at_fork(before=ctrl_c_twice)
+    return train_main(sys.argv[1:])
+
+
+if __name__ == "__main__":  # guard: dist_checkpointing's helper re-imports __main__
+    sys.exit(main())
 '''
 
 
@@ -221,11 +219,10 @@ def test_second_ctrl_c_during_a_save_stops_at_once(fx, tmp_path):
     script.write_text(SECOND_CTRL_C_DURING_SAVE)
     args = _train_args(d, "ctrl_c", **{"training.train_iters": 6, "checkpoint.save_interval": 2})[1:]
     t = time.time()
-    # One process without torchrun (init_distributed picks a free port itself).
-    p = run_cli([PY, script, *args], check=False, timeout=300)
+    p = run_cli(_launch(1, script, *args), check=False, timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode == 130, out[-5000:]
-    assert "Traceback" not in out and out.count("[longpo] interrupted") == 1, out[-5000:]
+    assert "Traceback" not in out and out.count("stopped at once without saving") == 1, out[-5000:]
     steps = [json.loads(x)["step"] for x in (d / "ctrl_c/metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2, steps  # stopped inside the step-2 save: no step 3
     ckpt = d / "ctrl_c/ckpt"
