@@ -12,6 +12,7 @@ docs/training.md.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -21,6 +22,9 @@ import psutil
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing import api as elastic_mp_api
 from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from megatron_longpo.runtime.signals import LAUNCHER_ENV
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
@@ -55,6 +59,7 @@ def _has_signals_to_handle() -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ[LAUNCHER_ENV] = "1"  # workers leave the one-line report of a hard stop to us
     forward = _Forwarder()
     for sig in FORWARDED:
         signal.signal(sig, forward)
@@ -62,6 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Slurm signals every process of the step, and USR1's default action would kill a worker
     # that is still starting up (the Slurm launcher's stop file carries the request instead).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # torchrun's per-process "closing signal" / "failed (exitcode ...)" log lines: this launcher
+    # says what happened in one line of its own.
+    logging.getLogger(elastic_mp_api.__name__).setLevel(logging.CRITICAL)
     if _has_signals_to_handle():  # torch >= 2.9: torchrun leaves SIGTERM / SIGINT to us
         argv = ["--signals-to-handle=SIGHUP,SIGQUIT", *argv]
     else:  # older torch installs its handler for every signal: route it through ours
@@ -72,7 +80,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[longpo.launch] {e.sigval.name}: workers stopped without saving the current step",
               file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        # The workers said why (a start-up refusal prints one line); torchrun's ~40-line
+        # ChildFailedError traceback would only bury it.
+        return _child_failed(e)
     return 0
+
+
+def _child_failed(e: ChildFailedError) -> int:
+    rank, failure = e.get_first_failure()
+    code = failure.exitcode
+    if code == 130:  # a worker's second Ctrl-C (runtime/signals.exit_now): it stopped at once, by request
+        print("[longpo.launch] interrupted: workers stopped at once without saving this step (exit 130)",
+              file=sys.stderr, flush=True)
+        return 130
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    others = f" ({len(e.failures) - 1} other worker(s) stopped)" if len(e.failures) > 1 else ""
+    print(f"[longpo.launch] worker rank {rank} {how}{others}; its error is above", file=sys.stderr, flush=True)
+    return 128 - code if code < 0 else code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", action="store_true", help="compare HF and Megatron logits (fp32) after converting")
     ap.add_argument("--verify-tolerance", type=float, default=1e-3, help="max abs logit difference allowed")
     ap.add_argument("--verify-seq-len", type=int, default=64, help="tokens per sequence for --verify")
+    ap.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="take the tokenizer files from DIR (default: --hf-dir); for an HF directory without them")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(
         lambda: convert_hf_to_megatron(
             args.hf_dir, args.out, dtype=args.dtype, verify=args.verify, verify_tolerance=args.verify_tolerance,
-            verify_seq_len=args.verify_seq_len, progress=not args.no_progress,
+            verify_seq_len=args.verify_seq_len, progress=not args.no_progress, tokenizer=args.tokenizer,
         ),
         lambda res: f"wrote {res.out} ({res.model.arch}, {res.num_params / 1e6:.1f}M parameters, {args.dtype}) in {res.seconds:.1f}s",
     )

@@ -147,6 +147,10 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         return d
     partial = sorted(x.name for x in p.glob("iter_*.tmp"))
     hint = f"; found incomplete save(s) {partial}" if partial else ""
+    done = sorted(x.parent.name for x in p.glob("iter_*/" + META_FILE) if x.parent.name[5:].isdigit())
+    if done:
+        hint += (f"; it holds complete iteration(s) {done} but no {LATEST_FILE}: name one, e.g. {p / done[-1]} "
+                 f"(or write its number into {p / LATEST_FILE})")
     raise CheckpointError(
         f"{p} is not a checkpoint: it has neither {META_FILE} (an iteration directory) nor "
         f"{LATEST_FILE} (a run directory){hint}"

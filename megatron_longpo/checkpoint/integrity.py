@@ -84,7 +84,7 @@ def write_manifest(iter_dir: str | Path) -> dict:
     d = Path(iter_dir)
     rank, world = dist_rank(), world_size()
     names = _files(d) if rank == 0 else None
-    names = _broadcast(names)
+    names = broadcast_from_rank0(names)
     mine = {n: file_record(d / n).__dict__ for n in names[rank::world]}
     files: dict = {}
     for part in _gather(mine):
@@ -95,7 +95,8 @@ def write_manifest(iter_dir: str | Path) -> dict:
     return manifest
 
 
-def _broadcast(obj):
+def broadcast_from_rank0(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself without torch.distributed)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -163,7 +164,7 @@ def verify_checkpoint(iter_dir: str | Path, level: str = "full") -> bool:
         err = None
     except CheckpointCorruptError as e:
         manifest, err = None, str(e)
-    manifest, err = _broadcast((manifest, err))
+    manifest, err = broadcast_from_rank0((manifest, err))
     if err:
         raise CheckpointCorruptError(_corrupt_message(d, [err]), d, [err])
     if manifest is None:
@@ -173,19 +174,53 @@ def verify_checkpoint(iter_dir: str | Path, level: str = "full") -> bool:
     problems = sorted(p for part in _gather(mine) for p in part)
     if problems:
         raise CheckpointCorruptError(_corrupt_message(d, problems), d, problems)
+    mark_verified(d)
     return True
+
+
+_VERIFIED: set[tuple] = set()  # iteration dirs this process verified or wrote (retention counts these)
+
+
+def _identity(iter_dir: str | Path) -> Optional[tuple]:
+    """The directory as it is now: a rewritten iteration (new manifest) is a different one."""
+    d = Path(iter_dir)
+    try:
+        st = (d / MANIFEST_FILE).stat()
+    except OSError:
+        return None
+    return str(d.resolve()), st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def mark_verified(iter_dir: str | Path) -> None:
+    ident = _identity(iter_dir)
+    if ident is not None:
+        _VERIFIED.add(ident)
+
+
+def forget_verified() -> None:
+    """Start afresh, as a new process does (pooled test workers run many trainings)."""
+    _VERIFIED.clear()
+
+
+def is_verified(iter_dir: str | Path) -> bool:
+    return _identity(iter_dir) in _VERIFIED
 
 
 def _corrupt_message(d: Path, problems: list[str]) -> str:
     shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
-    earlier = [i for i in complete_iterations(d.parent) if d.name != f"iter_{i:07d}" and f"iter_{i:07d}" < d.name]
-    if earlier:
-        hint = (f"earlier complete iteration(s) of this run: {earlier}; load one with "
-                f"checkpoint.load_iteration={earlier[-1]} (resuming falls back to it automatically unless "
-                f"checkpoint.fallback_on_corrupt=false)")
-    else:
-        hint = "no earlier complete iteration exists in this run directory; restore the files from a backup"
-    return f"checkpoint {d} is damaged:\n  {shown}\n{hint}"
+    return f"checkpoint {d} is damaged:\n  {shown}\n{earlier_hint(d)}"
+
+
+def earlier_hint(d: Path) -> str:
+    """What to load instead of the damaged iteration ``d``: advice every reader of a checkpoint accepts."""
+    earlier = [i for i in complete_iterations(d.parent) if f"iter_{i:07d}" < d.name]
+    if not earlier:
+        return "no earlier complete iteration exists in this run directory; restore the files from a backup"
+    alt = d.parent / f"iter_{earlier[-1]:07d}"
+    return (f"earlier complete iteration(s) of this run: {earlier}; use {alt} instead (every tool and "
+            f"checkpoint.load take an iteration directory; when resuming checkpoint.save, set "
+            f"checkpoint.load_iteration={earlier[-1]}, or leave checkpoint.fallback_on_corrupt=true and the "
+            f"damaged one is set aside automatically)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,24 +228,43 @@ def _corrupt_message(d: Path, problems: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def state_dict_bytes(sharded_state_dict: dict) -> int:
-    """Bytes this rank's main replicas add to a checkpoint (tensors only; objects are small)."""
-    total = 0
+def _main_tensors(sharded_state_dict: dict):
+    """The tensors this rank writes: main replicas of sharded tensors, and plain tensors."""
     for v in nested_values(sharded_state_dict):
         if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id) and v.data is not None:
-            total += v.data.numel() * v.data.element_size()
+            yield v.data
         elif isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-    return total
+            yield v
 
 
-def check_free_space(run_dir: Path, sharded_state_dict: dict, iteration: int) -> None:
-    """Collective: refuse a save that cannot fit on the file system of ``run_dir``, before writing."""
-    need = torch.tensor([float(state_dict_bytes(sharded_state_dict))], dtype=torch.float64)
+def state_dict_bytes(sharded_state_dict: dict) -> int:
+    """Bytes this rank's main replicas add to a checkpoint (tensors only; objects are small)."""
+    return sum(t.numel() * t.element_size() for t in _main_tensors(sharded_state_dict))
+
+
+def state_dict_numel(sharded_state_dict: dict) -> int:
+    """Elements of this rank's main replicas (what optimizer state is sized by)."""
+    return sum(t.numel() for t in _main_tensors(sharded_state_dict))
+
+
+def save_bytes_needed(tensor_bytes: int) -> int:
+    """Free space a save of ``tensor_bytes`` of tensors needs: proportional headroom for the
+    metadata, pickled objects and file-system blocks (10%), plus 1 MiB for the small files."""
+    return int(tensor_bytes * 1.10) + (1 << 20)
+
+
+def _all_reduce_bytes(nbytes: int) -> int:
+    need = torch.tensor([float(nbytes)], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         need = need.to(collective_device())
         dist.all_reduce(need)
-    need_bytes = int(need.item() * 1.05) + (64 << 20)  # metadata, pickled objects, file-system slack
+    return int(need.item())
+
+
+def require_free_space(run_dir: Path, tensor_bytes: int, what: str) -> None:
+    """Collective: raise CheckpointError on every rank when the file system of ``run_dir`` cannot
+    hold ``what`` (a checkpoint with ``tensor_bytes``, this rank's share, summed over ranks)."""
+    need_bytes = save_bytes_needed(_all_reduce_bytes(tensor_bytes))
     msg = None
     if dist_rank() == 0:
         probe = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), Path("/"))
@@ -218,12 +272,17 @@ def check_free_space(run_dir: Path, sharded_state_dict: dict, iteration: int) ->
         if free < need_bytes:
             prev = complete_iterations(run_dir) if run_dir.is_dir() else []
             kept = f"; the previous checkpoint iter_{prev[-1]:07d} is intact" if prev else ""
-            msg = (f"not enough disk space to save iteration {iteration} to {run_dir}: it needs about "
-                   f"{need_bytes / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; free space, lower "
+            msg = (f"not enough disk space to {what} in {run_dir}: a checkpoint needs about "
+                   f"{need_bytes / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free; free space, lower "
                    f"checkpoint.keep_last, or set checkpoint.save to a larger file system{kept}")
-    msg = _broadcast(msg)
+    msg = broadcast_from_rank0(msg)
     if msg:
         raise CheckpointError(msg)
+
+
+def check_free_space(run_dir: Path, sharded_state_dict: dict, iteration: int) -> None:
+    """Collective: refuse a save that cannot fit on the file system of ``run_dir``, before writing."""
+    require_free_space(run_dir, state_dict_bytes(sharded_state_dict), f"save iteration {iteration}")
 
 
 def remove_leftovers(run_dir: str | Path, log=print) -> list[str]:
@@ -240,6 +299,7 @@ def remove_leftovers(run_dir: str | Path, log=print) -> list[str]:
 
 
 __all__ = [
-    "MANIFEST_FILE", "VERIFY_LEVELS", "CheckpointCorruptError", "check_free_space", "complete_iterations",
-    "file_record", "read_manifest", "remove_leftovers", "verify_checkpoint", "write_manifest",
+    "MANIFEST_FILE", "VERIFY_LEVELS", "CheckpointCorruptError", "broadcast_from_rank0", "check_free_space",
+    "require_free_space", "save_bytes_needed", "state_dict_bytes", "state_dict_numel", "complete_iterations",
+    "earlier_hint", "file_record", "forget_verified", "is_verified", "mark_verified", "read_manifest", "remove_leftovers", "verify_checkpoint", "write_manifest",
 ]

@@ -30,12 +30,13 @@ from megatron_longpo.checkpoint.format import (
     CheckpointError,
     CheckpointMeta,
     iter_dir_name,
+    latest_iteration,
     new_meta,
     read_meta,
     resolve_checkpoint_dir,
     write_text_atomic,
 )
-from megatron_longpo.checkpoint.integrity import check_free_space, verify_checkpoint, write_manifest
+from megatron_longpo.checkpoint.integrity import check_free_space, mark_verified, verify_checkpoint, write_manifest
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.fsutil import fsync_path
 from megatron_longpo.runtime.distributed import rank
@@ -86,10 +87,16 @@ def save_sharded_checkpoint(
     try:
         dist_checkpointing.save(sharded_state_dict, str(tmp))  # collective; ends with a barrier
         write_manifest(tmp)  # collective: sizes + CRC32 of every file, verified at load
-    except OSError as e:  # e.g. ENOSPC mid-write; other ranks may still be writing, so no clean-up here
+    except (OSError, CheckpointException) as e:
+        # ENOSPC mid-write: torch DCP gathers the writers' errors into a CheckpointException (a
+        # BaseException whose str() is every rank's traceback). Said in one line; the partial
+        # directory goes (a rank still writing cannot resurrect it as complete: it lacks the
+        # manifest and meta, and the next start removes any leftover).
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSaveError(
-            f"saving iteration {iteration} to {run} failed ({e}); earlier checkpoints are untouched and the partial "
-            f"{tmp.name} is never loaded (it is removed at the next start)") from e
+            f"saving iteration {iteration} to {run} failed ({_first_line(e)}); the partial {tmp.name} was removed "
+            f"and earlier checkpoints are untouched{_newest_hint(run)}") from e
     if rank() == 0:
         write_text_atomic(tmp / META_FILE, json.dumps(meta.to_json(), indent=2) + "\n")
         old = run / f"{final.name}.old"
@@ -101,7 +108,13 @@ def save_sharded_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
         fsync_path(run)
     _barrier()
+    mark_verified(final)  # hashed from the bytes just written: retention counts it as intact
     return final
+
+
+def _newest_hint(run: Path) -> str:
+    latest = latest_iteration(run) if run.is_dir() else None
+    return f" (the newest, iter_{latest:07d}, is intact)" if latest is not None else ""
 
 
 def save_model_checkpoint(
@@ -121,8 +134,14 @@ def _is_extra_state(key: str) -> bool:
     return key.endswith("_extra_state")
 
 
-def load_sharded(sharded_state_dict: dict, iter_dir: str | Path) -> tuple[dict, list[str]]:
-    """``dist_checkpointing.load`` that tolerates module ``_extra_state`` in either direction.
+def load_sharded(sharded_state_dict: dict, iter_dir: str | Path, *, verify: str = "full") -> tuple[dict, list[str]]:
+    """The one verified read of checkpoint tensors: every reader (training, reference precompute,
+    evaluation, export, generation's ``--model RUN``) loads through here.
+
+    Collective. First checks the files against the manifest written at save (``verify``: full |
+    size | none; :func:`verify_checkpoint`), naming every damaged file and the earlier iteration to
+    use instead, before a tensor is read. Then ``dist_checkpointing.load``, tolerating module
+    ``_extra_state`` in either direction.
 
     Returns (loaded state, keys the request has but the checkpoint lacks, ``_extra_state``
     excepted). Checkpoint content the request does not ask for is skipped (a TE checkpoint's FP8
@@ -132,17 +151,26 @@ def load_sharded(sharded_state_dict: dict, iter_dir: str | Path) -> tuple[dict, 
     a new run needs). Every failure, including torch DCP's ``CheckpointException`` (a
     BaseException, which ``except Exception`` misses), becomes a CheckpointError naming the path.
     """
+    verify_checkpoint(iter_dir, verify)
     try:
         loaded, _, absent = dist_checkpointing.load(
             sharded_state_dict, str(iter_dir), strict=StrictHandling.RETURN_UNEXPECTED
         )
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised with the path
-        raise CheckpointError(f"cannot load {iter_dir}: {type(e).__name__}: {_first_line(e)}") from e
+        raise CheckpointError(f"cannot load {iter_dir}: {_first_line(e)}") from e
     return loaded, sorted(k for k in absent if not _is_extra_state(k))
 
 
-def _first_line(e: BaseException, limit: int = 2000) -> str:
-    text = str(e)
+def _first_line(e: BaseException, limit: int = 500) -> str:
+    """The cause in one line: torch DCP's CheckpointException carries each rank's (exception,
+    stack) pair, and its str() is every rank's whole traceback."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]
+        cause = first[0] if isinstance(first, tuple) else first
+        text = f"{type(cause).__name__}: {' '.join(str(cause).split())} (rank {min(failures)})"
+    else:
+        text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
@@ -213,9 +241,8 @@ def load_model_checkpoint(
     soft = check_compatible(meta.model, model, model_cfg, str(iter_dir))
     if soft and rank() == 0:
         log.warning("loading %s into a model that differs in: %s", iter_dir, "; ".join(soft))
-    verify_checkpoint(iter_dir, verify)
     sharded = model.sharded_state_dict()
-    loaded, absent_tensors = load_sharded(sharded, iter_dir)
+    loaded, absent_tensors = load_sharded(sharded, iter_dir, verify=verify)
     if absent_tensors and strict:
         raise CheckpointError(
             f"checkpoint {iter_dir} lacks {len(absent_tensors)} tensor(s) the model has, e.g. "

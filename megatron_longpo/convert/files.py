@@ -52,6 +52,11 @@ def side_files(src: Path) -> list[Path]:
     return sorted(found)
 
 
+def tokenizer_files(src: Path) -> list[str]:
+    """The side files of ``src`` that make a tokenizer (generation_config.json alone does not)."""
+    return [f.name for f in side_files(src) if f.name != "generation_config.json"]
+
+
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy tokenizer / generation files from ``src`` to ``dst``; returns their names."""
     files = side_files(src)

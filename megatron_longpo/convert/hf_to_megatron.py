@@ -10,6 +10,7 @@ before the first tensor is read; the output directory only appears once complete
 from __future__ import annotations
 
 import gc
+import sys
 import json
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from megatron_longpo.checkpoint import TOKENIZER_DIR, save_sharded_checkpoint
 from megatron_longpo.config import ConfigError, ModelConfig, ParallelConfig, validate_model
 from megatron_longpo.convert import mapping
-from megatron_longpo.convert.files import check_output_dir, copy_side_files, side_files, staged_dir
+from megatron_longpo.convert.files import check_output_dir, copy_side_files, side_files, staged_dir, tokenizer_files
 from megatron_longpo.convert.hf_config import ConversionError, hf_architecture, hf_to_model_config, read_hf_config
 from megatron_longpo.convert.megatron_model import empty_model, sharded_state_dict_for_save, single_process_runtime
 from megatron_longpo.convert.safetensors_io import SafetensorsCheckpoint
@@ -100,10 +101,20 @@ def convert_hf_to_megatron(
     verify_tolerance: float = 1e-3,
     verify_seq_len: int = 64,
     progress: bool = True,
+    tokenizer: Optional[str | Path] = None,
 ) -> ImportResult:
-    """Convert an HF Llama / Mistral / Qwen2 directory into a checkpoint run directory ``out``."""
+    """Convert an HF Llama / Mistral / Qwen2 directory into a checkpoint run directory ``out``.
+    ``tokenizer``: a directory to take the tokenizer files from (default: ``hf_dir``)."""
     start = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
+    tok_src = Path(tokenizer) if tokenizer else hf_dir
+    if tokenizer and not tokenizer_files(tok_src):
+        raise ConversionError(f"--tokenizer {tok_src}: no tokenizer files there (tokenizer.json, tokenizer.model, "
+                              "tokenizer_config.json, vocab.json + merges.txt, ...)")
+    if not tokenizer_files(tok_src):
+        print(f"warning: {hf_dir} has no tokenizer files (tokenizer.json, tokenizer.model, ...); the checkpoint will "
+              "have no tokenizer, which training, evaluation, generation and export need: convert again with "
+              "--tokenizer DIR (the directory of the model's tokenizer)", file=sys.stderr, flush=True)
     if dtype not in ("bf16", "fp32"):
         raise ConversionError(f"--dtype {dtype!r}: choose bf16 or fp32")
     check_output_dir(out, "--out")
@@ -120,7 +131,7 @@ def convert_hf_to_megatron(
     mapping.check_coverage(cfg)
     with SafetensorsCheckpoint(hf_dir) as reader:
         check_hf_tensors(reader, cfg)
-        extra = _meta_extra(hf_dir, hf_cfg, arch, reader, cfg)
+        extra = _meta_extra(hf_dir, hf_cfg, arch, reader, cfg, tok_src)
         with staged_dir(out, "--out") as tmp:
             single_process_runtime()
             model = empty_model(cfg)
@@ -133,6 +144,8 @@ def convert_hf_to_megatron(
             del sharded
             gc.collect()
             copy_side_files(hf_dir, tmp / TOKENIZER_DIR)
+            if tok_src != hf_dir:
+                copy_side_files(tok_src, tmp / TOKENIZER_DIR)
             result = None
             if verify:
                 result = run_verify(hf_dir, tmp, cfg, weights_dtype=dtype, tolerance=verify_tolerance, seq_len=verify_seq_len)
@@ -142,16 +155,17 @@ def convert_hf_to_megatron(
     return ImportResult(out, cfg, num_params, time.time() - start, result)
 
 
-def _meta_extra(hf_dir: Path, hf_cfg: dict, arch: str, reader: SafetensorsCheckpoint, cfg: ModelConfig) -> dict:
+def _meta_extra(hf_dir: Path, hf_cfg: dict, arch: str, reader: SafetensorsCheckpoint, cfg: ModelConfig,
+                tok_src: Path) -> dict:
     """``source`` and ``tokenizer`` entries of longpo_meta.json (export rebuilds config.json from them)."""
     src_dtype = Counter(reader.entries[n].dtype for n in mapping.hf_shapes(cfg)).most_common(1)[0][0]
-    tok_files = [p.name for p in side_files(hf_dir)]
+    tok_files = sorted({p.name for p in side_files(hf_dir)} | {p.name for p in side_files(tok_src)})
     tokenizer = None
     if tok_files:
         tokenizer = {
             "dir": TOKENIZER_DIR,
             "files": tok_files,
-            "tokenizer_class": _read_json(hf_dir / "tokenizer_config.json").get("tokenizer_class"),
+            "tokenizer_class": _read_json(tok_src / "tokenizer_config.json").get("tokenizer_class"),
             "bos_token_id": hf_cfg.get("bos_token_id"),
             "eos_token_id": hf_cfg.get("eos_token_id"),
         }

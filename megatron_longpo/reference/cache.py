@@ -207,7 +207,9 @@ def read_meta(path: Path, exp: Expectation) -> dict[str, Any]:
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReferenceCacheError(f"{meta_file} is corrupt (not valid JSON: {e}); rebuild the cache with: {rebuild}") from e
+        # An unreadable meta.json makes the cache of no use to anyone: rebuild it in place.
+        stale = rebuild_command(path, exp.data, exp.mode, exp.load, exp.rope_theta, stale=True, option=exp.option)
+        raise ReferenceCacheError(f"{meta_file} is corrupt (not valid JSON: {e}); rebuild the cache with: {stale}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ReferenceCacheError(f"{meta_file} is not a reference cache (format {meta.get('format') if isinstance(meta, dict) else None!r}); "
                                   f"rebuild it with: {rebuild}")

@@ -20,6 +20,7 @@ from megatron.core import tensor_parallel
 from megatron_longpo.config import ParallelConfig
 from megatron_longpo.runtime import capabilities, cpu_compat
 from megatron_longpo.runtime.gpu_env import check_process_environment
+from megatron_longpo.runtime.signals import die_with_launcher
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def init_distributed(parallel: ParallelConfig) -> None:
     cpu_compat.enable()
     if dist.is_initialized():
         return
+    die_with_launcher()  # a torchrun worker never outlives its launcher (kill -9 of torchrun)
     backend = parallel.distributed_backend
     if backend == "auto":
         backend = capabilities.default_backend()

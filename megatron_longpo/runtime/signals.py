@@ -20,11 +20,16 @@ safe already.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import signal
+import sys
 import threading
 from multiprocessing import resource_tracker
+
+import psutil
 from typing import Iterator, Mapping, Optional, Sequence
 
 from megatron_longpo.fsutil import write_text_atomic
@@ -67,9 +72,30 @@ def start_checkpoint_helpers() -> None:
         filesystem_async._get_write_results_queue()
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_launcher(env: Optional[Mapping[str, str]] = None) -> bool:
+    """A torchrun worker asks the kernel for SIGKILL when its launcher (parent) dies.
+
+    Without it, ``kill -9`` of torchrun / ``megatron_longpo.launch`` leaves the workers running
+    and saving into the run directory. No-op outside torchrun (``TORCHELASTIC_RUN_ID`` unset) and
+    off Linux; idempotent. Returns whether the request is in place.
+    """
+    if "TORCHELASTIC_RUN_ID" not in (os.environ if env is None else env) or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    if os.getppid() == 1:  # the launcher died before the request: nobody will send the signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 # ----------------------------------------------------------------------------------------------
 # Launcher contract (examples/slurm/longpo_launch.sh, docs/slurm.md)
 # ----------------------------------------------------------------------------------------------
+LAUNCHER_ENV = "LONGPO_LAUNCHER"  # set by megatron_longpo.launch, which reports a hard stop itself
 STOP_FILE_ENV = "LONGPO_STOP_FILE"  # exists -> stop at the next boundary (set by the launcher on USR1)
 STATUS_FILE_ENV = "LONGPO_RUN_STATUS"  # where rank 0 says how the run ended (read by the launcher)
 
@@ -90,18 +116,42 @@ def write_run_status(state: str, reason: Optional[str], requeue: bool, **extra) 
         write_text_atomic(path, json.dumps({"state": state, "reason": reason, "requeue": requeue, **extra}) + "\n")
 
 
+def exit_now(owner_pid: int) -> None:
+    """A second Ctrl-C: end this process at once, at any moment (mid-save included), exit 130.
+
+    ``os._exit``, not KeyboardInterrupt: an exception raised by a signal handler that runs inside
+    an at-fork hook (dist_checkpointing forks its writers) or under a broad ``except`` is swallowed,
+    and the worker would train and save on. A partial ``iter_N.tmp`` is removed at the next start.
+    One line, from rank 0's own process (not from forked writer children), and none under
+    ``megatron_longpo.launch``, which says it for the whole job.
+    """
+    if os.getpid() == owner_pid and os.environ.get("RANK", "0") == "0" and not os.environ.get(LAUNCHER_ENV):
+        os.write(2, b"[longpo] interrupted: stopped at once without saving this step (exit 130)\n")
+    if os.getpid() == owner_pid:
+        # Helpers (Megatron's writer Manager, started immune to these signals) would outlive us
+        # and keep the job's output pipes open.
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    os._exit(130)
+
+
 class StopFlag:
     """SIGUSR1 / SIGTERM / SIGINT (or the stop file) -> stop at the next boundary; a second Ctrl-C
-    raises KeyboardInterrupt (stop now). The handler only sets a flag."""
+    stops now: ``exit_now`` (a training process) or KeyboardInterrupt (``hard_stop=False``, a
+    library caller). The handler only sets a flag otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, hard_stop: bool = False) -> None:
         self.received: Optional[int] = None
         self.interrupts = 0
+        self.hard_stop = hard_stop
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def install(self) -> "StopFlag":
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers exist only on the main thread (e.g. a library caller's worker)
+        self._pid = os.getpid()
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -114,8 +164,10 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
             self.interrupts += 1
-            if self.interrupts > 1:
-                raise KeyboardInterrupt  # second Ctrl-C: stop now
+            if self.interrupts > 1:  # second Ctrl-C: stop now
+                if self.hard_stop:
+                    exit_now(self._pid)
+                raise KeyboardInterrupt
         if self.received is None:
             self.received = signum
 

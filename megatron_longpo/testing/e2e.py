@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from megatron_longpo.checkpoint import load_model_checkpoint, read_model_config
@@ -82,3 +83,15 @@ def _load_weights(ckpt_dir):
     model = build_model(cfg, parallel_config())
     load_model_checkpoint(ckpt_dir, model, cfg)
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def wait_latest(proc: subprocess.Popen, ckpt: Path, at_least: int, timeout: float = 300) -> int:
+    """Wait until run dir ``ckpt`` points at iteration >= ``at_least`` while ``proc`` (stdout piped) runs."""
+    f = ckpt / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if f.exists() and int(f.read_text()) >= at_least:
+            return int(f.read_text())
+        assert proc.poll() is None, proc.stdout.read()[-5000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint >= {at_least} in {ckpt}")

@@ -23,7 +23,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -37,13 +36,19 @@ from megatron_longpo.checkpoint import (
     tokenizer_dir,
 )
 from megatron_longpo.checkpoint.format import TOKENIZER_DIR, iter_dir_name
-from megatron_longpo.checkpoint.integrity import CheckpointCorruptError, complete_iterations, verify_checkpoint
+from megatron_longpo.checkpoint.integrity import (
+    CheckpointCorruptError,
+    complete_iterations,
+    state_dict_bytes,
+    state_dict_numel,
+)
+from megatron_longpo.checkpoint.retention import prune, set_aside
 from megatron_longpo.checkpoint.model_io import load_sharded
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.runtime.distributed import rank, world_size
 from megatron_longpo.runtime.te_state import loading_te_extra_state
 
-__all__ = ["CheckpointError", "TrainState", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_training_checkpoint"]
+__all__ = ["CheckpointError", "TrainState", "estimate_save_bytes", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_training_checkpoint"]
 
 
 @dataclass
@@ -128,6 +133,20 @@ def saved_optimizer_sharding(train_state: dict, where: str) -> str:
     return kind
 
 
+# fp32 state tensors per parameter that the optimizer saves (Adam: two moments; RMSprop: square
+# average; SGD: momentum buffer); bf16 / fp16 parameters add an fp32 master copy.
+OPTIMIZER_STATES = {"adam": 2, "rmsprop": 1, "sgd": 1}
+
+
+def estimate_save_bytes(model, optimizer_name: str, params_dtype: str) -> int:
+    """This rank's share of the bytes a training checkpoint writes: its main-replica weights as
+    stored plus the fp32 optimizer state, known before a step runs (the optimizer's state tensors
+    exist only after the first step). Summed over ranks by the free-space check."""
+    sd = model_sharded_state_dict(model)  # every VPP chunk
+    fp32_per_param = OPTIMIZER_STATES[optimizer_name] + (0 if params_dtype == "fp32" else 1)
+    return state_dict_bytes(sd) + 4 * fp32_per_param * state_dict_numel(sd)
+
+
 SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
 
 
@@ -160,8 +179,9 @@ def resume_with_fallback(
     log=print,
 ) -> tuple[TrainState, Path]:
     """``load(iter_dir)`` on ``first``; if its files are damaged and ``fallback``, on the newest
-    intact earlier iteration of ``run_dir`` instead, saying what happened. Verification runs
-    before any tensor is read, so a damaged iteration leaves the model untouched."""
+    intact earlier iteration of ``run_dir`` instead, saying what happened and setting the damaged
+    one aside (``iter_N.damaged``: never loaded or counted by retention again). Verification runs
+    before any tensor is read, so a damaged iteration leaves the model untouched. Collective."""
     try:
         return load(first), first
     except CheckpointCorruptError as err:
@@ -172,6 +192,7 @@ def resume_with_fallback(
     for it in reversed([i for i in complete_iterations(Path(run_dir)) if i < current]):
         cand = Path(run_dir) / iter_dir_name(it)
         log(f"[longpo] WARNING: {damaged}\n[longpo] falling back to the previous complete checkpoint {cand}")
+        set_aside(damaged.iter_dir, damaged, log)
         try:
             return load(cand), cand
         except CheckpointCorruptError as err:
@@ -216,8 +237,11 @@ def save_training_checkpoint(
     keep_last: int = 2,
     source_checkpoint: Optional[str] = None,
     data_identity: Optional[dict] = None,
+    verify: str = "full",
+    log=print,
 ) -> Path:
-    """Save everything needed to resume at ``state.iteration``; prune to the newest ``keep_last``.
+    """Save everything needed to resume at ``state.iteration``; keep the newest ``keep_last``
+    intact iterations (:func:`megatron_longpo.checkpoint.retention.prune`, ``verify`` its check).
 
     ``source_checkpoint`` (the converted model the run started from) lends its ``source`` /
     ``tokenizer`` metadata and tokenizer files, so the run directory exports back to HF alone.
@@ -236,23 +260,11 @@ def save_training_checkpoint(
         extra.update({k: meta.extra[k] for k in ("source", "tokenizer") if k in meta.extra})
         src_tok = tokenizer_dir(source_checkpoint)
     final = save_sharded_checkpoint(run_dir, sd, model_cfg, iteration=state.iteration, extra_meta=extra)
-    if rank() == 0:
-        run = Path(run_dir)
-        if src_tok is not None and not (run / TOKENIZER_DIR).exists():
-            shutil.copytree(src_tok, run / TOKENIZER_DIR)
-        _prune(run, keep_last, keep=final.name)
-    if dist.is_initialized():
-        dist.barrier()
+    run = Path(run_dir)
+    if rank() == 0 and src_tok is not None and not (run / TOKENIZER_DIR).exists():
+        shutil.copytree(src_tok, run / TOKENIZER_DIR)
+    prune(run, keep_last, verify, log, current=state.iteration)  # collective
     return final
-
-
-def _prune(run: Path, keep_last: int, keep: str) -> None:
-    if keep_last <= 0:
-        return
-    done = sorted(d for d in run.glob("iter_*") if d.is_dir() and (d / "longpo_meta.json").is_file())
-    for d in done[:-keep_last]:
-        if d.name != keep:
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def load_checkpoint(
@@ -270,8 +282,8 @@ def load_checkpoint(
     """Load weights (any layout) and, unless ``finetune`` or the checkpoint is model-only, the
     optimizer, scheduler, RNG and data position. Returns the restored TrainState. The files are
     first checked against their save-time manifest (``verify``: full | size | none).
-    ``own_checkpoint``: the run resumes its own checkpoint.save, so TE may unpickle its FP8 state
-    (runtime/te_state.py)."""
+    ``own_checkpoint``: ``ckpt`` is this run's own ``checkpoint.save`` (resuming): TE may unpickle
+    its FP8 state (runtime/te_state.py), and the error advice differs (finetune does not apply)."""
     d = resolve_checkpoint_dir(ckpt)
     meta = read_meta(d)
     check_compatible(meta.model, _chunks(model)[0], model_cfg, str(d))
@@ -281,6 +293,13 @@ def load_checkpoint(
         saved, now = ts["layout"], layout_of(groups)
         # TP and PP may change: parameters and optimizer state are saved under global (layer-
         # offset, unsharded-shape) keys that dist_checkpointing reshards (tests/e2e/test_train.py).
+        if any(saved.get(k, 1) != now[k] for k in ("cp", "dp", "world")) and own_checkpoint:
+            run = d.parent
+            raise CheckpointError(
+                f"{d}: checkpoint.save={run} holds a run saved with layout {saved} but this run is {now}; its "
+                f"optimizer state resumes only with the same cp/dp and world size (tp and pp may change). Resume "
+                f"in that layout, or start a new run directory from its weights: checkpoint.save=NEW_DIR "
+                f"checkpoint.load={run} checkpoint.finetune=true (or delete {run} to start over)")
         if any(saved.get(k, 1) != now[k] for k in ("cp", "dp", "world")):
             raise CheckpointError(
                 f"{d}: optimizer state was saved with layout {saved} but this run is {now}; resume with the "
@@ -288,14 +307,13 @@ def load_checkpoint(
                 "weights only into the new layout"
             )
         sharding = saved_optimizer_sharding(ts, str(d))
-    verify_checkpoint(d, verify)
     sd = {"model": model_sharded_state_dict(model)}
     if full:
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True,
                                                        metadata=optimizer_sharding_metadata(sharding))
         sd["rng_state"] = _rng_object(None)
     # Module _extra_state may be absent either way (local-spec checkpoint into a TE model and back).
-    loaded, absent = load_sharded(sd, d)
+    loaded, absent = load_sharded(sd, d, verify=verify)
     if absent:
         raise CheckpointError(
             f"{d} lacks {len(absent)} entr(ies) this run needs, e.g. {absent[:4]}; it was saved by a different "

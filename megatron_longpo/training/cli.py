@@ -13,6 +13,7 @@ import sys
 from typing import Optional
 
 from megatron_longpo.config import ConfigError, load_config, validate
+from megatron_longpo.runtime.signals import die_with_launcher
 from megatron_longpo.training.memory_model import (
     GiB,
     cheapest_recompute,
@@ -51,6 +52,7 @@ def _error(e: BaseException) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     """``pretrain_longpo.py``: validate the config, then train (training/loop.py)."""
     config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    die_with_launcher()  # before the long torch import: a killed launcher takes this worker along
     try:
         world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
         validate(load_config(config, overrides), world)

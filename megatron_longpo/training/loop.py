@@ -34,12 +34,14 @@ from megatron_longpo.runtime.distributed import (
 )
 from megatron_longpo.training import preflight
 from megatron_longpo.checkpoint import CheckpointError, read_meta
-from megatron_longpo.checkpoint.integrity import remove_leftovers
+from megatron_longpo.checkpoint.integrity import remove_leftovers, require_free_space
+from megatron_longpo.checkpoint.lock import acquire_run_lock
 from megatron_longpo.data.indexed import load_metadata
 from megatron_longpo.data.pair_layout import rows_per_pair
 from megatron_longpo.reference.fingerprint import dataset_identity, describe_dataset_mismatch
 from megatron_longpo.training.checkpointing import (
     TrainState,
+    estimate_save_bytes,
     find_checkpoint,
     load_checkpoint,
     resume_with_fallback,
@@ -97,10 +99,12 @@ def _build_model(cfg: LongPOConfig) -> list:
                               ddp=True)
 
 
-def train(cfg: LongPOConfig) -> TrainResult:
+def train(cfg: LongPOConfig, hard_stop: bool = False) -> TrainResult:
+    """Train ``cfg``. ``hard_stop`` (the CLI): a second Ctrl-C ends the process at once, exit 130,
+    at any moment including mid-save; a library caller gets KeyboardInterrupt instead."""
     t_start = time.time()
     # Handlers only set a flag, so install them first: a signal during start-up is not lost.
-    stop = StopController.from_env(cfg.training.exit_duration_mins, start_time=t_start).install()
+    stop = StopController.from_env(cfg.training.exit_duration_mins, start_time=t_start, hard_stop=hard_stop).install()
     try:
         return _train(cfg, stop, t_start)
     finally:
@@ -111,6 +115,16 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
     init_distributed(cfg.parallel)
     world = dist.get_world_size()
     validate(cfg, world)
+    # One writer per run directory, taken before anything in it is read, removed or written.
+    lock = acquire_run_lock(cfg.checkpoint.save) if cfg.checkpoint.save else None
+    try:
+        return _train_locked(cfg, stop, t_start, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: LongPOConfig, stop: StopController, t_start: float, world: int) -> TrainResult:
     preflight.check_before_init(cfg)
     for note in te_version_notes(te_version(), cfg.parallel):  # TE outside setup.py's pin, FP8 resume policy
         _print0(f"[longpo] WARNING: {note}")
@@ -131,6 +145,10 @@ def _train(cfg: LongPOConfig, stop: StopController, t_start: float) -> TrainResu
     model = chunks[0] if len(chunks) == 1 else chunks
     ddp = ddps[0] if len(ddps) == 1 else ddps
     optimizer, scheduler = build_optimizer(ddps, cfg.optim, cfg.model, cfg.training.train_iters)
+    if cfg.checkpoint.save:  # refuse now, not after save_interval steps of GPU time
+        require_free_space(Path(cfg.checkpoint.save), estimate_save_bytes(model, cfg.optim.optimizer,
+                                                                          cfg.model.params_dtype),
+                           "save this run's checkpoints (checked at start-up)")
 
     data_id = _data_identity(cfg)
     state = _load_or_resume(cfg, model, optimizer, scheduler, groups, data_id)
@@ -249,7 +267,8 @@ def _save(cfg, state, model, optimizer, scheduler, groups, data_id: dict) -> Pat
     t = time.time()
     path = save_training_checkpoint(cfg.checkpoint.save, dataclasses.replace(state), model, optimizer, scheduler,
                            to_dict(cfg), groups, model_cfg=cfg.model, keep_last=cfg.checkpoint.keep_last,
-                           source_checkpoint=cfg.checkpoint.load, data_identity=data_id)
+                           source_checkpoint=cfg.checkpoint.load, data_identity=data_id,
+                           verify=cfg.checkpoint.verify, log=_print0)
     _print0(f"[longpo] saved {path} in {time.time() - t:.1f}s")
     return path
 
@@ -344,7 +363,7 @@ def _evaluate(cfg: LongPOConfig, ddp, data: TrainingData, groups: ParallelGroups
 def main(config_path: Optional[str], overrides: list[str]) -> int:
     cfg = load_config(config_path, overrides)
     try:
-        train(cfg)
+        train(cfg, hard_stop=True)
     finally:
         destroy()
     return 0

@@ -45,8 +45,9 @@ class StopController:
         end_time: Optional[float] = None,
         safety_s: float = DEFAULT_SAFETY_S,
         env: Optional[Mapping[str, str]] = None,
+        hard_stop: bool = False,
     ) -> None:
-        self.flag = StopFlag()
+        self.flag = StopFlag(hard_stop)
         self.env = env
         self.exit_duration_s = exit_duration_mins * 60 if exit_duration_mins else None
         self.start = start_time if start_time is not None else time.time()
@@ -58,12 +59,13 @@ class StopController:
 
     @classmethod
     def from_env(cls, exit_duration_mins: Optional[float] = None, start_time: Optional[float] = None,
-                 env: Optional[Mapping[str, str]] = None) -> "StopController":
-        """The launcher's knobs: LONGPO_JOB_END_TIME, LONGPO_STOP_SAFETY_S, LONGPO_STOP_FILE (docs/slurm.md)."""
+                 env: Optional[Mapping[str, str]] = None, hard_stop: bool = False) -> "StopController":
+        """The launcher's knobs: LONGPO_JOB_END_TIME, LONGPO_STOP_SAFETY_S, LONGPO_STOP_FILE (docs/slurm.md).
+        ``hard_stop``: a second Ctrl-C ends the process at once (exit 130; the training CLI)."""
         e = os.environ if env is None else env
         end = e.get("LONGPO_JOB_END_TIME") or None
         return cls(exit_duration_mins, start_time, end_time=float(end) if end else None,
-                   safety_s=float(e.get("LONGPO_STOP_SAFETY_S") or DEFAULT_SAFETY_S), env=env)
+                   safety_s=float(e.get("LONGPO_STOP_SAFETY_S") or DEFAULT_SAFETY_S), env=env, hard_stop=hard_stop)
 
     @property
     def received(self) -> Optional[int]:

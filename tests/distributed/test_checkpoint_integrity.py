@@ -88,7 +88,8 @@ def test_overwritten_bytes_are_named_and_earlier_iteration_offered(saved, tmp_pa
     raw[len(raw) // 2] ^= 0xFF  # same size, one byte flipped
     shard.write_bytes(bytes(raw))
     _fails(lambda: run_distributed(_load, 2, args=(str(run),)), f"{shard}: checksum", "bytes changed",
-           "checkpoint.load_iteration=1")
+           "checkpoint.load_iteration=1", f"use {run / 'iter_0000001'} instead")
+    run_distributed(_load, 2, args=(str(run / "iter_0000001"),))  # the advice every reader takes works
     run_distributed(_load, 2, args=(str(run), "size"))  # size-only verification cannot see a flip
 
 
@@ -120,3 +121,14 @@ def test_remove_leftovers(tmp_path):
     assert remove_leftovers(tmp_path, log=said.append) == ["iter_0000002.old", "iter_0000003.tmp"]
     assert [p.name for p in tmp_path.iterdir()] == ["iter_0000002"]
     assert len(said) == 2 and "interrupted" in said[0]
+
+
+def test_run_dir_without_latest_pointer_names_its_iterations_and_the_advice_works(saved, tmp_path):
+    # issue 25 item 8: "not a checkpoint" with no hint although complete iterations are there.
+    run = _copy(saved, tmp_path)
+    (run / "latest_checkpointed_iteration.txt").unlink()
+    _fails(lambda: run_distributed(_load, 2, args=(str(run),)),
+           "complete iteration(s) ['iter_0000001', 'iter_0000002']", f"e.g. {run / 'iter_0000002'}")
+    run_distributed(_load, 2, args=(str(run / "iter_0000002"),))  # the advice: name the iteration directory
+    (run / "latest_checkpointed_iteration.txt").write_text("2\n")  # or restore the pointer
+    run_distributed(_load, 2, args=(str(run),))

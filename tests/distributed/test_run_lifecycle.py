@@ -5,6 +5,7 @@ no reference cache is needed) exactly as ``pretrain_longpo.py`` would, on real c
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,10 @@ def _cfg(data: str, run: Path, **over):
 
 
 def _train(data, run, **over):
+    from megatron_longpo.checkpoint.integrity import forget_verified
     from megatron_longpo.training.loop import train
 
+    forget_verified()  # each training is a new process in real use
     r = train(_cfg(data, Path(run), **over))
     return {"iteration": r.iteration, "consumed": r.consumed_samples, "checkpoint": r.checkpoint}
 
@@ -54,7 +57,8 @@ def _metrics(run: Path, split: str = "train") -> list[dict]:
 
 
 def _snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    # The run's lock file names its current holder; it is not part of the checkpoint.
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".longpo.lock"}
 
 
 def _fails(fn, *needles):
@@ -168,3 +172,130 @@ def test_num_epochs_sets_train_iters_and_logs_the_epoch(datasets, tmp_path):
     out = train(a, tmp_path, **{"training.num_epochs": 1.5, "training.train_iters": 999})
     assert out["iteration"] == 6
     assert [m["epoch"] for m in _metrics(tmp_path)] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+def _flip(path: Path, every: int = 20_000) -> None:
+    b = bytearray(path.read_bytes())
+    for i in range(0, len(b), every):
+        b[i] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def _iters(ckpt: Path) -> list[str]:
+    return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_"))
+
+
+def test_retention_counts_only_intact_iterations_and_sets_damaged_aside(datasets, tmp_path):
+    # issue 25 item 2: iter_2 intact, iter_4 damaged; the resume falls back to 2 and saves 3: the old
+    # retention kept 3 and the damaged 4 and deleted the intact 2.
+    a, _ = datasets
+    ckpt = tmp_path / "ckpt"
+    train(a, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.keep_last": 2})
+    _flip(sorted((ckpt / "iter_0000004").glob("*.distcp"))[0])
+    out = train(a, tmp_path, **{"training.train_iters": 3, "checkpoint.keep_last": 2,
+                                "optim.scheduler_on_resume": "config"})
+    assert out["iteration"] == 3
+    assert _iters(ckpt) == ["iter_0000002", "iter_0000003", "iter_0000004.damaged"]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    # A damaged iteration the run never loaded (checkpoint.load_iteration picks an older one) is
+    # verified before retention counts it: keep_last=1 keeps the newest intact, not the damaged 4.
+    shutil.rmtree(ckpt)
+    train(a, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.keep_last": 0})
+    _flip(sorted((ckpt / "iter_0000004").glob("*.distcp"))[0])
+    train(a, tmp_path, **{"training.train_iters": 3, "checkpoint.keep_last": 1, "checkpoint.load_iteration": 2,
+                          "optim.scheduler_on_resume": "config"})
+    assert _iters(ckpt) == ["iter_0000003", "iter_0000004.damaged"]
+
+
+def _train_on_disk(data, run, free_bytes=None, fail_save=None, **over):
+    """_train with the file system reporting ``free_bytes`` free and/or the ``fail_save``-th save's
+    shard writes failing with ENOSPC half-way (as a full disk does); returns the outcome."""
+    import errno
+    import shutil as sh
+    from collections import namedtuple
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    from megatron_longpo.checkpoint import integrity
+    from megatron_longpo.checkpoint.model_io import CheckpointSaveError
+    from megatron_longpo.config import ConfigError
+
+    usage, write_item, saves = sh.disk_usage, fa._write_item, []
+    if free_bytes is not None:
+        du = namedtuple("usage", "total used free")
+        integrity.shutil.disk_usage = lambda _p: du(10 ** 12, 10 ** 12 - free_bytes, free_bytes)
+
+    def full_disk(*a, **k):
+        stream = next(x for x in a if hasattr(x, "write"))
+        stream.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from megatron_longpo.checkpoint import model_io
+
+    real_save = model_io.dist_checkpointing.save
+
+    def counting_save(*a, **k):
+        saves.append(1)
+        fa._write_item = full_disk if len(saves) == fail_save else write_item
+        return real_save(*a, **k)
+
+    model_io.dist_checkpointing.save = counting_save
+    try:
+        return {"ok": _train(data, run, **over)}
+    except CheckpointSaveError as e:
+        return {"save_error": str(e)}
+    except ConfigError as e:
+        return {"error": str(e)}
+    finally:
+        integrity.shutil.disk_usage, fa._write_item = usage, write_item
+        model_io.dist_checkpointing.save = real_save
+
+
+def train_on_disk(data, run, **kw):
+    return run_distributed(_train_on_disk, 1, args=(data, str(run)), kwargs=kw, timeout=300)[0]
+
+
+def test_disk_space_is_checked_at_startup_with_a_proportional_margin(datasets, tmp_path):
+    # issue 25 item 4: the check ran only at save time, after save_interval steps, and added a fixed
+    # 64 MiB (a 2.6 MB save was refused on a 20 MiB file system).
+    a, _ = datasets
+    out = train_on_disk(a, tmp_path, free_bytes=20 << 20)
+    assert "ok" in out, out
+    d = tmp_path / "ckpt" / "iter_0000004"
+    on_disk = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+    out = train_on_disk(a, tmp_path / "small", free_bytes=on_disk // 2)
+    assert "checked at start-up" in out.get("error", ""), out
+    assert not (tmp_path / "small" / "metrics.jsonl").exists()  # no step ran
+    # The estimate covers what a save writes (weights + optimizer state), within the margin.
+    from megatron_longpo.checkpoint.integrity import save_bytes_needed
+    need = float(out["error"].split("needs about ")[1].split(" MiB")[0]) * 2 ** 20
+    assert on_disk <= need <= save_bytes_needed(int(on_disk * 1.05)), (on_disk, need)
+
+
+def test_disk_full_mid_write_is_one_line_and_keeps_earlier_checkpoints(datasets, tmp_path):
+    # issue 25 item 4: ENOSPC inside Megatron's writer arrives as torch DCP's CheckpointException (not an
+    # OSError): ~40-line tracebacks per rank and iter_N.tmp left behind.
+    a, _ = datasets
+    out = train_on_disk(a, tmp_path, fail_save=2, **{"checkpoint.save_interval": 2})
+    msg = out.get("save_error", "")
+    assert "No space left on device" in msg and "iter_0000004.tmp was removed" in msg, out
+    assert "iter_0000002, is intact" in msg and "\n" not in msg and "Traceback" not in msg, msg
+    ckpt = tmp_path / "ckpt"
+    assert _iters(ckpt) == ["iter_0000002"]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_layout_change_on_a_run_names_a_fix_that_works(datasets, tmp_path):
+    # issue 25 item 8: the refusal said "set checkpoint.finetune=true", which a resume of
+    # checkpoint.save ignores. Its advice now: a new run directory loading the old run's weights.
+    a, _ = datasets
+    train(a, tmp_path)
+    run = tmp_path / "ckpt"
+    with pytest.raises(DistributedTestError) as e:
+        run_distributed(_train, 2, args=(a, str(tmp_path)), kwargs={"training.train_iters": 6}, timeout=300)
+    msg = str(e.value)
+    assert f"checkpoint.save=NEW_DIR checkpoint.load={run} checkpoint.finetune=true" in msg, msg[-3000:]
+    new = tmp_path / "new"
+    out = run_distributed(_train, 2, args=(a, str(new)), kwargs={"checkpoint.load": run, "checkpoint.finetune": "true",
+                                                                "training.train_iters": 2}, timeout=300)[0]
+    assert out["iteration"] == 2 and out["checkpoint"].startswith(str(new / "ckpt"))

@@ -25,6 +25,7 @@ from megatron_longpo.testing.e2e import (
     run_cli,
     torchrun,
     train_overrides,
+    wait_latest,
 )
 
 pytestmark = pytest.mark.slow
@@ -125,17 +126,6 @@ def _launch(d, run, **extra):
                             start_new_session=True)
 
 
-def _wait_latest(proc, ckpt: Path, at_least: int, timeout=300):
-    f = ckpt / "latest_checkpointed_iteration.txt"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if f.exists() and int(f.read_text()) >= at_least:
-            return int(f.read_text())
-        assert proc.poll() is None, proc.stdout.read()[-5000:]
-        time.sleep(0.05)
-    raise TimeoutError(f"no checkpoint >= {at_least} in {ckpt}")
-
-
 def test_sigterm_to_whole_tree_after_a_save_gives_complete_checkpoint(prepared):
     """As Slurm, `kill -- -PGID` or a container runtime do: SIGTERM to EVERY process (launcher,
     workers and the checkpoint writer's helper process started by the first save). The helper
@@ -145,7 +135,7 @@ def test_sigterm_to_whole_tree_after_a_save_gives_complete_checkpoint(prepared):
     run = "sigterm_tree"
     proc = _launch(prepared, run, **{"training.train_iters": 400, "checkpoint.save_interval": 2})
     ckpt = prepared / run / "ckpt"
-    periodic = _wait_latest(proc, ckpt, 2)
+    periodic = wait_latest(proc, ckpt, 2)
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     assert len(tree) >= 4, [p.cmdline() for p in tree]  # launcher, 2 workers, >= 1 helper
     for p in tree:
@@ -155,7 +145,7 @@ def test_sigterm_to_whole_tree_after_a_save_gives_complete_checkpoint(prepared):
     for bad in ("Traceback", "BrokenPipeError", "EOFError"):
         assert bad not in out, out[-5000:]
     stopped = int(out.split("stopping at step ")[1].split()[0])
-    assert _wait_latest(proc, ckpt, 0) == stopped > periodic  # a new, complete checkpoint
+    assert wait_latest(proc, ckpt, 0) == stopped > periodic  # a new, complete checkpoint
     assert (ckpt / f"iter_{stopped:07d}" / "longpo_meta.json").is_file()
     assert not list(ckpt.glob("*.tmp"))
 
@@ -165,7 +155,7 @@ def test_ctrl_c_saves_and_exits_zero_twice_stops_now(prepared):
     run = "ctrl_c"
     proc = _launch(prepared, run, **{"training.train_iters": 400, "checkpoint.save_interval": 2})
     ckpt = prepared / run / "ckpt"
-    periodic = _wait_latest(proc, ckpt, 2)
+    periodic = wait_latest(proc, ckpt, 2)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-5000:]
