@@ -345,7 +345,7 @@ def test_precompute_rejects_bad_inputs_early(world, tmp_path, monkeypatch):
     existing = write_fake_cache(tmp_path / "exists", world["data"], world["ckpt"])
     with pytest.raises(PrecomputeError, match="already exists; pass --overwrite"):
         precompute(PrecomputeOptions(**dict(opts, output=str(existing))))
-    with pytest.raises(PrecomputeError, match="must be a multiple of --tp 3"):
+    with pytest.raises(PrecomputeError, match="must be a multiple of --tp x --pp = 3"):
         precompute(PrecomputeOptions(**dict(opts, tp=3)))
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(PrecomputeError, match="cannot run with --tp 4"):  # 2 query groups
