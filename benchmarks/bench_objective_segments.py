@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_shared_prefix import _peak_rss_mib, _rss_now_mib, make_batch  # noqa: E402  (sibling script)
+from bench_shared_prefix import make_batch, peak_growth_mib, run_worker  # noqa: E402  (sibling script)
 
 CASES = {
     "w0-sequence": dict(mode="dpo", nll_weight=0.0, nll_target="sequence"),
@@ -78,16 +77,7 @@ def worker(args: argparse.Namespace) -> dict:
     cuda = torch.cuda.is_available()
     if args.mode == "memory":
         step, scored = _step_fn(model, mcfg, groups, args.case, args)
-        if cuda:
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            base = _rss_now_mib()
-        for _ in range(2):
-            step()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _peak_rss_mib() - base
-        return dict(peak_mib=peak, scored=scored)
+        return dict(peak_mib=peak_growth_mib(step), scored=scored)
     steps = {c: _step_fn(model, mcfg, groups, c, args)[0] for c in CASES}
     for fn in steps.values():
         fn()
@@ -101,12 +91,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace, mode: str, case: str = "") -> dict:
-    cmd = [sys.executable, __file__, f"--prefix={args.prefix}", f"--response={args.response}",
-           f"--iters={args.iters}", f"--mode={mode}", f"--case={case}"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"{mode} {case} run failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, [f"--prefix={args.prefix}", f"--response={args.response}", f"--iters={args.iters}",
+                                 f"--mode={mode}", f"--case={case}"], f"{mode} {case}")
 
 
 def main() -> None:
