@@ -4,13 +4,16 @@
 
 One preference pair (two_sequences: a ``--prefix``-token document + instruction, then a chosen
 and a rejected response of ``--response`` tokens) through the real step,
-``training.step.microbatch_forward`` + backward, on a tiny model (2 layers, hidden 64), for:
+``training.step.microbatch_forward`` + backward, on a tiny model (2 layers, hidden 64) with a
+``--vocab``-sized output layer (default 32000, Mistral's: the per-position log-prob cost is a
+[positions, vocab] product, so a toy vocabulary would hide it), for:
 - ``dpo nll_weight=0 nll_target=sequence``: no NLL term, so the chosen sequence is not scored
   (before the objective registry it was: every chosen position went through the vocab log-prob);
 - ``dpo nll_weight=0 nll_target=responses``: the same objective; must cost the same as above;
 - ``dpo nll_weight=1 nll_target=sequence``: the NLL over the whole chosen sequence is a term,
   so every chosen position is scored (what the first row cost before).
-Time: all three in one process, alternating, minimum of ``--iters`` steps after a warm-up.
+Time: all three in one process, one after the other, each the minimum of ``--iters`` steps after
+its own warm-up.
 Memory: each alone in a fresh process, growth of the peak RSS over two steps (CPU) or
 ``max_memory_allocated`` above the memory held before (CUDA). CPU runs are single-threaded.
 """
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_shared_prefix import _peak_rss_mib, _rss_now_mib, make_batch  # noqa: E402  (sibling script)
+from bench_shared_prefix import make_batch, peak_growth_mib, run_worker  # noqa: E402  (sibling script)
 
 CASES = {
     "w0-sequence": dict(mode="dpo", nll_weight=0.0, nll_target="sequence"),
@@ -48,7 +50,7 @@ def _setup(args: argparse.Namespace):
     groups = init_model_parallel(pcfg)
     set_seed(0)
     mcfg = tiny_model_config("llama", max_position_embeddings=args.prefix + 2 * args.response + 128,
-                             params_dtype="bf16" if torch.cuda.is_available() else "fp32")
+                             vocab_size=args.vocab, params_dtype="bf16" if torch.cuda.is_available() else "fp32")
     return mcfg, groups, build_model(mcfg, pcfg)
 
 
@@ -78,22 +80,12 @@ def worker(args: argparse.Namespace) -> dict:
     cuda = torch.cuda.is_available()
     if args.mode == "memory":
         step, scored = _step_fn(model, mcfg, groups, args.case, args)
-        if cuda:
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            base = _rss_now_mib()
-        for _ in range(2):
-            step()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _peak_rss_mib() - base
-        return dict(peak_mib=peak, scored=scored)
-    steps = {c: _step_fn(model, mcfg, groups, c, args)[0] for c in CASES}
-    for fn in steps.values():
-        fn()
+        return dict(peak_mib=peak_growth_mib(step), scored=scored)
     best = {c: float("inf") for c in CASES}
-    for _ in range(args.iters):
-        for c, fn in steps.items():
+    for c in CASES:  # one case at a time after its own warm-up: a large case's freed memory does not
+        fn = _step_fn(model, mcfg, groups, c, args)[0]  # bill page faults to the next one
+        fn()
+        for _ in range(args.iters):
             t0 = time.perf_counter()
             fn()
             best[c] = min(best[c], time.perf_counter() - t0)
@@ -101,12 +93,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace, mode: str, case: str = "") -> dict:
-    cmd = [sys.executable, __file__, f"--prefix={args.prefix}", f"--response={args.response}",
-           f"--iters={args.iters}", f"--mode={mode}", f"--case={case}"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"{mode} {case} run failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, [f"--prefix={args.prefix}", f"--response={args.response}", f"--iters={args.iters}",
+                                 f"--vocab={args.vocab}", f"--mode={mode}", f"--case={case}"], f"{mode} {case}")
 
 
 def main() -> None:
@@ -114,6 +102,7 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=16384)
     ap.add_argument("--response", type=int, default=64)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--mode", default="", help=argparse.SUPPRESS)  # internal: memory | timing
     ap.add_argument("--case", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -122,7 +111,7 @@ def main() -> None:
         return
     mem = {c: _run(args, "memory", c) for c in CASES}
     tim = _run(args, "timing")
-    print(f"device: {tim['device']}; prefix {args.prefix}, responses {args.response} each; loss.mode=dpo; "
+    print(f"device: {tim['device']}; prefix {args.prefix}, responses {args.response} each, vocab {args.vocab}; loss.mode=dpo; "
           f"forward + loss + backward through training.step.microbatch_forward, time = min of {args.iters} steps")
     print(f"{'case':<28}{'scored positions':>17}{'s/step':>9}{'peak MiB':>10}")
     for c, kw in CASES.items():

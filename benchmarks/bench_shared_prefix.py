@@ -139,10 +139,9 @@ def _step_fn(model, mcfg, groups, layout: str, args: argparse.Namespace):
     return step, int(batch.tokens.numel())
 
 
-def memory_worker(args: argparse.Namespace) -> dict:
-    """Peak memory growth (MiB) of one layout's step, alone in this fresh process."""
-    mcfg, groups, model = _setup(args)
-    step, tokens = _step_fn(model, mcfg, groups, args.layout, args)
+def peak_growth_mib(step, steps: int = 2) -> float:
+    """Peak memory growth (MiB) over ``steps`` calls of ``step``: CUDA max_memory_allocated above
+    the memory held before, else the growth of the process's peak RSS over its current RSS."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
@@ -150,10 +149,16 @@ def memory_worker(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_now_mib()
-    for _ in range(2):
+    for _ in range(steps):
         step()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _peak_rss_mib() - base
-    return dict(layout=args.layout, tokens=tokens, peak_mib=peak)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _peak_rss_mib() - base
+
+
+def memory_worker(args: argparse.Namespace) -> dict:
+    """Peak memory growth (MiB) of one layout's step, alone in this fresh process."""
+    mcfg, groups, model = _setup(args)
+    step, tokens = _step_fn(model, mcfg, groups, args.layout, args)
+    return dict(layout=args.layout, tokens=tokens, peak_mib=peak_growth_mib(step))
 
 
 def timing_worker(args: argparse.Namespace) -> dict:
@@ -173,13 +178,18 @@ def timing_worker(args: argparse.Namespace) -> dict:
     return dict(secs=best, device=dev)
 
 
-def _run(args: argparse.Namespace, mode: str, layout: str = "") -> dict:
-    cmd = [sys.executable, __file__, f"--prefix={args.prefix}", f"--response={args.response}",
-           f"--iters={args.iters}", f"--arch={args.arch}", f"--threads={args.threads}", f"--mode={mode}", f"--layout={layout}"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+def run_worker(script: str, flags: list[str], what: str) -> dict:
+    """Run ``script flags`` in a fresh process; its last stdout line is a JSON result."""
+    out = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True)
     if out.returncode:
-        sys.exit(f"{mode} {layout} run failed:\n{out.stderr[-4000:]}")
+        sys.exit(f"{what} run failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run(args: argparse.Namespace, mode: str, layout: str = "") -> dict:
+    return run_worker(__file__, [f"--prefix={args.prefix}", f"--response={args.response}", f"--iters={args.iters}",
+                                 f"--arch={args.arch}", f"--threads={args.threads}", f"--mode={mode}",
+                                 f"--layout={layout}"], f"{mode} {layout}")
 
 
 def main() -> None:

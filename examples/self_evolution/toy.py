@@ -25,10 +25,20 @@ from megatron_longpo.data.templates import get_template
 from megatron_longpo.data.tokenizer import Tokenizer as ProjectTokenizer
 from megatron_longpo.evaluation.haystack import get_haystack
 from megatron_longpo.evaluation.prompts import TokenCounter, make_sample
-from megatron_longpo.evaluation.tasks import KV_KEYS, KV_VALUES, kv_record, kv_recall_question
+from megatron_longpo.evaluation.tasks import (
+    KV_KEYS,
+    KV_VALUES,
+    kv_assign_question,
+    kv_assign_record,
+    kv_record,
+    kv_recall_question,
+)
 from megatron_longpo.generation.backends import CHATML_TEMPLATE
 
 TASK = "kv_recall"
+# The held-out short skill: the same lookup in another format (records ``let bako plum;``), trained
+# into the base next to TASK and never part of the LongPO data (docs/self_evolution.md).
+HELDOUT_TASK = "kv_assign"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Seeds of training material start here; the evaluation suites use suite_seed * 100003 + i (small).
 TRAIN_SEED_BASE = 1_000_000_000
@@ -43,6 +53,8 @@ def _corpus(n: int, seed: int) -> Iterator[str]:
         yield (f"<|im_start|>user{kv_record(k, rng.choice(KV_VALUES))}\n\n{kv_recall_question(k)}"
                f"<|im_end|>\n<|im_start|>assistant\nKey {k} {rng.choice(KV_VALUES)}.<|im_end|>\n "
                + " ".join(rng.choice(words) for _ in range(8)))
+        yield (f"<|im_start|>user{kv_assign_record(k, rng.choice(KV_VALUES))}\n\n{kv_assign_question(k)}"
+               f"<|im_end|>\n<|im_start|>assistant\nLet {k} {rng.choice(KV_VALUES)}.<|im_end|>\n")
 
 
 def build_tokenizer(out: Path, vocab_size: int = 1024) -> Path:
@@ -105,7 +117,8 @@ class TrainingSamples:
     The blank line before the first record is dropped at random, because LongPO's short contexts
     (paragraph-trimmed chunks) start without one."""
 
-    def __init__(self, tokenizer_dir: Path, min_len: int, max_len: int, turns: int = 4):
+    def __init__(self, tokenizer_dir: Path, min_len: int, max_len: int, turns: int = 4, task: str = TASK):
+        self.task = task
         self.tok = ProjectTokenizer(tokenizer_dir)
         self.template = get_template("tokenizer", self.tok)
         self.counter = TokenCounter(self.tok)
@@ -115,21 +128,23 @@ class TrainingSamples:
     def sample(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         rng = random.Random(seed)
         length = rng.randint(self.min_len, self.max_len)
-        s = make_sample(TASK, length, TRAIN_SEED_BASE + seed, self.template, self.counter, self.haystack)
+        s = make_sample(self.task, length, TRAIN_SEED_BASE + seed, self.template, self.counter, self.haystack)
         inst = s.instance
         context = "".join(inst.context)
         if rng.random() < 0.5:
             context = context[2:] if context.startswith("\n\n") else context
-        records = dict(_record(r) for r in inst.context)
-        keys = [_record(r)[0] for r in inst.context]
-        first = _record(inst.needles[0])[0]
+        parse = _FORMATS[self.task][0]
+        records = dict(parse(r) for r in inst.context)
+        keys = [parse(r)[0] for r in inst.context]
+        first = parse(inst.needles[0])[0]
         others = [k for k in dict.fromkeys(keys) if keys.count(k) == 1 and k != first]
         asked = [first] + rng.sample(others, min(len(others), self.turns - 1))
         segments: list[tuple[str, int]] = []
+        question, answer = _FORMATS[self.task][1:]
         for i, k in enumerate(asked):
-            user = (context + "\n\n" + kv_recall_question(k)) if i == 0 else kv_recall_question(k)
+            user = (context + "\n\n" + question(k)) if i == 0 else question(k)
             segments.append((("" if i == 0 else "\n") + f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", 0))
-            segments.append((f"Key {k} {records[k]}.<|im_end|>", 1))
+            segments.append((answer(k, records[k]) + "<|im_end|>", 1))
         ids = [self.counter.ids(t) for t, _ in segments]
         tokens = np.concatenate(ids)
         mask = np.concatenate([np.full(len(x), m, np.int64) for x, (_, m) in zip(ids, segments)])
@@ -163,6 +178,30 @@ def _record(text: str) -> tuple[str, str]:
     """(key, value) of a kv_recall record."""
     _, key, value = text.strip().rstrip(".").split(" ")
     return key, value
+
+
+def _assign_record(text: str) -> tuple[str, str]:
+    """(key, value) of a kv_assign record."""
+    _, key, value = text.strip().rstrip(";").split(" ")
+    return key, value
+
+
+# task -> (record parser, question, assistant answer): the conversation format of each trained skill.
+_FORMATS = {
+    TASK: (_record, kv_recall_question, lambda k, v: f"Key {k} {v}."),
+    HELDOUT_TASK: (_assign_record, kv_assign_question, lambda k, v: f"Let {k} {v}."),
+}
+
+
+class Mixture:
+    """Samples of several sources, the source picked by the seed (a fixed interleaving)."""
+
+    def __init__(self, *sources):
+        self.sources = sources
+        self.tok = sources[0].tok
+
+    def sample(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sources[seed % len(self.sources)].sample(seed)
 
 
 def batches(samples: TrainingSamples, batch_size: int, seed: int, pad_id: int) -> Iterator[tuple[torch.Tensor, ...]]:
