@@ -101,7 +101,7 @@ def convert_hf_to_megatron(
     verify_seq_len: int = 64,
     progress: bool = True,
 ) -> ImportResult:
-    """Convert an HF Llama / Mistral / Qwen2 directory into a checkpoint run directory ``out``."""
+    """Convert an HF directory of a supported family (architectures.py) into a checkpoint run directory ``out``."""
     start = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
     if dtype not in ("bf16", "fp32"):

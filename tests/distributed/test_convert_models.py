@@ -30,6 +30,10 @@ VARIANTS = {
     "llama": dict(legacy_config=True),  # MHA (ratio 1), untied, llama3 rope scaling, 4.x config layout
     "mistral": dict(max_shard_size="60KB"),  # GQA 4, untied, sharded safetensors + index, vocab pad differs per TP
     "qwen2": dict(),  # GQA 7, QKV bias, tied embeddings
+    "qwen3": dict(),  # q/k norm, head_dim 24 != hidden / heads, tied
+    "qwen3_untied": dict(family="qwen3", tie_word_embeddings=False),
+    "qwen3_moe": dict(),  # 4 experts top-2, norm_topk_prob false, q/k norm
+    "mixtral": dict(max_shard_size="60KB"),  # 4 experts top-2 renormalised, GQA 4, sharded safetensors
 }
 
 
@@ -49,7 +53,7 @@ def _logits(ckpt: str, tp: int, tokens: torch.Tensor) -> torch.Tensor:
     from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
 
     cfg = dataclasses.replace(read_model_config(ckpt), params_dtype="fp32", transformer_impl="local")
-    pcfg = parallel_config(tp=tp)
+    pcfg = parallel_config(tp=tp, sequence_parallel=tp > 1 and cfg.num_experts is not None)  # MoE + TP needs SP
     init_model_parallel(pcfg)
     set_seed(123)  # random init is overwritten by the load
     model = build_model(cfg, pcfg)
@@ -67,7 +71,8 @@ def _converted(name: str, tmp_path_factory) -> Path:
     """Build the tiny HF model ``name`` and convert it there and back (once per module)."""
     if name not in _CACHE:
         work = tmp_path_factory.mktemp(f"conv_{name}")
-        build_tiny_hf(work / "hf", name, **VARIANTS[name])
+        opts = dict(VARIANTS[name])
+        build_tiny_hf(work / "hf", opts.pop("family", name), **opts)
         run_distributed(_convert, 1, args=(str(work / "hf"), str(work), "fp32"))
         _CACHE[name] = work
     return _CACHE[name]

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Lowest first. A unit is a top-level module or sub-package of the package.
 LAYERS: list[set[str]] = [
-    {"__init__", "fsutil", "gpu_rules"},  # pure helpers, no project imports
+    {"__init__", "fsutil", "gpu_rules", "architectures"},  # pure helpers + the family table, no project imports
     {"config"},  # typed config + validate()
     {"runtime"},  # process groups, capabilities, CPU compat, signals
     {"models", "data", "loss", "checkpoint"},
