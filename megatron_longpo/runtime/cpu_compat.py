@@ -28,6 +28,10 @@ ever active on a GPU run. Each patch, and why it is needed:
    but the MoE router's gating (``RouterGatingLinearFunction``) tests it unconditionally: a
    NameError on every MoE forward without TE. It is defined as ``None`` (the router then uses
    ``torch.matmul``, the same math). Applied only where TE is absent.
+8. The MoE alltoall token dispatcher turns its split sizes into numpy arrays with
+   ``moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)``, which converts only CUDA tensors;
+   on CPU the splits stay tensors and gloo's ``all_to_all_single`` rejects them. The replacement
+   also converts CPU tensors when ``as_numpy`` is asked (patched where the dispatcher imported it).
 
 The normalisation layers of the local spec are the project's own RMSNorm
 (:mod:`megatron_longpo.models.norm`), which tolerates sequence parallelism, so no patch is needed
@@ -149,10 +153,22 @@ def enable() -> bool:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
+    # deferred: harness workers enable these patches before megatron-core loads
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _move_tensor_to_cpu
+
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True
     return True
+
+
+def _move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """megatron's ``maybe_move_tensor_to_cpu`` for CPU tensors: numpy when asked (patch 8)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
 
 
 class _DummyStream:

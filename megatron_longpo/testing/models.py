@@ -25,15 +25,16 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
     "qwen3": dict(arch="qwen3", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                   num_query_groups=2, kv_channels=24, vocab_size=260, rope_theta=1e6, norm_epsilon=1e-6,
                   qk_layernorm=True, tie_word_embeddings=True),
-    # 4 experts, top-2 without renormalisation (Qwen3-MoE norm_topk_prob=false), aux loss on
+    # 4 experts, top-2 without renormalisation (Qwen3-MoE norm_topk_prob=false); aux loss off
+    # (the serial brute-force references have none; tests turn it on with moe_aux_loss_coeff)
     "qwen3_moe": dict(arch="qwen3_moe", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                       num_query_groups=2, vocab_size=260, rope_theta=1e6, norm_epsilon=1e-6, qk_layernorm=True,
                       num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, moe_norm_topk_prob=False,
-                      moe_aux_loss_coeff=0.01),
+                      moe_aux_loss_coeff=0.0),
     # 4 experts, top-2 renormalised, GQA 4:1
     "mixtral": dict(arch="mixtral", num_layers=2, hidden_size=64, ffn_hidden_size=80, num_attention_heads=8,
                     num_query_groups=2, vocab_size=280, rope_theta=1e6, norm_epsilon=1e-5,
-                    num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.01),
+                    num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.0),
 }
 
 
