@@ -24,6 +24,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
 from megatron.core.utils import get_model_config
 
 from megatron_longpo.config import LossConfig
@@ -191,6 +196,7 @@ def forward_backward(
         return loss, loss_func
 
     fb = get_forward_backward_func()
+    clear_aux_losses_tracker()
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         store = fb(
             forward_step_func=forward_step,
@@ -201,7 +207,26 @@ def forward_backward(
             micro_batch_size=micro_batches[0].num_pairs,
             forward_only=forward_only,
         )
-    return average_metrics(store, groups.dp_group)
+    metrics = average_metrics(store, groups.dp_group)
+    # ---- MoE load-balancing loss (objective term; i22) -------------------------------------------
+    # Megatron's router adds model.moe_aux_loss_coeff * aux to the objective's gradient itself
+    # (MoEAuxLossAutoScaler, scaled by cp / num_microbatches like the main loss, then DDP's mean);
+    # here the term's value joins the metrics. ``loss`` stays the LongPO objective.
+    if not forward_only and config.num_moe_experts and config.moe_aux_loss_coeff:
+        metrics["moe/aux_loss"] = moe_aux_loss(config.moe_aux_loss_coeff, len(micro_batches))
+    return metrics
+
+
+def moe_aux_loss(coeff: float, num_microbatches: int) -> float:
+    """coeff * (load-balancing loss summed over MoE layers), averaged over micro-batches and DP
+    ranks (each layer's value summed over its TP x CP token shards first, as Megatron computes it)."""
+    tracker = get_moe_layer_wise_logging_tracker()
+    if "load_balancing_loss" not in tracker:
+        return 0.0
+    reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+    value = float(tracker["load_balancing_loss"]["values"].sum()) * coeff / num_microbatches
+    clear_aux_losses_tracker()
+    return value
 
 
 @dataclass

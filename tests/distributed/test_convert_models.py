@@ -45,7 +45,7 @@ def _convert(hf_dir: str, work: str, dtype: str, verify: bool = False) -> dict:
     return dict(verify=imp.verify, verify_back=exp.verify, tokenizer_files=exp.tokenizer_files)
 
 
-def _logits(ckpt: str, tp: int, tokens: torch.Tensor) -> torch.Tensor:
+def _logits(ckpt: str, tp: int, tokens: torch.Tensor, ep: int = 1) -> torch.Tensor:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_longpo.checkpoint import load_model_checkpoint, read_model_config
@@ -53,7 +53,7 @@ def _logits(ckpt: str, tp: int, tokens: torch.Tensor) -> torch.Tensor:
     from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
 
     cfg = dataclasses.replace(read_model_config(ckpt), params_dtype="fp32", transformer_impl="local")
-    pcfg = parallel_config(tp=tp, sequence_parallel=tp > 1 and cfg.num_experts is not None)  # MoE + TP needs SP
+    pcfg = parallel_config(tp=tp, ep=ep, sequence_parallel=tp > 1 and cfg.num_experts is not None)  # MoE + TP needs SP
     init_model_parallel(pcfg)
     set_seed(123)  # random init is overwritten by the load
     model = build_model(cfg, pcfg)
@@ -89,6 +89,33 @@ def test_megatron_logits_match_transformers_tp1_tp2(name, tmp_path_factory):
     tp2 = run_distributed(_logits, 2, args=(str(work / "megatron"), 2, tokens))
     for got in [tp1, *tp2]:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=3e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_moe_logits_match_transformers_at_ep2(name, tmp_path_factory):
+    """The converted MoE checkpoint loaded with experts split over 2 ranks (EP=2: tokens leave
+    their rank for the expert's) gives HF's logits; every expert of every layer receives tokens."""
+    work = _converted(name, tmp_path_factory)
+    cfg = json.loads((work / "hf" / "config.json").read_text())
+    tokens = random_tokens(2, 48, cfg["vocab_size"], seed=11)
+    ref, counts = _hf_logits_and_expert_counts(work / "hf", tokens)
+    assert (counts > 0).all(), f"an expert received no tokens: {counts.tolist()}"
+    outs = run_distributed(_logits, 2, args=(str(work / "megatron"), 1, tokens, 2))
+    for got in outs:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=3e-5)
+
+
+@torch.no_grad()
+def _hf_logits_and_expert_counts(hf_dir: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF fp32 logits and, per layer and expert, how many tokens HF's router sent there."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    out = model(input_ids=tokens, use_cache=False, output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    counts = torch.stack([torch.bincount(r.topk(k, -1).indices.reshape(-1), minlength=r.shape[-1])
+                          for r in out.router_logits])
+    return out.logits.float(), counts
 
 
 def _hf_tensors(d: Path) -> dict[str, torch.Tensor]:

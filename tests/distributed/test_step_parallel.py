@@ -264,3 +264,58 @@ def test_bad_batches_are_rejected_before_the_model_runs():
 
     with pytest.raises(ValueError, match="shared_prefix needs the project attention"):
         microbatch_forward(PlainCausalModel(), shared, groups, cfg, 100, False)
+
+
+AUX = dict(moe_aux_loss_coeff=0.05)
+
+
+def aux_probe(full_sd: dict, seed: int, arch: str):
+    """Serial run (TP=1, 4 micro-batches of 1 pair) with the aux loss on, plus an independent
+    float64 evaluation of the Switch load-balancing loss from each router's captured input."""
+    from megatron_longpo.models.provider import build_model
+    from megatron_longpo.models.sharding import load_full_state_dict
+    from megatron_longpo.runtime.distributed import init_model_parallel
+    from megatron_longpo.training.step import forward_backward
+
+    mcfg = tiny_model_config(arch, **AUX)
+    pcfg = parallel_config()
+    g = init_model_parallel(pcfg)
+    model = build_model(mcfg, pcfg)
+    load_full_state_dict(model, full_sd, 0, 1)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.router"):
+            mod.register_forward_hook(lambda m, args, out: seen.append((args[0].detach().double(), m.weight.detach().double())))
+    ddp = _ddp(model)
+    batch = make_pair_batch(seed, mcfg.vocab_size, "sequence")
+    micro = [select_pairs(batch, [i]) for i in range(PAIRS)]
+    metrics = forward_backward(ddp, micro, g, LossConfig(**LONGPO), mcfg.vocab_size, False)
+    E, k = mcfg.num_experts, mcfg.moe_router_topk
+    total = 0.0
+    for x, w in seen:  # one entry per (micro-batch, layer)
+        probs = torch.softmax(x.reshape(-1, x.shape[-1]) @ w.T, -1)  # [T, E]
+        counts = torch.zeros(E, dtype=torch.float64).index_add_(
+            0, probs.topk(k, -1).indices.reshape(-1), torch.ones(probs.shape[0] * k, dtype=torch.float64))
+        T = probs.shape[0]
+        total += E / (k * T * T) * float((probs.sum(0) * counts).sum())
+    assert len(seen) == PAIRS * mcfg.num_layers
+    return dict(metric=metrics["moe/aux_loss"], independent=AUX["moe_aux_loss_coeff"] * total / PAIRS)
+
+
+def test_moe_aux_loss_value_gradient_and_ep2():
+    """moe/aux_loss equals the Switch loss recomputed in float64 from the routers' inputs; with it
+    on, the router gradients change (the term reaches them) and EP=2 still equals the serial run."""
+    seed, arch = 23, "qwen3_moe"
+    ref = _reference(LONGPO, seed, "sequence", arch)
+    (probe,) = run_distributed(aux_probe, 1, args=(ref["params"], seed, arch))
+    assert probe["metric"] > 0
+    assert math.isclose(probe["metric"], probe["independent"], rel_tol=1e-5), probe
+    (serial,) = run_distributed(parallel, 1, args=(1, False, 1, ref["params"], LONGPO, seed, "sequence", 0.0, arch,
+                                                   1, 1, AUX))
+    routers = [n for n in ref["grads"] if n.endswith("mlp.router.weight")]
+    for n in routers:
+        assert (serial["grads"][n] - ref["grads"][n]).abs().max() > 1e-6, f"aux loss gradient does not reach {n}"
+    assert math.isclose(serial["metrics"]["moe/aux_loss"], probe["metric"], rel_tol=1e-6)
+    outs = run_distributed(parallel, 2, args=(1, False, 1, ref["params"], LONGPO, seed, "sequence", 0.0, arch,
+                                              1, 2, AUX))
+    _compare(outs, serial)
