@@ -3,7 +3,8 @@
 Pure arithmetic on a config, so users can check a 512K config before they queue it. All sizes
 in bytes. The model assumes what the reference configs use: bf16 params, fp32 main grads,
 fp32 master weights and optimizer state (Adam: 2 moments, RMSprop: 1), sharded over dp*cp by
-the distributed optimizer when it is on, full activation recomputation (one stored layer input per layer), flash/TE attention (no
+the distributed optimizer when it is on (MoE experts: split over ep*etp, state over the
+expert-data-parallel ranks), full activation recomputation (one stored layer input per layer), flash/TE attention (no
 [s, s] scores), chunked log-probs.
 """
 
@@ -29,6 +30,8 @@ class MemoryEstimate:
     logprob_chunk: int
     total: int
     tokens_per_pair: int
+    expert_params: int = 0  # of ``params``: MoE expert weights (split over ep * etp ranks)
+    moe_dispatch: int = 0  # MoE: router probabilities + permuted token copies of one layer
 
     def lines(self) -> list[str]:
         rows = [
@@ -39,19 +42,38 @@ class MemoryEstimate:
             ("one layer's recompute working set", self.layer_working_set),
             ("K/V all-gather buffers (project CP attention)", self.kv_gather_buffers),
             ("log-prob chunk (fp32 logits, V/tp)", self.logprob_chunk),
+            ("MoE router + token dispatch buffers (one layer)", self.moe_dispatch),
             ("total", self.total),
         ]
         return [f"  {name:<48s} {val / GiB:8.2f} GiB" for name, val in rows]
 
 
 def parameter_count(cfg: LongPOConfig) -> int:
+    """All parameters (MoE: every expert; the memory model's count)."""
+    return sum(parameter_split(cfg))
+
+
+def parameter_split(cfg: LongPOConfig) -> tuple[int, int]:
+    """(non-expert parameters, MoE expert parameters): experts shard over ep * etp, the rest over tp."""
     m = cfg.model
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
     q, kv = m.num_attention_heads * d, m.num_query_groups * d
     v = padded_vocab_size(m, cfg.parallel.tensor_model_parallel_size)
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h + (q + 2 * kv if m.add_qkv_bias else 0)
+    per_layer = h * (q + 2 * kv) + q * h + 2 * h + (q + 2 * kv if m.add_qkv_bias else 0)
+    per_layer += 2 * d if m.qk_layernorm else 0
+    experts = 0
+    if m.num_experts:
+        per_layer += m.num_experts * h  # router
+        experts = m.num_layers * m.num_experts * 3 * h * m.expert_ffn_hidden_size
+    else:
+        per_layer += 3 * h * f
     emb = v * h * (1 if m.tie_word_embeddings else 2)
-    return m.num_layers * per_layer + emb + h
+    return m.num_layers * per_layer + emb + h, experts
+
+
+def resolve_dispatcher(choice: str) -> str:
+    """The GPU run's MoE dispatcher (``auto`` is alltoall on CUDA; models/provider.py)."""
+    return "alltoall" if choice == "auto" else choice
 
 
 def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None = None) -> MemoryEstimate:
@@ -67,14 +89,20 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
     rows = cfg.training.micro_batch_size * rows_per_pair(cfg.data.pair_layout)
     h, f = m.hidden_size, m.ffn_hidden_size
     kv = m.num_query_groups * m.head_dim
-    n = parameter_count(cfg)
+    dense, experts = parameter_split(cfg)
+    n = dense + experts
+    # Experts: split over ep ranks and each over etp ranks; their data-parallel replicas (world /
+    # (ep * etp * pp)) shard the distributed optimizer's state.
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
+    edp = max(1, world_size // (ep * etp * p.pipeline_model_parallel_size))
     wbytes = 2 if m.params_dtype == "bf16" else 4
-    weights = n * wbytes // tp
-    grads = n * 4 // tp
+    weights = dense * wbytes // tp + experts * wbytes // (ep * etp)
+    grads = dense * 4 // tp + experts * 4 // (ep * etp)
     shard = dp * cp if cfg.optim.use_distributed_optimizer else 1
+    eshard = edp if cfg.optim.use_distributed_optimizer else 1
     # fp32 master weights + state: Adam m and v, RMSprop square_avg, SGD momentum (Megatron's 0.9)
     state_bytes = {"adam": 12, "rmsprop": 8, "sgd": 8}[cfg.optim.optimizer]
-    optimizer = n * state_bytes // (tp * shard)
+    optimizer = dense * state_bytes // (tp * shard) + experts * state_bytes // (ep * etp * eshard)
     s_local = s // cp  # tokens of one row on this CP rank
     s_sp = s_local // tp if p.sequence_parallel else s_local
     act_bytes = 2 if m.params_dtype == "bf16" else 4
@@ -83,7 +111,19 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
     # Recomputing one layer: attention + MLP intermediates. ~ (qkv + attn out + norms) on h and
     # the SwiGLU intermediates on f, sharded by tp (SP shards the h-sized ones too); fp8 keeps
     # some copies in 1 byte, ignored here (conservative).
-    working = rows * act_bytes * (s_sp * h * 10 + s_local * (3 * f // tp) * 3 + s_local * (h + 2 * kv) // tp * 3)
+    ffn = s_local * (3 * f // tp) * 3
+    dispatch = 0
+    if m.num_experts:
+        # The MoE layer takes this rank's (SP-sharded) tokens; with balanced routing each rank's
+        # experts receive k copies of as many tokens, through an expert of m split over etp.
+        # Dispatch: fp32 router logits + probs [tokens, E] and the permuted input + output copies
+        # [tokens * k, h] (alltoall; allgather gathers the TP group's tokens, tp times more).
+        k, mf = m.moe_router_topk, m.expert_ffn_hidden_size
+        gathered = tp if resolve_dispatcher(m.moe_token_dispatcher) == "allgather" else 1
+        ffn = s_sp * k * (3 * mf // etp) * 3
+        tokens = rows * s_sp * gathered
+        dispatch = tokens * m.num_experts * 4 * 2 + tokens * k * h * act_bytes * 2
+    working = rows * act_bytes * (s_sp * h * 10 + ffn + s_local * (h + 2 * kv) // tp * 3)
     # Project CP attention gathers K/V of the whole row for one layer (and its grads in backward).
     kv_buf = 0
     if cp > 1:
@@ -91,8 +131,9 @@ def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None =
     vocab_local = padded_vocab_size(m, tp) // tp
     chunk = min(cfg.loss.logprob_chunk_size, s_local * rows)
     logprob = chunk * vocab_local * 4 * 2  # logits + their softmax grad in backward
-    total = weights + grads + optimizer + stored + working + kv_buf + logprob
-    return MemoryEstimate(n, weights, grads, optimizer, stored, working, kv_buf, logprob, total, s)
+    total = weights + grads + optimizer + stored + working + kv_buf + logprob + dispatch
+    return MemoryEstimate(n, weights, grads, optimizer, stored, working, kv_buf, logprob, total, s,
+                          expert_params=experts, moe_dispatch=dispatch)
 
 
 def estimate_step_seconds(cfg: LongPOConfig, world_size: int, tflops_per_gpu: float, seq_tokens: int | None = None,
