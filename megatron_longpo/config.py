@@ -69,8 +69,8 @@ class ModelConfig:
     moe_aux_loss_coeff: float = _f(
         0.0, "MoE: load-balancing loss coefficient (Switch style, per layer, summed); logged as moe/aux_loss.")
     moe_token_dispatcher: Literal["auto", "alltoall", "allgather"] = _f(
-        "auto", "MoE token dispatcher of Megatron-Core; auto: alltoall on CUDA, allgather on CPU (gloo cannot "
-        "all-gather the uneven expert-TP splits of alltoall; docs/cpu_compat.md).")
+        "auto", "MoE token dispatcher of Megatron-Core; auto: alltoall on CUDA, on CPU alltoall at expert-TP 1 "
+        "and allgather otherwise (what gloo can run; docs/cpu_compat.md).")
     tie_word_embeddings: bool = _f(False, "Share the input embedding and the output layer.")
     params_dtype: Literal["fp32", "bf16"] = _f("fp32", "Parameter / compute dtype.")
     init_method_std: float = _f(0.02, "Std of the normal weight init (random init only).")

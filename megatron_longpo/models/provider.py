@@ -139,12 +139,13 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def resolve_token_dispatcher(choice: str, on_cuda: bool) -> str:
-    """``auto``: alltoall on CUDA; allgather on CPU, where gloo's all-gather cannot take the uneven
-    per-rank splits the alltoall dispatcher gathers over expert-TP ranks (docs/cpu_compat.md)."""
+def resolve_token_dispatcher(choice: str, on_cuda: bool, expert_tp: int) -> str:
+    """``auto``: alltoall on CUDA. On CPU (gloo, docs/cpu_compat.md) alltoall at expert-TP 1 (it
+    exchanges per-rank token counts, so EP ranks may hold sequences of different lengths);
+    allgather at expert-TP > 1, where alltoall all-gathers uneven splits that gloo refuses."""
     if choice != "auto":
         return choice
-    return "alltoall" if on_cuda else "allgather"
+    return "alltoall" if on_cuda or expert_tp == 1 else "allgather"
 
 
 def moe_settings(model: ModelConfig, parallel: ParallelConfig) -> dict:
@@ -168,7 +169,9 @@ def moe_settings(model: ModelConfig, parallel: ParallelConfig) -> dict:
         moe_router_pre_softmax=not model.moe_norm_topk_prob,
         moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-        moe_token_dispatcher_type=resolve_token_dispatcher(model.moe_token_dispatcher, capabilities.cuda_available()),
+        moe_token_dispatcher_type=resolve_token_dispatcher(
+            model.moe_token_dispatcher, capabilities.cuda_available(),
+            parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size),
         moe_expert_capacity_factor=None,
         moe_grouped_gemm=False,
         expert_model_parallel_size=parallel.expert_model_parallel_size,

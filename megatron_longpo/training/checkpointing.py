@@ -52,7 +52,7 @@ class TrainState:
 
 
 def layout_of(groups) -> dict:
-    return {"tp": groups.tp_size, "cp": groups.cp_size, "dp": groups.dp_size, "world": world_size()}
+    return {"tp": groups.tp_size, "cp": groups.cp_size, "dp": groups.dp_size, "ep": groups.ep_size, "world": world_size()}
 
 
 def find_checkpoint(path: str | Path, iteration: Optional[int] = None) -> Optional[Path]:
@@ -224,10 +224,12 @@ def load_checkpoint(
     full = ts is not None and not finetune
     if full:
         saved, now = ts["layout"], layout_of(groups)
-        if any(saved[k] != now[k] for k in ("tp", "cp", "dp", "world")):
+        # EP (i22): Megatron-Core 0.16.1 cannot re-shard the MoE optimizer state across EP sizes
+        # (its expert / dense optimizer split changes), so an EP change is refused like a DP one.
+        if any(saved.get(k, 1) != now[k] for k in ("tp", "cp", "dp", "ep", "world")):
             raise CheckpointError(
                 f"{d}: optimizer state was saved with layout {saved} but this run is {now}; resume with the "
-                f"same tp/cp/dp, or set checkpoint.finetune=true to load the weights only into the new layout"
+                f"same tp/cp/dp/ep, or set checkpoint.finetune=true to load the weights only into the new layout"
             )
     verify_checkpoint(d, verify)
     sd = {"model": model.sharded_state_dict()}
