@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from megatron_longpo.architectures import ARCHITECTURES
 from megatron_longpo.convert.hf_to_megatron import convert_hf_to_megatron
 from megatron_longpo.testing.convert import hf_config, randomize_
+from megatron_longpo.data.indexed import PreferenceDataset
 from megatron_longpo.data.preprocess import PreprocessOptions, preprocess
 from megatron_longpo.data.synthetic import random_text
 
@@ -104,3 +105,16 @@ def hf_float64_sums(hf_dir: str | Path, sequences: Sequence[tuple[np.ndarray, np
         resp = torch.as_tensor(np.asarray(mask[1:], dtype=bool))
         out.append(float(logp[:-1].gather(1, tgt[:, None]).squeeze(1)[resp].sum()))
     return np.array(out, dtype=np.float64)
+
+
+def reference_items(prefix: str):
+    """(dataset, index into turns.reshape(-1), [(tokens, mask)]) over every present (sample, turn,
+    side) of a preprocessed dataset: what a reference cache holds, in its order (arrays copied)."""
+    ds = PreferenceDataset(prefix)
+    T = int(ds.num_turns.max())
+    flat, seqs = [], []
+    for i in range(len(ds)):
+        for t, ref in enumerate(ds[i].references):
+            flat += [(i * T + t) * 2, (i * T + t) * 2 + 1]
+            seqs += [(np.array(ref.chosen), np.array(ref.chosen_mask)), (np.array(ref.rejected), np.array(ref.rejected_mask))]
+    return ds, np.array(flat), seqs

@@ -16,7 +16,7 @@ import pytest
 
 from megatron_longpo.data.indexed import PreferenceDataset
 from megatron_longpo.testing.distributed import run_distributed
-from megatron_longpo.testing.reference import hf_float64_sums, make_dataset, synthetic_records
+from megatron_longpo.testing.reference import hf_float64_sums, make_dataset, reference_items, synthetic_records
 
 pytestmark = pytest.mark.distributed
 
@@ -58,23 +58,11 @@ def data(tmp_path_factory):
     return root, make_dataset(root / "data" / "train", synthetic_records(8, seed=5))
 
 
-def _seqs(prefix: str):
-    ds = PreferenceDataset(prefix)
-    T = int(ds.num_turns.max())
-    flat, seqs = [], []
-    for i in range(len(ds)):
-        for t, ref in enumerate(ds[i].references):
-            flat += [(i * T + t) * 2, (i * T + t) * 2 + 1]
-            seqs += [(np.array(ref.chosen), np.array(ref.chosen_mask)),  # copies: the mmap closes with ds
-                     (np.array(ref.rejected), np.array(ref.rejected_mask))]
-    return np.array(flat), seqs
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reference_logprobs_equal_hf_float64_tp1_tp2_cp2(family, data):
     root, prefix = data
     hf, ckpt = run_distributed(_convert, 1, args=(str(root), family))[0]
-    flat, seqs = _seqs(prefix)
+    _, flat, seqs = reference_items(prefix)
     assert sum(len(s[0]) for s in seqs) > 1000
     want = hf_float64_sums(hf, seqs)
     assert np.abs(want).min() > 5

@@ -14,8 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_longpo.data.indexed import PreferenceDataset
-from megatron_longpo.testing.reference import SAMPLE_TOKENIZER, hf_float64_sums, make_dataset, make_hf_model, synthetic_records
+from megatron_longpo.testing.reference import (
+    SAMPLE_TOKENIZER,
+    hf_float64_sums,
+    make_dataset,
+    make_hf_model,
+    reference_items,
+    synthetic_records,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -45,13 +51,8 @@ def test_moe_family_convert_precompute_evaluate(tmp_path):
     cache = tmp_path / "ref_cache"
     run(torchrun(2, "tools/precompute_reference.py", "--load", ckpt, "--data", prefix, "--output", cache,
                  "--tokens-per-batch", "256", "--no-progress"))
-    ds = PreferenceDataset(prefix)
-    turns = np.load(cache / "turns.npy")
-    got, seqs = [], []
-    for i in range(len(ds)):
-        for t, ref in enumerate(ds[i].references):
-            got += list(turns[i, t])
-            seqs += [(np.array(ref.chosen), np.array(ref.chosen_mask)), (np.array(ref.rejected), np.array(ref.rejected_mask))]
+    _, flat, seqs = reference_items(prefix)
+    got = np.load(cache / "turns.npy").reshape(-1)[flat]
     np.testing.assert_allclose(got, hf_float64_sums(hf, seqs), rtol=1e-6, atol=1e-4)
 
     suite = ["--tasks", "niah_single,kv_retrieval", "--lengths", "512", "--samples", "2", "--no-progress"]
