@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark HF <-> Megatron conversion on a synthetic ~1B-parameter Llama-style model (CPU).
+"""Benchmark HF <-> Megatron conversion on a synthetic ~1B-parameter model of any family (CPU).
 
 Writes random bf16 HF safetensors shards + config.json directly (no HF model object), then runs
 each conversion CLI as a subprocess and reports its wall time and peak RSS divided by the model's
@@ -7,6 +7,7 @@ bytes (target: at most 1.5 for HF -> Megatron). Peak RSS is the ru_maxrss that w
 the converter (the largest of it and the writer processes it forks).
 
     python benchmarks/bench_convert.py [--layers 18 --hidden 2048 ...] [--workdir DIR] [--no-export]
+    python benchmarks/bench_convert.py --arch qwen3_moe --experts 32 --topk 4 --moe-ffn 512 ...
 """
 
 from __future__ import annotations
@@ -23,20 +24,25 @@ from pathlib import Path
 
 import torch
 
+from megatron_longpo.architectures import ARCH_NAMES, ARCHITECTURES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_synthetic_hf(out: Path, args: argparse.Namespace) -> int:
-    """Random HF Llama checkpoint (bf16 shards + index + config.json); returns its weight bytes."""
+    """Random HF checkpoint of ``--arch`` (bf16 shards + index + config.json); returns its weight bytes."""
     from megatron_longpo.config import ModelConfig
     from megatron_longpo.convert.hf_config import model_config_to_hf
     from megatron_longpo.convert.mapping import hf_shapes
     from megatron_longpo.convert.safetensors_io import ShardedSafetensorsWriter, TensorSpec, parse_size
 
+    spec = ARCHITECTURES[args.arch]
+    moe = dict(num_experts=args.experts, moe_router_topk=args.topk, moe_ffn_hidden_size=args.moe_ffn) if spec.moe else {}
     cfg = ModelConfig(
-        arch="llama", num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
+        arch=args.arch, num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
         num_attention_heads=args.heads, num_query_groups=args.kv_heads, vocab_size=args.vocab,
         max_position_embeddings=4096, rope_theta=500000.0, norm_epsilon=1e-5, params_dtype="bf16",
+        add_qkv_bias=spec.qkv_bias, qk_layernorm=spec.qk_norm, **moe,  # type: ignore[arg-type]
     )
     out.mkdir(parents=True)
     specs = [TensorSpec(n, s, torch.bfloat16) for n, s in hf_shapes(cfg).items()]
@@ -70,6 +76,10 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=ARCH_NAMES, default="llama")
+    ap.add_argument("--experts", type=int, default=16, help="MoE families: experts per layer")
+    ap.add_argument("--topk", type=int, default=2, help="MoE families: experts per token")
+    ap.add_argument("--moe-ffn", type=int, default=1024, help="MoE families: expert intermediate size")
     ap.add_argument("--layers", type=int, default=18)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=5632)
@@ -87,7 +97,7 @@ def main() -> int:
         t0 = time.time()
         model_bytes = write_synthetic_hf(work / "hf", args)
         n_params = model_bytes // 2
-        print(f"synthetic HF llama: {n_params / 1e9:.3f}B parameters, {model_bytes / 2**30:.2f} GiB bf16 "
+        print(f"synthetic HF {args.arch}: {n_params / 1e9:.3f}B parameters, {model_bytes / 2**30:.2f} GiB bf16 "
               f"(written in {time.time() - t0:.1f}s)")
         rows = [("HF -> Megatron", [py, "tools/convert_hf_to_megatron.py", "--hf-dir", str(work / "hf"),
                                     "--out", str(work / "megatron"), "--dtype", "bf16", "--no-progress"])]

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from megatron_longpo.architectures import ARCH_NAMES, architecture
 from megatron_longpo.gpu_rules import fp8_alignment, fp8_rule_errors, te_context_parallel_errors
 from megatron_longpo.objectives import OBJECTIVES
 
@@ -40,9 +41,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer of the Llama / Mistral / Qwen2 family."""
+    """Decoder-only transformer of one family of megatron_longpo/architectures.py."""
 
-    arch: Literal["llama", "mistral", "qwen2"] = _f("llama", "Model family; selects the HF architecture on export.")
+    arch: Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"] = _f(
+        "llama", "Model family (megatron_longpo/architectures.py); selects the HF architecture on export.")
     num_layers: int = _f(2, "Number of transformer layers.")
     hidden_size: int = _f(64, "Hidden size.")
     ffn_hidden_size: int = _f(176, "Intermediate size of the SwiGLU MLP.")
@@ -60,6 +62,17 @@ class ModelConfig:
     )
     norm_epsilon: float = _f(1e-5, "RMSNorm epsilon.")
     add_qkv_bias: bool = _f(False, "Bias on the QKV projection (Qwen2).")
+    qk_layernorm: bool = _f(False, "Per-head RMSNorm of queries and keys before RoPE (Qwen3).")
+    num_experts: Optional[int] = _f(None, "Mixture-of-experts: experts per layer (Qwen3-MoE, Mixtral); null = dense MLP.")
+    moe_router_topk: int = _f(2, "MoE: experts per token (HF num_experts_per_tok).")
+    moe_ffn_hidden_size: Optional[int] = _f(None, "MoE: intermediate size of one expert; default ffn_hidden_size.")
+    moe_norm_topk_prob: bool = _f(
+        True, "MoE: renormalise the top-k router probabilities to sum to 1 (Mixtral; Qwen3-MoE norm_topk_prob).")
+    moe_aux_loss_coeff: float = _f(
+        0.0, "MoE: load-balancing loss coefficient (Switch style, per layer, summed); logged as moe/aux_loss.")
+    moe_token_dispatcher: Literal["auto", "alltoall", "allgather"] = _f(
+        "auto", "MoE token dispatcher of Megatron-Core; auto: alltoall on CUDA, on CPU alltoall at expert-TP 1 "
+        "and allgather otherwise (what gloo can run; docs/cpu_compat.md).")
     tie_word_embeddings: bool = _f(False, "Share the input embedding and the output layer.")
     params_dtype: Literal["fp32", "bf16"] = _f("fp32", "Parameter / compute dtype.")
     init_method_std: float = _f(0.02, "Std of the normal weight init (random init only).")
@@ -72,6 +85,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
 
 @dataclass
@@ -109,6 +126,9 @@ class ParallelConfig:
     cp_kv_gather_chunks: int = _f(
         1, "Project CP attention: all-gather K/V in this many KV-head chunks, each gather overlapping the previous "
            "chunk's attention (1: one blocking gather). Must divide num_query_groups/tp; pays off at cp >= 4.")
+    expert_model_parallel_size: int = _f(1, "Expert parallelism (EP): MoE experts split over ranks of the data-parallel dimension.")
+    expert_tensor_parallel_size: Optional[int] = _f(
+        None, "Tensor parallelism inside each expert; null = tensor_model_parallel_size.")
     distributed_backend: Literal["auto", "nccl", "gloo"] = _f(
         "auto", "torch.distributed backend: nccl on CUDA, gloo on CPU (auto)."
     )
@@ -659,6 +679,7 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
         )
     if model.head_dim % 2:
         errs.append(f"head dim ({model.head_dim}) must be even for RoPE")
+    errs += _moe_errors(model, parallel)
     errs += pipeline_layout_errors(model.num_layers, parallel)
     if parallel.sequence_parallel and tp == 1:
         errs.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
@@ -669,6 +690,39 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
         )
     if errs:
         raise ConfigError("; ".join(errs))
+
+
+def _moe_errors(model: ModelConfig, parallel: ParallelConfig) -> list[str]:
+    """Mixture-of-experts fields against the family (architectures.py) and the expert layout."""
+    if model.arch not in ARCH_NAMES:
+        return [f"model.arch={model.arch!r} is not a known family; choose one of {list(ARCH_NAMES)}"]
+    spec = architecture(model.arch)
+    ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size
+    errs = []
+    if ep < 1 or (etp is not None and etp < 1):
+        errs.append("parallel.expert_model_parallel_size and parallel.expert_tensor_parallel_size must be >= 1")
+        return errs
+    if model.num_experts is None:
+        if spec.moe is not None:
+            errs.append(f"model.arch={model.arch} is a mixture-of-experts family: set model.num_experts")
+        if ep > 1:
+            errs.append("parallel.expert_model_parallel_size > 1 needs a mixture-of-experts model (model.num_experts)")
+        return errs
+    if spec.moe is None:
+        errs.append(f"model.num_experts={model.num_experts} but model.arch={model.arch} is dense; use qwen3_moe or mixtral")
+    if model.num_experts < 1 or not 1 <= model.moe_router_topk <= model.num_experts:
+        errs.append(f"model.moe_router_topk ({model.moe_router_topk}) must be in 1..model.num_experts ({model.num_experts})")
+    if model.num_experts % ep:
+        errs.append(f"model.num_experts ({model.num_experts}) must be divisible by parallel.expert_model_parallel_size ({ep})")
+    if model.expert_ffn_hidden_size % (etp or parallel.tensor_model_parallel_size):
+        errs.append(f"model.moe_ffn_hidden_size ({model.expert_ffn_hidden_size}) must be divisible by the expert "
+                    f"tensor-parallel size ({etp or parallel.tensor_model_parallel_size})")
+    if parallel.tensor_model_parallel_size > 1 and not parallel.sequence_parallel:
+        errs.append("a mixture-of-experts model with parallel.tensor_model_parallel_size > 1 needs "
+                    "parallel.sequence_parallel=true (Megatron-Core's MoE layer rule)")
+    if model.moe_aux_loss_coeff < 0:
+        errs.append(f"model.moe_aux_loss_coeff must be >= 0 (got {model.moe_aux_loss_coeff})")
+    return errs
 
 
 def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
@@ -683,6 +737,12 @@ def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
             f"world size {world_size} must be divisible by tp*cp*pp = "
             f"{p.tensor_model_parallel_size}*{p.context_parallel_size}*"
             f"{p.pipeline_model_parallel_size} = {model_parallel}: rule world_size % (tp*cp*pp) == 0"
+        )
+    expert_parallel = p.expert_model_parallel_size * (p.expert_tensor_parallel_size or p.tensor_model_parallel_size)
+    if world_size is not None and world_size % (expert_parallel * p.pipeline_model_parallel_size):
+        errs.append(
+            f"world size {world_size} must be divisible by ep*etp*pp = {p.expert_model_parallel_size}*"
+            f"{p.expert_tensor_parallel_size or p.tensor_model_parallel_size}*{p.pipeline_model_parallel_size}"
         )
     mult = seq_length_multiple(p)
     if cfg.data.max_seq_length % mult:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert an HF Llama / Mistral / Qwen2 checkpoint into a megatron_longpo dist checkpoint.
+"""Convert an HF Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral checkpoint into a megatron_longpo dist checkpoint.
 
     python tools/convert_hf_to_megatron.py --hf-dir HF_DIR --out CKPT [--dtype bf16|fp32] [--verify]
 

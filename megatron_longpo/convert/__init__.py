@@ -1,4 +1,4 @@
-"""HF <-> Megatron checkpoint conversion for Llama, Mistral and Qwen2 (see docs/convert.md)."""
+"""HF <-> Megatron checkpoint conversion for the families of architectures.py (see docs/convert.md)."""
 
 from megatron_longpo.convert.hf_config import SUPPORTED_ARCHITECTURES, ConversionError
 from megatron_longpo.convert.hf_to_megatron import ImportResult, VerificationError, convert_hf_to_megatron

@@ -1,10 +1,11 @@
-"""HF ``config.json`` <-> :class:`ModelConfig` for Llama, Mistral and Qwen2.
+"""HF ``config.json`` <-> :class:`ModelConfig` for the families of megatron_longpo/architectures.py.
 
 Reads the raw JSON (no transformers import), so it accepts both the transformers 4.x layout
 (``rope_theta`` / ``rope_scaling`` / ``torch_dtype``) and the 5.x one (``rope_parameters`` /
 ``dtype``). Everything Megatron-Core's GPTModel cannot express is rejected here, before any
 tensor is read: other architectures, biases outside QKV, non-SiLU activations, effective sliding
-windows, partial rotary and every rope scaling except Llama-3's.
+windows, partial rotary, every rope scaling except Llama-3's, and MoE fields the Megatron MoE
+layer does not reproduce (shared experts, dense layers between sparse ones, router noise).
 """
 
 from __future__ import annotations
@@ -14,15 +15,11 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_longpo.architectures import ARCHITECTURES, BY_HF_CLASS, BY_MODEL_TYPE, Architecture, MoE
 from megatron_longpo.config import ModelConfig
 
-# HF architecture class -> ModelConfig.arch (and back).
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-ARCH_TO_HF = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+# HF architecture class -> ModelConfig.arch.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {a.hf_class: a.arch for a in ARCHITECTURES.values()}
 
 # Megatron's RotaryEmbedding hard-codes these Llama-3 constants; only ``factor`` is a parameter.
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -47,9 +44,8 @@ def read_hf_config(hf_dir: str | Path) -> dict:
 def hf_architecture(cfg: dict, where: str = "config.json") -> str:
     """The supported HF architecture class of ``cfg`` or a ConversionError listing the supported ones."""
     archs = cfg.get("architectures") or []
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-    if not archs and cfg.get("model_type") in by_type:
-        archs = [by_type[cfg["model_type"]]]
+    if not archs and cfg.get("model_type") in BY_MODEL_TYPE:
+        archs = [BY_MODEL_TYPE[cfg["model_type"]].hf_class]
     if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(
             f"{where}: architectures={archs} (model_type={cfg.get('model_type')!r}) is not supported; "
@@ -74,14 +70,14 @@ def hf_rope(cfg: dict) -> tuple[float, Optional[dict]]:
     return float(theta), scaling
 
 
-def _check_rope_scaling(scaling: Optional[dict]) -> None:
+def _check_rope_scaling(scaling: Optional[dict], spec: Architecture) -> None:
     if scaling is None:
         return
     kind = scaling.get("rope_type")
-    if kind != "llama3":
+    if kind not in spec.rope_scaling:
         raise ConversionError(
-            f"config.json: rope scaling {scaling} is not supported; Megatron-Core's GPTModel only "
-            "implements rope_type 'llama3' (or no scaling)"
+            f"config.json: rope scaling {scaling} is not supported for {spec.hf_class}; Megatron-Core's "
+            f"GPTModel implements rope_type {list(spec.rope_scaling) or 'none'} for it (or no scaling)"
         )
     for key, want in LLAMA3_FIXED.items():
         if float(scaling.get(key, want)) != want:
@@ -92,8 +88,8 @@ def _check_rope_scaling(scaling: Optional[dict]) -> None:
 
 
 def hf_to_model_config(cfg: dict, params_dtype: str = "bf16") -> ModelConfig:
-    """ModelConfig for an HF Llama / Mistral / Qwen2 config dict; ConversionError if unsupported."""
-    arch = SUPPORTED_ARCHITECTURES[hf_architecture(cfg)]
+    """ModelConfig for an HF config dict of a supported family; ConversionError if unsupported."""
+    spec = BY_HF_CLASS[hf_architecture(cfg)]
 
     def need(key: str) -> Any:
         if cfg.get(key) is None:
@@ -109,23 +105,23 @@ def hf_to_model_config(cfg: dict, params_dtype: str = "bf16") -> ModelConfig:
         raise ConversionError(f"config.json: hidden_act={act!r} is not supported (only silu / SwiGLU)")
     if cfg.get("mlp_bias"):
         raise ConversionError("config.json: mlp_bias=true is not supported (Megatron model has no MLP biases)")
-    if arch != "qwen2" and cfg.get("attention_bias"):
+    if not spec.qkv_bias and cfg.get("attention_bias"):
         raise ConversionError(
-            "config.json: attention_bias=true is not supported for llama/mistral (it also adds an "
+            f"config.json: attention_bias=true is not supported for {spec.hf_class} (it also adds an "
             "o_proj bias that the Megatron model does not have)"
         )
     partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if float(partial) != 1.0:
         raise ConversionError(f"config.json: partial_rotary_factor={partial} is not supported (only 1.0)")
-    _check_sliding_window(cfg, arch, layers, max_pos)
+    _check_sliding_window(cfg, spec, layers, max_pos)
     theta, scaling = hf_rope(cfg)
-    _check_rope_scaling(scaling)
+    _check_rope_scaling(scaling, spec)
     if heads % groups:
         raise ConversionError(
             f"config.json: num_attention_heads ({heads}) must be divisible by num_key_value_heads ({groups})"
         )
     return ModelConfig(
-        arch=arch,  # type: ignore[arg-type]
+        arch=spec.arch,  # type: ignore[arg-type]
         num_layers=layers,
         hidden_size=hidden,
         ffn_hidden_size=int(need("intermediate_size")),
@@ -137,27 +133,55 @@ def hf_to_model_config(cfg: dict, params_dtype: str = "bf16") -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
-        add_qkv_bias=arch == "qwen2",
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         params_dtype=params_dtype,  # type: ignore[arg-type]
         init_method_std=float(cfg.get("initializer_range", 0.02)),
         attention_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
+        **(_moe_fields(cfg, spec.moe) if spec.moe else {}),
     )
 
 
-def _check_sliding_window(cfg: dict, arch: str, layers: int, max_pos: int) -> None:
+def _moe_fields(cfg: dict, moe: MoE) -> dict:
+    """ModelConfig MoE fields; refuses every field whose value the Megatron MoE layer does not reproduce."""
+    for key, allowed in moe.must_be:
+        if cfg.get(key) not in allowed:
+            raise ConversionError(
+                f"config.json: {key}={cfg.get(key)!r} is not supported (the Megatron MoE layer reproduces "
+                f"{key} in {[a for a in allowed if a is not None]} only)"
+            )
+    experts = next((cfg[k] for k in moe.experts if cfg.get(k) is not None), None)
+    if experts is None:
+        raise ConversionError(f"config.json: required field '{moe.experts[0]}' is missing")
+    for key in (moe.topk, moe.ffn):
+        if cfg.get(key) is None:
+            raise ConversionError(f"config.json: required field '{key}' is missing")
+    norm = True if moe.norm_topk_prob is None else bool(cfg.get(moe.norm_topk_prob, False))
+    return dict(num_experts=int(experts), moe_router_topk=int(cfg[moe.topk]),
+                moe_ffn_hidden_size=int(cfg[moe.ffn]), moe_norm_topk_prob=norm,
+                moe_aux_loss_coeff=float(cfg.get("router_aux_loss_coef") or 0.0))
+
+
+def _check_sliding_window(cfg: dict, spec: Architecture, layers: int, max_pos: int) -> None:
     """Megatron's local/TE causal attention has no sliding window: refuse one that would matter."""
     window = cfg.get("sliding_window")
-    if arch == "qwen2":
+    if spec.sliding_window == "none":
+        return
+    if spec.sliding_window == "layers":
         types = cfg.get("layer_types")
         if types is not None:
             sliding = any(t != "full_attention" for t in types)
+            field = "layer_types"
         else:
             sliding = bool(cfg.get("use_sliding_window")) and int(cfg.get("max_window_layers", layers)) < layers
+            field = "use_sliding_window"
         if not sliding:
             return
-    elif arch == "llama":
-        return
+        raise ConversionError(
+            f"config.json: {field} asks for sliding-window layers (sliding_window={window}), which are not "
+            "supported (the Megatron model attends to the whole causal context)"
+        )
     if window is not None and int(window) < max_pos:
         raise ConversionError(
             f"config.json: sliding_window={window} < max_position_embeddings={max_pos} is not supported "
@@ -174,10 +198,15 @@ def model_config_to_hf(model: ModelConfig, base: Optional[dict] = None, dtype: s
     ``rope_theta``/``rope_scaling`` or ``rope_parameters``); ModelConfig values win for the fields
     it does carry, so a model trained with a new rope_theta exports with that rope_theta.
     """
+    spec = ARCHITECTURES[model.arch]
+    if (model.add_qkv_bias, model.qk_layernorm) != (spec.qkv_bias, spec.qk_norm):
+        raise ConversionError(
+            f"model.add_qkv_bias={model.add_qkv_bias}, model.qk_layernorm={model.qk_layernorm} cannot be "
+            f"exported as {spec.hf_class} (it has qkv bias={spec.qkv_bias}, qk-norm={spec.qk_norm})"
+        )
     out = copy.deepcopy(base) if base else _fresh_hf_config(model)
-    hf_arch = ARCH_TO_HF[model.arch]
-    out["architectures"] = [hf_arch]
-    out["model_type"] = model.arch
+    out["architectures"] = [spec.hf_class]
+    out["model_type"] = spec.model_type
     out.update(
         hidden_size=model.hidden_size,
         intermediate_size=model.ffn_hidden_size,
@@ -189,10 +218,17 @@ def model_config_to_hf(model: ModelConfig, base: Optional[dict] = None, dtype: s
         rms_norm_eps=model.norm_epsilon,
         tie_word_embeddings=model.tie_word_embeddings,
     )
-    if "head_dim" in out or model.kv_channels is not None:
+    if out.get("head_dim") is not None or model.kv_channels is not None or spec.head_dim_field:
         out["head_dim"] = model.head_dim
-    if model.arch == "llama":
+    if spec.attention_bias_field:
         out["attention_bias"] = False
+    if spec.moe is not None:
+        out[next((k for k in spec.moe.experts if k in out), spec.moe.experts[0])] = model.num_experts
+        out[spec.moe.topk] = model.moe_router_topk
+        out[spec.moe.ffn] = model.expert_ffn_hidden_size
+        if spec.moe.norm_topk_prob is not None:
+            out[spec.moe.norm_topk_prob] = model.moe_norm_topk_prob
+        out["router_aux_loss_coef"] = model.moe_aux_loss_coeff
     if isinstance(out.get("layer_types"), list):
         out["layer_types"] = ["full_attention"] * model.num_layers
     if "rope_parameters" in out:
@@ -216,10 +252,4 @@ def _fresh_hf_config(model: ModelConfig) -> dict:
         "bos_token_id": None,
         "eos_token_id": None,
     }
-    if model.arch in ("mistral", "qwen2"):
-        cfg["sliding_window"] = None
-    if model.arch == "qwen2":
-        cfg["use_sliding_window"] = False
-    if model.arch == "llama":
-        cfg["mlp_bias"] = False
-    return cfg
+    return {**cfg, **copy.deepcopy(ARCHITECTURES[model.arch].fresh)}

@@ -103,7 +103,7 @@ def convert_hf_to_megatron(
     progress: bool = True,
     tokenizer: Optional[str | Path] = None,
 ) -> ImportResult:
-    """Convert an HF Llama / Mistral / Qwen2 directory into a checkpoint run directory ``out``.
+    """Convert an HF directory of a supported family (architectures.py) into a checkpoint run directory ``out``.
     ``tokenizer``: a directory to take the tokenizer files from (default: ``hf_dir``)."""
     start = time.time()
     hf_dir, out = Path(hf_dir), Path(out)

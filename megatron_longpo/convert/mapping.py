@@ -1,8 +1,9 @@
-"""HF <-> Megatron (TP=1 layout) parameter mapping as a list of row copies.
+"""HF <-> Megatron (TP=1, EP=1 layout) parameter mapping as a list of row copies.
 
-Every Megatron parameter is a row-wise concatenation of row ranges of HF tensors:
+Derived from the parameter template of the family (megatron_longpo/architectures.py). Every
+Megatron parameter is a row-wise concatenation of row ranges of HF tensors, e.g. for Llama:
 
-    HF (Llama / Mistral / Qwen2)                    Megatron GPTModel (TP=1)
+    HF                                              Megatron GPTModel (TP=1)
     model.embed_tokens.weight [V, h]                embedding.word_embeddings.weight [V_pad, h] (rows >= V zero)
     model.layers.i.input_layernorm.weight           decoder.layers.i.input_layernorm.weight
     model.layers.i.self_attn.{q,k,v}_proj.weight    decoder.layers.i.self_attention.linear_qkv.weight
@@ -12,6 +13,9 @@ Every Megatron parameter is a row-wise concatenation of row ranges of HF tensors
     model.layers.i.post_attention_layernorm.weight  decoder.layers.i.pre_mlp_layernorm.weight
     model.layers.i.mlp.{gate,up}_proj.weight        decoder.layers.i.mlp.linear_fc1.weight = [gate; up]
     model.layers.i.mlp.down_proj.weight             decoder.layers.i.mlp.linear_fc2.weight
+    model.layers.i.self_attn.{q,k}_norm.weight      decoder.layers.i.self_attention.{q,k}_layernorm.weight (Qwen3)
+    model.layers.i.mlp.gate.weight (MoE router)     decoder.layers.i.mlp.router.weight
+    model.layers.i.mlp.experts.e.{gate,up}_proj     decoder.layers.i.mlp.experts.local_experts.e.linear_fc1 = [gate; up]
     model.norm.weight                               decoder.final_layernorm.weight
     lm_head.weight [V, h] (untied only)             output_layer.weight [V_pad, h]
 
@@ -23,8 +27,9 @@ rotary_interleaved=False), so no per-head permutation is needed. Import and expo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from megatron_longpo.architectures import EMBEDDING, HEAD, Param, architecture
 from megatron_longpo.config import ModelConfig, padded_vocab_size
 from megatron_longpo.models.sharding import VOCAB_PARAMS  # rows >= vocab_size are padding
 
@@ -50,121 +55,105 @@ class Unit:
     hf: tuple[str, ...]  # HF tensor names, HF checkpoint order
 
 
-def _layer_hf(cfg: ModelConfig, i: int) -> list[str]:
-    p = f"model.layers.{i}."
-    names = [p + "input_layernorm.weight"]
-    names += [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
-    if cfg.add_qkv_bias:
-        names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-    names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"]
-    names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-    return names
+def _flag(cfg: ModelConfig, when: str) -> bool:
+    if not when:
+        return True
+    if when == "untied":
+        return not cfg.tie_word_embeddings
+    return bool(getattr(cfg, when))
 
 
-def _layer_megatron(cfg: ModelConfig, i: int) -> list[str]:
-    p = f"decoder.layers.{i}."
-    names = [p + "input_layernorm.weight", p + "self_attention.linear_qkv.weight"]
-    if cfg.add_qkv_bias:
-        names.append(p + "self_attention.linear_qkv.bias")
-    names += [p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight"]
-    names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
-    return names
+def _dims(cfg: ModelConfig) -> dict[str, int]:
+    d = cfg.head_dim
+    return dict(h=cfg.hidden_size, f=cfg.ffn_hidden_size, m=cfg.expert_ffn_hidden_size, d=d,
+                q=cfg.num_attention_heads * d, kv=cfg.num_query_groups * d, V=cfg.vocab_size,
+                E=cfg.num_experts or 0)
+
+
+def _expand(cfg: ModelConfig, template: tuple[Param, ...], **fmt: int) -> list[Param]:
+    """The template's parameters present in ``cfg`` with ``{i}`` filled in; expert ``{e}`` entries
+    follow the rest, expert by expert (the order of HF checkpoints)."""
+    present = [t for t in template if _flag(cfg, t.when)]
+    out = [replace(t, hf=t.hf.format(**fmt), megatron=t.megatron.format(**fmt)) for t in present if "{e}" not in t.hf]
+    for e in range(cfg.num_experts or 0):
+        out += [replace(t, hf=t.hf.format(e=e, **fmt), megatron=t.megatron.format(e=e, **fmt))
+                for t in present if "{e}" in t.hf]
+    return out
+
+
+def _unit_params(cfg: ModelConfig) -> list[tuple[str, list[Param]]]:
+    spec = architecture(cfg.arch)
+    out = [("embedding", _expand(cfg, EMBEDDING))]
+    out += [(f"layer {i}", _expand(cfg, spec.layer, i=i)) for i in range(cfg.num_layers)]
+    out.append(("head", _expand(cfg, HEAD)))
+    return out
 
 
 def units(cfg: ModelConfig) -> list[Unit]:
-    out = [Unit("embedding", ("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",))]
-    for i in range(cfg.num_layers):
-        out.append(Unit(f"layer {i}", tuple(_layer_megatron(cfg, i)), tuple(_layer_hf(cfg, i))))
-    head_m, head_h = ["decoder.final_layernorm.weight"], ["model.norm.weight"]
-    if not cfg.tie_word_embeddings:
-        head_m.append("output_layer.weight")
-        head_h.append("lm_head.weight")
-    out.append(Unit("head", tuple(head_m), tuple(head_h)))
+    out = []
+    for name, params in _unit_params(cfg):
+        megatron = tuple(dict.fromkeys(p.megatron for p in params))
+        out.append(Unit(name, megatron, tuple(p.hf for p in params)))
     return out
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor of ``cfg`` with its shape, in checkpoint order."""
-    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
-    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h)})
-        if cfg.add_qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-        shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f)})
-    shapes["model.norm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    dims = _dims(cfg)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for _, params in _unit_params(cfg):
+        for p in params:
+            shapes[p.hf] = tuple(dims[s] for s in p.shape)
     return shapes
 
 
 def megatron_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every TP=1 Megatron parameter of ``cfg`` with its (vocab-padded) shape."""
-    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d
+    hs = hf_shapes(cfg)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for _, params in _unit_params(cfg):
+        for p in params:  # fused parameters: rows add up (q + k + v, gate + up)
+            rows = hs[p.hf][0] + (shapes[p.megatron][0] if p.megatron in shapes else 0)
+            shapes[p.megatron] = (rows,) + hs[p.hf][1:]
     vp = padded_vocab_size(cfg, 1)
-    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (vp, h)}
-    for i in range(cfg.num_layers):
-        p = f"decoder.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attention.linear_qkv.weight"] = (qkv, h)
-        if cfg.add_qkv_bias:
-            shapes[p + "self_attention.linear_qkv.bias"] = (qkv,)
-        shapes[p + "self_attention.linear_proj.weight"] = (h, cfg.num_attention_heads * d)
-        shapes[p + "pre_mlp_layernorm.weight"] = (h,)
-        shapes[p + "mlp.linear_fc1.weight"] = (2 * f, h)
-        shapes[p + "mlp.linear_fc2.weight"] = (h, f)
-    shapes["decoder.final_layernorm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        shapes["output_layer.weight"] = (vp, h)
+    for name in VOCAB_PARAMS:
+        if name in shapes:
+            shapes[name] = (vp,) + shapes[name][1:]
     return shapes
 
 
-def _qkv_pieces(cfg: ModelConfig, megatron: str, hf_prefix: str, suffix: str) -> list[Piece]:
+def _qkv_pieces(cfg: ModelConfig, q: Param, k: Param, v: Param) -> list[Piece]:
     d = cfg.head_dim
     per = cfg.num_attention_heads // cfg.num_query_groups  # query heads per group
     block = (per + 2) * d  # rows of one group in the fused tensor
     out = []
     for g in range(cfg.num_query_groups):
         base = g * block
-        out.append(Piece(megatron, (base, base + per * d), hf_prefix + "q_proj" + suffix, (g * per * d, (g + 1) * per * d)))
-        out.append(Piece(megatron, (base + per * d, base + (per + 1) * d), hf_prefix + "k_proj" + suffix, (g * d, (g + 1) * d)))
-        out.append(Piece(megatron, (base + (per + 1) * d, base + block), hf_prefix + "v_proj" + suffix, (g * d, (g + 1) * d)))
+        out.append(Piece(q.megatron, (base, base + per * d), q.hf, (g * per * d, (g + 1) * per * d)))
+        out.append(Piece(k.megatron, (base + per * d, base + (per + 1) * d), k.hf, (g * d, (g + 1) * d)))
+        out.append(Piece(v.megatron, (base + (per + 1) * d, base + block), v.hf, (g * d, (g + 1) * d)))
     return out
 
 
 def pieces(cfg: ModelConfig) -> list[Piece]:
     """All row copies between HF and Megatron, grouped by Megatron parameter, model order."""
     hs = hf_shapes(cfg)
-
-    def whole(m: str, hf: str) -> Piece:
-        n = hs[hf][0]
-        return Piece(m, (0, n), hf, (0, n))
-
-    out = [whole("embedding.word_embeddings.weight", "model.embed_tokens.weight")]
-    f = cfg.ffn_hidden_size
-    for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out.append(whole(m + "input_layernorm.weight", h + "input_layernorm.weight"))
-        out += _qkv_pieces(cfg, m + "self_attention.linear_qkv.weight", h + "self_attn.", ".weight")
-        if cfg.add_qkv_bias:
-            out += _qkv_pieces(cfg, m + "self_attention.linear_qkv.bias", h + "self_attn.", ".bias")
-        out.append(whole(m + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight"))
-        out.append(whole(m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight"))
-        out.append(Piece(m + "mlp.linear_fc1.weight", (0, f), h + "mlp.gate_proj.weight", (0, f)))
-        out.append(Piece(m + "mlp.linear_fc1.weight", (f, 2 * f), h + "mlp.up_proj.weight", (0, f)))
-        out.append(whole(m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight"))
-    out.append(whole("decoder.final_layernorm.weight", "model.norm.weight"))
-    if not cfg.tie_word_embeddings:
-        out.append(whole("output_layer.weight", "lm_head.weight"))
+    out: list[Piece] = []
+    for _, params in _unit_params(cfg):
+        by_m: dict[str, dict[str, Param]] = {}
+        for p in params:
+            by_m.setdefault(p.megatron, {})[p.part] = p
+        for m, parts in by_m.items():
+            if "q" in parts:
+                out += _qkv_pieces(cfg, parts["q"], parts["k"], parts["v"])
+            elif "gate" in parts:
+                gate, up = parts["gate"], parts["up"]
+                f = hs[gate.hf][0]
+                out.append(Piece(m, (0, f), gate.hf, (0, f)))
+                out.append(Piece(m, (f, 2 * f), up.hf, (0, f)))
+            else:
+                n = hs[parts["whole"].hf][0]
+                out.append(Piece(m, (0, n), parts["whole"].hf, (0, n)))
     return out
 
 

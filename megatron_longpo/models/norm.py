@@ -14,7 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class RMSNorm(torch.nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (HF Llama/Mistral/Qwen2 semantics)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (HF Llama/Mistral/Qwen2/Qwen3 semantics)."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()

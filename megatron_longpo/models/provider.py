@@ -1,9 +1,10 @@
-"""GPTModel provider for the Llama / Mistral / Qwen2 family.
+"""GPTModel provider for the families of megatron_longpo/architectures.py.
 
 ``build_model`` turns a :class:`ModelConfig` + :class:`ParallelConfig` into a Megatron-Core
-``GPTModel`` (our subclass :class:`LongPOGPTModel`) on the current TP/CP groups:
-RMSNorm, SwiGLU, GQA, RoPE (configurable base), optional QKV bias, tied or untied embeddings,
-vocab padded to a multiple of ``make_vocab_size_divisible_by * tp``.
+``GPTModel`` (our subclass :class:`LongPOGPTModel`) on the current TP/CP/EP groups:
+RMSNorm, SwiGLU, GQA, RoPE (configurable base), optional QKV bias, optional per-head q/k RMSNorm
+(Qwen3), dense MLP or Megatron-Core MoE layers (softmax router, top-k, dropless), tied or untied
+embeddings, vocab padded to a multiple of ``make_vocab_size_divisible_by * tp``.
 
 The subclass adds a hidden-state forward: final hidden states after the final norm and before
 the output layer, so the LongPO loss computes log-probs in chunks and never materialises
@@ -169,6 +170,7 @@ def transformer_config(
         cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
         batch_p2p_comm=batch_p2p_comm(parallel),
     )
+    kwargs.update(qk_layernorm=model.qk_layernorm, **moe_settings(model, parallel))
     if recompute_granularity:
         kwargs.update(recompute_granularity=recompute_granularity)
         if recompute_granularity == "full":
@@ -202,6 +204,46 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
+def resolve_token_dispatcher(choice: str, on_cuda: bool, expert_tp: int) -> str:
+    """``auto``: alltoall on CUDA. On CPU (gloo, docs/cpu_compat.md) alltoall at expert-TP 1 (it
+    exchanges per-rank token counts, so EP ranks may hold sequences of different lengths);
+    allgather at expert-TP > 1, where alltoall all-gathers uneven splits that gloo refuses."""
+    if choice != "auto":
+        return choice
+    return "alltoall" if on_cuda or expert_tp == 1 else "allgather"
+
+
+def moe_settings(model: ModelConfig, parallel: ParallelConfig) -> dict:
+    """TransformerConfig MoE fields reproducing the HF routing (pure).
+
+    HF Mixtral / Qwen3-MoE: softmax over all experts, top-k, then (Mixtral; Qwen3-MoE with
+    ``norm_topk_prob``) divide by the top-k sum. Megatron's default (top-k of the logits, softmax
+    over those k) is the same renormalised distribution; ``moe_router_pre_softmax`` is the
+    un-renormalised one. Dropless (no capacity factor), no jitter, no expert bias, so the routing
+    is a deterministic function of the input. The load-balancing loss (Switch style, per layer) is
+    on when ``model.moe_aux_loss_coeff > 0``; Megatron attaches its gradient to the router
+    probabilities (docs/convert.md, "Mixture of experts").
+    """
+    if model.num_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.expert_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not model.moe_norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=resolve_token_dispatcher(
+            model.moe_token_dispatcher, capabilities.cuda_available(),
+            parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size),
+        moe_expert_capacity_factor=None,
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size,
+    )
+
+
 def layer_spec(model: ModelConfig, impl: str, core_attention: Optional[type] = None,
                num_layers: Optional[int] = None) -> ModuleSpec | TransformerBlockSubmodules:
     """Layer spec: TE modules on CUDA, Megatron local modules + project RMSNorm elsewhere.
@@ -211,13 +253,18 @@ def layer_spec(model: ModelConfig, impl: str, core_attention: Optional[type] = N
     TE spec leaves the count to Megatron's block (the same helper).
     """
     if impl == "transformer_engine":
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=model.num_experts, moe_grouped_gemm=False, qk_layernorm=model.qk_layernorm)
         if core_attention is not None:
             spec.submodules.self_attention.submodules.core_attention = core_attention
         return spec
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=model.num_experts, qk_layernorm=model.qk_layernorm,
+                                    normalization="RMSNorm")
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if model.qk_layernorm:  # per head (hidden_size = head dim), HF q_norm / k_norm
+        spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     if core_attention is not None:
         spec.submodules.self_attention.submodules.core_attention = core_attention
     # Final norm of the block is the project RMSNorm too (SP-capable without apex/TE).

@@ -8,22 +8,58 @@ The "full" layout of every parameter is the one a TP=1 Megatron model has. Under
 - QKV is stored per query group ([q..., k, v] for each group), and groups are split contiguously,
   so a plain dim-0 slice is right;
 - vocabulary rows are padded to a multiple of ``make_vocab_size_divisible_by * tp``; padding rows
-  differ between TP sizes, so only the first ``vocab_size`` rows carry meaning.
-Used by tests (TP=N vs TP=1), checkpoint conversion and layout changes.
+  differ between TP sizes, so only the first ``vocab_size`` rows carry meaning;
+- MoE experts: EP rank r holds experts r*n .. r*n+n-1 as ``local_experts.0 .. n-1`` (n =
+  experts / ep), each split over the expert-tensor-parallel group (``ExpertShards``); the full
+  layout names every expert by its global index.
+Used by tests (TP=N / EP=N vs TP=1), checkpoint conversion and layout changes.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ExpertShards:
+    """This rank's place in the expert layout (from ``ParallelGroups``: ep_* and etp_* fields)."""
+
+    ep_rank: int = 0
+    ep_size: int = 1
+    etp_rank: int = 0
+    etp_size: int = 1
+    ep_group: Optional[dist.ProcessGroup] = None
+    etp_group: Optional[dist.ProcessGroup] = None
+
+    @classmethod
+    def of(cls, groups) -> "ExpertShards":  # runtime.distributed.ParallelGroups (a higher layer)
+        return cls(groups.ep_rank, groups.ep_size, groups.etp_rank, groups.etp_size, groups.ep_group, groups.etp_group)
+
+
+def _local_experts(names) -> int:
+    """Experts per layer held by this rank (0 for a dense model)."""
+    return max((int(m.group(1)) + 1 for n in names if (m := _LOCAL_EXPERT.search(n))), default=0)
+
+
+def global_expert_name(name: str, ep_rank: int, local_count: int) -> str:
+    """Full-layout name of a local expert parameter (unchanged for other parameters)."""
+    m = _LOCAL_EXPERT.search(name)
+    if m is None:
+        return name
+    return name[: m.start(1)] + str(ep_rank * local_count + int(m.group(1))) + name[m.end(1):]
 
 
 def is_glu_fc1(name: str) -> bool:
+    if _LOCAL_EXPERT.search(name):  # an expert's fc1 is [gate; up] too
+        return name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
     return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
 
 
@@ -76,23 +112,32 @@ def local_to_full(
     return full
 
 
-def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> None:
-    """Copy a full-layout state dict (parameter names of ``model.named_parameters()``) into ``model``."""
+def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp_size: int,
+                         experts: ExpertShards = ExpertShards()) -> None:
+    """Copy a full-layout state dict (TP=1, EP=1 parameter names) into ``model``."""
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(full))
+    n = _local_experts(params)
+    names = {name: global_expert_name(name, experts.ep_rank, n) for name in params}
+    missing = sorted(set(names.values()) - set(full))
     if missing:
         raise KeyError(f"full state dict lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(full_to_local(name, full[name], p, tp_rank, tp_size))
+            if names[name] != name or _LOCAL_EXPERT.search(name):
+                p.copy_(full_to_local(name, full[names[name]], p, experts.etp_rank, experts.etp_size))
+            else:
+                p.copy_(full_to_local(name, full[name], p, tp_rank, tp_size))
 
 
 def gather_full_state_dict(
-    model: torch.nn.Module, tp_group: dist.ProcessGroup, vocab_size: Optional[int] = None, grads: bool = False
+    model: torch.nn.Module, tp_group: dist.ProcessGroup, vocab_size: Optional[int] = None, grads: bool = False,
+    experts: ExpertShards = ExpertShards(),
 ) -> dict[str, torch.Tensor]:
-    """Full-layout parameters (or their ``.grad`` / Megatron ``.main_grad``) of a TP model."""
+    """Full-layout parameters (or their ``.grad`` / Megatron ``.main_grad``) of a TP / EP model."""
     out = {}
-    for name, p in model.named_parameters():
+    params = dict(model.named_parameters())
+    n = _local_experts(params)
+    for name, p in params.items():
         t = p
         if grads:
             t = getattr(p, "main_grad", None)
@@ -100,7 +145,16 @@ def gather_full_state_dict(
                 t = p.grad
             if t is None:
                 t = torch.zeros_like(p)
-        out[name] = local_to_full(name, t.detach(), p, tp_group, vocab_size).clone()
+        if not _LOCAL_EXPERT.search(name):
+            out[name] = local_to_full(name, t.detach(), p, tp_group, vocab_size).clone()
+            continue
+        full = local_to_full(name, t.detach(), p, experts.etp_group, None) if experts.etp_size > 1 else t.detach()
+        parts = [full.clone()]
+        if experts.ep_size > 1:
+            parts = [torch.empty_like(full) for _ in range(experts.ep_size)]
+            dist.all_gather(parts, full.contiguous(), group=experts.ep_group)
+        for r, part in enumerate(parts):
+            out[global_expert_name(name, r, n)] = part.clone()
     return out
 
 

@@ -72,7 +72,7 @@ from megatron_longpo.reference.fingerprint import dataset_identity
 from megatron_longpo.reference.model import effective_model_config, load_reference_model, read_reference_checkpoint
 from megatron_longpo.reference.precompute_args import build_arg_parser
 from megatron_longpo.runtime.capabilities import collective_device
-from megatron_longpo.runtime.distributed import destroy, init_distributed, init_model_parallel
+from megatron_longpo.runtime.distributed import destroy, init_distributed, init_model_parallel, set_seed
 from megatron_longpo.runtime.signals import StopFlag, write_run_status
 
 PARTIAL_SUFFIX = ".partial"
@@ -175,8 +175,10 @@ def _inputs(o: PrecomputeOptions, world: int):
     if why:  # training refuses this data for this model: do not spend a precompute on it
         raise PrecomputeError(why)
     model_cfg = effective_model_config(ckpt, rope_theta=o.rope_theta, params_dtype=o.params_dtype)
+    # A mixture-of-experts model at TP > 1 runs with sequence parallelism (Megatron-Core's MoE rule).
     parallel = ParallelConfig(tensor_model_parallel_size=o.tp, pipeline_model_parallel_size=o.pp,
                               attention_backend=o.attention_backend,  # type: ignore[arg-type]
+                              sequence_parallel=model_cfg.num_experts is not None and o.tp > 1,
                               fp8=o.fp8, fp8_recipe=o.fp8_recipe)  # type: ignore[arg-type]
     try:
         validate_model(model_cfg, parallel)
@@ -335,6 +337,8 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
     init_distributed(parallel)
     rank = dist.get_rank()
     groups = init_model_parallel(parallel)
+    if parallel.sequence_parallel:
+        set_seed(0)  # the sequence-parallel embedding forks Megatron's RNG tracker (dropout is 0)
     is_main = rank == 0
     say = log if is_main else (lambda _msg: None)
 
@@ -387,6 +391,7 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
             sums, counts = sequence_logprob_sums(
                 model, seqs, groups, vocab_size=model_cfg.vocab_size, pad_id=dataset.pad_id,
                 pad_to_multiple=pad_multiple, chunk_size=o.logprob_chunk_size,
+                sequence_parallel=parallel.sequence_parallel,
             )
             if writer is not None:
                 writer.write(k, sums, counts)

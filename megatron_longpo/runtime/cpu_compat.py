@@ -15,7 +15,8 @@ ever active on a GPU run. Each patch, and why it is needed:
    found-inf tensors, grad clipping, grad-buffer warm-up): a global ``TorchFunctionMode`` rewrites a
    CUDA device argument of tensor factory calls to CPU.
 4. ``torch.cuda.synchronize`` / ``Stream`` / ``Event`` / ``empty_cache`` / memory statistics:
-   harmless no-ops or dummies on CPU.
+   harmless no-ops or dummies on CPU (the MoE alltoall dispatcher records an event on its
+   device-to-host stream: ``Stream.record_event`` returns a dummy event).
 5. ``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor``
    gradients: replaced (in ``clip_grads`` and ``optimizer``, which imported it) by the same
    in-place scaling without the device assertion.
@@ -23,6 +24,14 @@ ever active on a GPU run. Each patch, and why it is needed:
    needs a CUDA runtime: the mode drops ``pin_memory`` on factory calls.
    (megatron's own pure-PyTorch ``local_multi_tensor_*`` fallbacks, used for grad-norm and
    clipping when neither apex nor TE is installed, allocate on ``"cuda"`` too.)
+7. ``transformer.moe.moe_utils`` names ``te_general_gemm`` only when Transformer Engine imports,
+   but the MoE router's gating (``RouterGatingLinearFunction``) tests it unconditionally: a
+   NameError on every MoE forward without TE. It is defined as ``None`` (the router then uses
+   ``torch.matmul``, the same math). Applied only where TE is absent.
+8. The MoE alltoall token dispatcher turns its split sizes into numpy arrays with
+   ``moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)``, which converts only CUDA tensors;
+   on CPU the splits stay tensors and gloo's ``all_to_all_single`` rejects them. The replacement
+   also converts CPU tensors when ``as_numpy`` is asked (patched where the dispatcher imported it).
 
 The normalisation layers of the local spec are the project's own RMSNorm
 (:mod:`megatron_longpo.models.norm`), which tolerates sequence parallelism, so no patch is needed
@@ -138,10 +147,28 @@ def enable() -> bool:
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
+    # deferred: harness workers enable these patches before megatron-core loads
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    # deferred: harness workers enable these patches before megatron-core loads
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _move_tensor_to_cpu
+
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True
     return True
+
+
+def _move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """megatron's ``maybe_move_tensor_to_cpu`` for CPU tensors: numpy when asked (patch 8)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
 
 
 class _DummyStream:
@@ -153,6 +180,9 @@ class _DummyStream:
 
     def synchronize(self) -> None:
         pass
+
+    def record_event(self, *a: Any, **k: Any) -> "_DummyEvent":  # MoE alltoall dispatcher's D2H stream
+        return _DummyEvent()
 
     def __enter__(self) -> "_DummyStream":
         return self

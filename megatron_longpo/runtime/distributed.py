@@ -37,6 +37,13 @@ class ParallelGroups:
     cp_size: int
     dp_rank: int
     dp_size: int
+    # Mixture-of-experts layout: experts split over ep ranks, each expert's weights over etp ranks.
+    ep_group: Optional[dist.ProcessGroup] = None
+    ep_rank: int = 0
+    ep_size: int = 1
+    etp_group: Optional[dist.ProcessGroup] = None
+    etp_rank: int = 0
+    etp_size: int = 1
     pp_group: Optional[dist.ProcessGroup] = None  # pipeline stages of this model replica
     pp_rank: int = 0
     pp_size: int = 1
@@ -104,7 +111,7 @@ def _free_port() -> int:
 
 
 def init_model_parallel(parallel: ParallelConfig) -> ParallelGroups:
-    """Create Megatron's TP/CP/DP(/PP) groups and return the ones the project uses."""
+    """Create Megatron's TP/CP/DP(/PP) and expert (EP/ETP) groups and return the ones the project uses."""
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -112,6 +119,8 @@ def init_model_parallel(parallel: ParallelConfig) -> ParallelGroups:
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     _init_rerun_state_machine()
@@ -150,6 +159,12 @@ def current_groups() -> ParallelGroups:
         pp_group=ps.get_pipeline_model_parallel_group(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         pp_size=ps.get_pipeline_model_parallel_world_size(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        etp_size=ps.get_expert_tensor_parallel_world_size(),
     )
 
 

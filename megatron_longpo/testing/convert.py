@@ -15,8 +15,11 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-# name -> (transformers config class name, kwargs). Head ratios 1, 4 and 7; tied and untied;
-# Qwen2 QKV bias; llama3 rope scaling.
+from megatron_longpo.architectures import ARCHITECTURES
+
+# family (megatron_longpo/architectures.py) -> (transformers config class name, kwargs). Head ratios
+# 1, 2, 4 and 7; tied and untied; Qwen2 QKV bias; Qwen3 q/k norm and explicit head_dim; llama3 rope
+# scaling; MoE with and without top-k renormalisation.
 TINY_HF: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", dict(
         vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -34,6 +37,22 @@ TINY_HF: dict[str, tuple[str, dict[str, Any]]] = {
         vocab_size=270, hidden_size=112, intermediate_size=192, num_hidden_layers=2, num_attention_heads=14,
         num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1e6,
         tie_word_embeddings=True,
+    )),
+    "qwen3": ("Qwen3Config", dict(  # q/k norm, head_dim 24 != 64 / 4, tied
+        vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1e6,
+        tie_word_embeddings=True,
+    )),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(  # 4 experts top-2, norm_topk_prob false, untied
+        vocab_size=260, hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False, max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1e6,
+        tie_word_embeddings=False,
+    )),
+    "mixtral": ("MixtralConfig", dict(  # 4 experts top-2 (renormalised), GQA 4
+        vocab_size=280, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False,
     )),
 }
 
@@ -84,15 +103,16 @@ def build_tiny_hf(
     legacy_config: bool = False,
     seed: int = 0,
     tokenizer: bool = True,
+    **overrides: Any,
 ) -> Path:
-    """Save a tiny random ``name`` model (see TINY_HF) with transformers to ``out``.
+    """Save a tiny random ``name`` model (see TINY_HF, ``overrides`` applied) with transformers to ``out``.
 
     ``legacy_config`` rewrites config.json in the transformers 4.x layout (``rope_theta`` /
     ``rope_scaling`` / ``torch_dtype``) that most hub checkpoints still use.
     """
     out = Path(out)
-    cfg = hf_config(name)
-    cls = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name]
+    cfg = hf_config(name, **overrides)
+    cls = ARCHITECTURES[name].hf_class
     torch.manual_seed(seed)
     model = getattr(transformers, cls)(cfg)
     randomize_(model, seed)

@@ -9,6 +9,7 @@ import torch
 
 from megatron_longpo.config import ModelConfig, ParallelConfig
 
+# One tiny config per family of megatron_longpo/architectures.py (tests/unit/test_architectures.py).
 TINY_ARCHS: dict[str, dict[str, Any]] = {
     # GQA 2:1, untied
     "llama": dict(arch="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
@@ -20,6 +21,20 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
     "qwen2": dict(arch="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2,
                   num_query_groups=2, vocab_size=270, rope_theta=1e6, norm_epsilon=1e-6,
                   add_qkv_bias=True, tie_word_embeddings=True),
+    # q/k RMSNorm, head dim 24 != 64 / 4, GQA 2:1, tied
+    "qwen3": dict(arch="qwen3", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                  num_query_groups=2, kv_channels=24, vocab_size=260, rope_theta=1e6, norm_epsilon=1e-6,
+                  qk_layernorm=True, tie_word_embeddings=True),
+    # 4 experts, top-2 without renormalisation (Qwen3-MoE norm_topk_prob=false); aux loss off
+    # (the serial brute-force references have none; tests turn it on with moe_aux_loss_coeff)
+    "qwen3_moe": dict(arch="qwen3_moe", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                      num_query_groups=2, vocab_size=260, rope_theta=1e6, norm_epsilon=1e-6, qk_layernorm=True,
+                      num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, moe_norm_topk_prob=False,
+                      moe_aux_loss_coeff=0.0),
+    # 4 experts, top-2 renormalised, GQA 4:1
+    "mixtral": dict(arch="mixtral", num_layers=2, hidden_size=64, ffn_hidden_size=80, num_attention_heads=8,
+                    num_query_groups=2, vocab_size=280, rope_theta=1e6, norm_epsilon=1e-5,
+                    num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.0),
 }
 
 
@@ -30,8 +45,8 @@ def tiny_model_config(arch: str = "llama", **overrides: Any) -> ModelConfig:
     return ModelConfig(**kw)
 
 
-def parallel_config(tp: int = 1, cp: int = 1, **kw: Any) -> ParallelConfig:
-    return ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp, **kw)
+def parallel_config(tp: int = 1, cp: int = 1, ep: int = 1, **kw: Any) -> ParallelConfig:
+    return ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp, expert_model_parallel_size=ep, **kw)
 
 
 def random_tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> torch.Tensor:

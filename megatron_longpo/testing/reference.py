@@ -15,8 +15,10 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from megatron_longpo.architectures import ARCHITECTURES
 from megatron_longpo.convert.hf_to_megatron import convert_hf_to_megatron
 from megatron_longpo.testing.convert import hf_config, randomize_
+from megatron_longpo.data.indexed import PreferenceDataset
 from megatron_longpo.data.preprocess import PreprocessOptions, preprocess
 from megatron_longpo.data.synthetic import random_text
 
@@ -57,22 +59,26 @@ def make_dataset(prefix: str | Path, records: Sequence[dict], max_seq_length: in
     return str(prefix)
 
 
-def make_hf_model(out: str | Path, seed: int = 0, vocab_size: int = TOKENIZER_VOCAB, **overrides) -> Path:
-    """A tiny random Mistral (8 heads, 2 KV groups, rope_theta 1e6) saved with transformers."""
-    cfg = hf_config("mistral", vocab_size=vocab_size, **overrides)
+def make_hf_model(out: str | Path, seed: int = 0, vocab_size: int = TOKENIZER_VOCAB, family: str = "mistral",
+                  **overrides) -> Path:
+    """A tiny random model of ``family`` (default Mistral: 8 heads, 2 KV groups, rope_theta 1e6;
+    testing/convert.TINY_HF) with the sample tokenizer's vocabulary, saved with transformers."""
+    cfg = hf_config(family, vocab_size=vocab_size, **overrides)
     torch.manual_seed(seed)
-    model = transformers.MistralForCausalLM(cfg)
+    model = getattr(transformers, ARCHITECTURES[family].hf_class)(cfg)
     randomize_(model, seed)
     model.save_pretrained(str(out))
     return Path(out)
 
 
-def make_reference_checkpoint(workdir: str | Path, seed: int = 0, **overrides) -> tuple[Path, Path]:
+def make_reference_checkpoint(workdir: str | Path, seed: int = 0, family: str = "mistral",
+                              **overrides) -> tuple[Path, Path]:
     """(HF dir, Megatron checkpoint run dir) of the same tiny random model (fp32). Single process:
     run it where torch.distributed is not initialised or has world size 1."""
     workdir = Path(workdir)
-    hf = make_hf_model(workdir / f"hf-{seed}", seed=seed, **overrides)
-    ckpt = workdir / f"ckpt-{seed}"
+    tag = f"{seed}" if family == "mistral" else f"{family}-{seed}"
+    hf = make_hf_model(workdir / f"hf-{tag}", seed=seed, family=family, **overrides)
+    ckpt = workdir / f"ckpt-{tag}"
     convert_hf_to_megatron(hf, ckpt, dtype="fp32", progress=False)
     return hf, ckpt
 
@@ -88,8 +94,9 @@ def hf_float64_sums(hf_dir: str | Path, sequences: Sequence[tuple[np.ndarray, np
             cfg.rope_parameters["rope_theta"] = rope_theta
         else:
             cfg.rope_theta = rope_theta
+    # eager experts: transformers' default grouped-GEMM MoE path has no float64 kernel
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=cfg, dtype=torch.float64,
-                                                 attn_implementation="eager").eval()
+                                                 attn_implementation="eager", experts_implementation="eager").eval()
     out = []
     for tokens, mask in sequences:
         t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
@@ -98,3 +105,16 @@ def hf_float64_sums(hf_dir: str | Path, sequences: Sequence[tuple[np.ndarray, np
         resp = torch.as_tensor(np.asarray(mask[1:], dtype=bool))
         out.append(float(logp[:-1].gather(1, tgt[:, None]).squeeze(1)[resp].sum()))
     return np.array(out, dtype=np.float64)
+
+
+def reference_items(prefix: str):
+    """(dataset, index into turns.reshape(-1), [(tokens, mask)]) over every present (sample, turn,
+    side) of a preprocessed dataset: what a reference cache holds, in its order (arrays copied)."""
+    ds = PreferenceDataset(prefix)
+    T = int(ds.num_turns.max())
+    flat, seqs = [], []
+    for i in range(len(ds)):
+        for t, ref in enumerate(ds[i].references):
+            flat += [(i * T + t) * 2, (i * T + t) * 2 + 1]
+            seqs += [(np.array(ref.chosen), np.array(ref.chosen_mask)), (np.array(ref.rejected), np.array(ref.rejected_mask))]
+    return ds, np.array(flat), seqs

@@ -59,7 +59,7 @@ class TrainState:
 
 def layout_of(groups) -> dict:
     return {"tp": groups.tp_size, "cp": groups.cp_size, "pp": getattr(groups, "pp_size", 1), "dp": groups.dp_size,
-            "world": world_size()}
+            "ep": getattr(groups, "ep_size", 1), "world": world_size()}
 
 
 def _chunks(model) -> list:
@@ -293,17 +293,19 @@ def load_checkpoint(
         saved, now = ts["layout"], layout_of(groups)
         # TP and PP may change: parameters and optimizer state are saved under global (layer-
         # offset, unsharded-shape) keys that dist_checkpointing reshards (tests/e2e/test_train.py).
-        if any(saved.get(k, 1) != now[k] for k in ("cp", "dp", "world")) and own_checkpoint:
+        # EP may not: Megatron-Core 0.16.1 cannot re-shard the MoE optimizer state across EP sizes
+        # (its expert / dense optimizer split changes), so an EP change is refused like a DP one.
+        if any(saved.get(k, 1) != now[k] for k in ("cp", "dp", "ep", "world")) and own_checkpoint:
             run = d.parent
             raise CheckpointError(
                 f"{d}: checkpoint.save={run} holds a run saved with layout {saved} but this run is {now}; its "
-                f"optimizer state resumes only with the same cp/dp and world size (tp and pp may change). Resume "
+                f"optimizer state resumes only with the same cp/dp/ep and world size (tp and pp may change). Resume "
                 f"in that layout, or start a new run directory from its weights: checkpoint.save=NEW_DIR "
                 f"checkpoint.load={run} checkpoint.finetune=true (or delete {run} to start over)")
-        if any(saved.get(k, 1) != now[k] for k in ("cp", "dp", "world")):
+        if any(saved.get(k, 1) != now[k] for k in ("cp", "dp", "ep", "world")):
             raise CheckpointError(
                 f"{d}: optimizer state was saved with layout {saved} but this run is {now}; resume with the "
-                f"same cp/dp and world size (tp and pp may change), or set checkpoint.finetune=true to load the "
+                f"same cp/dp/ep and world size (tp and pp may change), or set checkpoint.finetune=true to load the "
                 "weights only into the new layout"
             )
         sharding = saved_optimizer_sharding(ts, str(d))

@@ -35,7 +35,11 @@ def forward_flops(model: ModelConfig, n_tokens: int, n_attended: int, n_logit_po
     h, f = model.hidden_size, model.ffn_hidden_size
     q = model.num_attention_heads * model.head_dim
     k = model.num_query_groups * model.head_dim
-    per_layer = 2 * n_tokens * h * (q + 2 * k) + 4 * n_attended * q + 2 * n_tokens * q * h + 6 * n_tokens * h * f
+    # MoE: active parameters only (k experts of moe ffn per token) plus the router's [h, E] GEMM.
+    mlp = 6 * n_tokens * h * f
+    if model.num_experts:
+        mlp = 6 * n_tokens * h * model.expert_ffn_hidden_size * model.moe_router_topk + 2 * n_tokens * h * model.num_experts
+    per_layer = 2 * n_tokens * h * (q + 2 * k) + 4 * n_attended * q + 2 * n_tokens * q * h + mlp
     return float(model.num_layers * per_layer + 2 * n_logit_positions * h * model.vocab_size)
 
 

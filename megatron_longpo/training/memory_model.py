@@ -3,7 +3,8 @@
 Pure arithmetic on a config, so users can check a 512K config before they queue it. All sizes
 in bytes. The model assumes what the reference configs use: bf16 params, fp32 main grads,
 fp32 master weights and optimizer state (Adam: 2 moments, RMSprop: 1), sharded over dp*cp by
-the distributed optimizer when it is on, flash/TE attention (no [s, s] scores), chunked log-probs.
+the distributed optimizer when it is on (MoE experts: split over ep*etp, state over the
+expert-data-parallel ranks), flash/TE attention (no [s, s] scores), chunked log-probs.
 Activations follow ``training.recompute_*`` (:func:`saved_per_token`): full recompute stores one
 layer input per recompute unit, block recompute stores full activations for the layers it does not
 recompute, selective recompute drops the module outputs it recomputes (:func:`recompute_choices`
@@ -47,6 +48,8 @@ class MemoryEstimate:
     pipeline_stages: int = 1
     in_flight: int = 1  # micro-batches (x chunk) whose layer inputs this stage keeps at once
     stage_params: int = 0  # parameters on that stage (= params without PP)
+    expert_params: int = 0  # of ``params``: MoE expert weights (split over ep * etp ranks)
+    moe_dispatch: int = 0  # MoE: router probabilities + permuted token copies of one layer
 
     def lines(self) -> list[str]:
         rows = [
@@ -57,6 +60,7 @@ class MemoryEstimate:
             ("one layer's recompute working set", self.layer_working_set),
             ("K/V all-gather buffers (project CP attention)", self.kv_gather_buffers),
             ("log-prob chunk (fp32 logits, V/tp)", self.logprob_chunk),
+            ("MoE router + token dispatch buffers (one layer)", self.moe_dispatch),
             ("total", self.total),
         ]
         out = [f"  {name:<48s} {val / GiB:8.2f} GiB" for name, val in rows]
@@ -74,25 +78,50 @@ def _layer_params(cfg: LongPOConfig) -> int:
 
 
 def parameter_count(cfg: LongPOConfig) -> int:
+    """All parameters (MoE: every expert; the memory model's count)."""
+    return sum(parameter_split(cfg))
+
+
+def parameter_split(cfg: LongPOConfig) -> tuple[int, int]:
+    """(non-expert parameters, MoE expert parameters): experts shard over ep * etp, the rest over tp."""
     m = cfg.model
     v = padded_vocab_size(m, cfg.parallel.tensor_model_parallel_size)
-    emb = v * m.hidden_size * (1 if m.tie_word_embeddings else 2)
-    return m.num_layers * _layer_params(cfg) + emb + m.hidden_size
+    h = m.hidden_size
+    emb = v * h * (1 if m.tie_word_embeddings else 2)
+    dense, experts = _layer_params(cfg)
+    return m.num_layers * dense + emb + h, m.num_layers * experts
 
 
-def stage_parameter_count(cfg: LongPOConfig, stage: int) -> int:
-    """Parameters held by pipeline stage ``stage``: its layers, the embedding on the first stage,
-    the output layer (a tied embedding's copy) and final norm on the last."""
+def _layer_params(cfg: LongPOConfig) -> tuple[int, int]:
+    """(non-expert, MoE expert) parameters of one transformer layer."""
+    m = cfg.model
+    h, f, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
+    q, kv = m.num_attention_heads * d, m.num_query_groups * d
+    dense = h * (q + 2 * kv) + q * h + 2 * h + (q + 2 * kv if m.add_qkv_bias else 0)
+    dense += 2 * d if m.qk_layernorm else 0
+    if m.num_experts:
+        return dense + m.num_experts * h, m.num_experts * 3 * h * m.expert_ffn_hidden_size  # router; experts
+    return dense + 3 * h * f, 0
+
+
+def stage_parameter_split(cfg: LongPOConfig, stage: int) -> tuple[int, int]:
+    """(non-expert, expert) parameters held by pipeline stage ``stage``: its layers, the embedding
+    on the first stage, the output layer (a tied embedding's copy) and final norm on the last."""
     m, p = cfg.model, cfg.parallel
     pp = p.pipeline_model_parallel_size
     layers = sum(pipeline_stage_layers(m.num_layers, p)[stage])
     vh = padded_vocab_size(m, p.tensor_model_parallel_size) * m.hidden_size
-    n = layers * _layer_params(cfg)
+    dense, experts = _layer_params(cfg)
+    n = layers * dense
     if stage == 0:
         n += vh
     if stage == pp - 1:
         n += vh + m.hidden_size
-    return n
+    return n, layers * experts
+
+
+def stage_parameter_count(cfg: LongPOConfig, stage: int) -> int:
+    return sum(stage_parameter_split(cfg, stage))
 
 
 def micro_batches_per_step(cfg: LongPOConfig, world_size: int) -> int:
@@ -117,6 +146,11 @@ def pipeline_bubble(pp: int, vpp: int, num_microbatches: int) -> float:
     return (pp - 1) / (vpp * max(1, num_microbatches))
 
 
+def resolve_dispatcher(choice: str) -> str:
+    """The GPU run's MoE dispatcher (``auto`` is alltoall on CUDA; models/provider.py)."""
+    return "alltoall" if choice == "auto" else choice
+
+
 def estimate_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None = None) -> MemoryEstimate:
     """Peak-ish memory of one GPU for a micro-batch of ``seq_tokens`` laid-out tokens per row:
     with pipeline parallelism, of the stage that needs the most.
@@ -137,28 +171,46 @@ def _stage_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None, st
     rows = cfg.training.micro_batch_size * rows_per_pair(cfg.data.pair_layout)
     h, f = m.hidden_size, m.ffn_hidden_size
     kv = m.num_query_groups * m.head_dim
-    n = stage_parameter_count(cfg, stage) if pp > 1 else parameter_count(cfg)
+    dense, experts = stage_parameter_split(cfg, stage) if pp > 1 else parameter_split(cfg)
+    n = dense + experts
     layers = sum(pipeline_stage_layers(m.num_layers, p)[stage])
     last = stage == pp - 1
+    # Experts: split over ep ranks and each over etp ranks; their data-parallel replicas (world /
+    # (ep * etp * pp)) shard the distributed optimizer's state.
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
+    edp = max(1, world_size // (ep * etp * p.pipeline_model_parallel_size))
     wbytes = 2 if m.params_dtype == "bf16" else 4
-    weights = n * wbytes // tp
-    grads = n * 4 // tp
+    weights = dense * wbytes // tp + experts * wbytes // (ep * etp)
+    grads = dense * 4 // tp + experts * 4 // (ep * etp)
     shard = dp * cp if cfg.optim.use_distributed_optimizer else 1
+    eshard = edp if cfg.optim.use_distributed_optimizer else 1
     # fp32 master weights + state: Adam m and v, RMSprop square_avg, SGD momentum (Megatron's 0.9)
     state_bytes = {"adam": 12, "rmsprop": 8, "sgd": 8}[cfg.optim.optimizer]
-    optimizer = n * state_bytes // (tp * shard)
+    optimizer = dense * state_bytes // (tp * shard) + experts * state_bytes // (ep * etp * eshard)
     s_local = s // cp  # tokens of one row on this CP rank
     s_sp = s_local // tp if p.sequence_parallel else s_local
     act_bytes = 2 if m.params_dtype == "bf16" else 4
     # Stored activations (training.recompute_*, :func:`stored_per_token_per_layer`) for every
     # micro-batch (chunk) in flight on this stage, each holding 1/vpp of the stage's layers.
     flight = in_flight_chunks(pp, vpp, stage, micro_batches_per_step(cfg, world_size))
-    chunk_layers = layers // vpp
-    stored = flight * chunk_layers * rows * s_local * act_bytes * stored_per_token_per_layer(cfg, chunk_layers)
+    per_chunk = layers // vpp
+    stored = flight * per_chunk * rows * s_local * act_bytes * stored_per_token_per_layer(cfg, per_chunk)
     # Recomputing one layer: attention + MLP intermediates. ~ (qkv + attn out + norms) on h and
     # the SwiGLU intermediates on f, sharded by tp (SP shards the h-sized ones too); fp8 keeps
     # some copies in 1 byte, ignored here (conservative).
-    working = rows * act_bytes * (s_sp * h * 10 + s_local * (3 * f // tp) * 3 + s_local * (h + 2 * kv) // tp * 3)
+    ffn = s_local * (3 * f // tp) * 3
+    dispatch = 0
+    if m.num_experts:
+        # The MoE layer takes this rank's (SP-sharded) tokens; with balanced routing each rank's
+        # experts receive k copies of as many tokens, through an expert of m split over etp.
+        # Dispatch: fp32 router logits + probs [tokens, E] and the permuted input + output copies
+        # [tokens * k, h] (alltoall; allgather gathers the TP group's tokens, tp times more).
+        k, mf = m.moe_router_topk, m.expert_ffn_hidden_size
+        gathered = tp if resolve_dispatcher(m.moe_token_dispatcher) == "allgather" else 1
+        ffn = s_sp * k * (3 * mf // etp) * 3
+        tokens = rows * s_sp * gathered
+        dispatch = tokens * m.num_experts * 4 * 2 + tokens * k * h * act_bytes * 2
+    working = rows * act_bytes * (s_sp * h * 10 + ffn + s_local * (h + 2 * kv) // tp * 3)
     # Project CP attention gathers K/V of the whole row for one layer (and its grads in backward).
     kv_buf = 0
     if cp > 1:
@@ -166,10 +218,10 @@ def _stage_memory(cfg: LongPOConfig, world_size: int, seq_tokens: int | None, st
     vocab_local = padded_vocab_size(m, tp) // tp
     chunk = min(cfg.loss.logprob_chunk_size, s_local * rows)
     logprob = chunk * vocab_local * 4 * 2 if last else 0  # logits + their softmax grad in backward
-    total = weights + grads + optimizer + stored + working + kv_buf + logprob
+    total = weights + grads + optimizer + stored + working + kv_buf + logprob + dispatch
     return MemoryEstimate(parameter_count(cfg), weights, grads, optimizer, int(stored), working, kv_buf, logprob,
                           int(total), s, recompute_label(cfg), stage=stage, pipeline_stages=pp, in_flight=flight,
-                          stage_params=n)
+                          stage_params=n, expert_params=experts, moe_dispatch=dispatch)
 
 
 # Activation elements autograd keeps per token of one layer, by tensor ([s, b, x] tensors; x/tp

@@ -29,6 +29,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
 from megatron.core.utils import get_model_config
 
 from megatron_longpo.config import LossConfig
@@ -259,6 +264,7 @@ def forward_backward(
         return output, loss_func
 
     fb = get_forward_backward_func()
+    clear_aux_losses_tracker()
     data = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         store = fb(
@@ -270,7 +276,26 @@ def forward_backward(
             micro_batch_size=int(micro_batches[0].tokens.shape[0]),  # model rows (2 per pair: two_sequences)
             forward_only=forward_only,
         )
-    return broadcast_last_stage(average_metrics(store, groups.dp_group), groups)
+    metrics = broadcast_last_stage(average_metrics(store, groups.dp_group), groups)
+    # ---- MoE load-balancing loss (objective term; i22) -------------------------------------------
+    # Megatron's router adds model.moe_aux_loss_coeff * aux to the objective's gradient itself
+    # (MoEAuxLossAutoScaler, scaled by cp / num_microbatches like the main loss, then DDP's mean);
+    # here the term's value joins the metrics. ``loss`` stays the LongPO objective.
+    if not forward_only and config.num_moe_experts and config.moe_aux_loss_coeff:
+        metrics["moe/aux_loss"] = moe_aux_loss(config.moe_aux_loss_coeff, len(micro_batches))
+    return metrics
+
+
+def moe_aux_loss(coeff: float, num_microbatches: int) -> float:
+    """coeff * (load-balancing loss summed over MoE layers), averaged over micro-batches and DP
+    ranks (each layer's value summed over its TP x CP token shards first, as Megatron computes it)."""
+    tracker = get_moe_layer_wise_logging_tracker()
+    if "load_balancing_loss" not in tracker:
+        return 0.0
+    reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+    value = float(tracker["load_balancing_loss"]["values"].sum()) * coeff / num_microbatches
+    clear_aux_losses_tracker()
+    return value
 
 
 @dataclass

@@ -30,6 +30,10 @@ VARIANTS = {
     "llama": dict(legacy_config=True),  # MHA (ratio 1), untied, llama3 rope scaling, 4.x config layout
     "mistral": dict(max_shard_size="60KB"),  # GQA 4, untied, sharded safetensors + index, vocab pad differs per TP
     "qwen2": dict(),  # GQA 7, QKV bias, tied embeddings
+    "qwen3": dict(),  # q/k norm, head_dim 24 != hidden / heads, tied
+    "qwen3_untied": dict(family="qwen3", tie_word_embeddings=False),
+    "qwen3_moe": dict(),  # 4 experts top-2, norm_topk_prob false, q/k norm
+    "mixtral": dict(max_shard_size="60KB"),  # 4 experts top-2 renormalised, GQA 4, sharded safetensors
 }
 
 
@@ -41,7 +45,7 @@ def _convert(hf_dir: str, work: str, dtype: str, verify: bool = False) -> dict:
     return dict(verify=imp.verify, verify_back=exp.verify, tokenizer_files=exp.tokenizer_files)
 
 
-def _logits(ckpt: str, tp: int, tokens: torch.Tensor) -> torch.Tensor:
+def _logits(ckpt: str, tp: int, tokens: torch.Tensor, ep: int = 1) -> torch.Tensor:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_longpo.checkpoint import load_model_checkpoint, read_model_config
@@ -49,7 +53,7 @@ def _logits(ckpt: str, tp: int, tokens: torch.Tensor) -> torch.Tensor:
     from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
 
     cfg = dataclasses.replace(read_model_config(ckpt), params_dtype="fp32", transformer_impl="local")
-    pcfg = parallel_config(tp=tp)
+    pcfg = parallel_config(tp=tp, ep=ep, sequence_parallel=tp > 1 and cfg.num_experts is not None)  # MoE + TP needs SP
     init_model_parallel(pcfg)
     set_seed(123)  # random init is overwritten by the load
     model = build_model(cfg, pcfg)
@@ -67,7 +71,8 @@ def _converted(name: str, tmp_path_factory) -> Path:
     """Build the tiny HF model ``name`` and convert it there and back (once per module)."""
     if name not in _CACHE:
         work = tmp_path_factory.mktemp(f"conv_{name}")
-        build_tiny_hf(work / "hf", name, **VARIANTS[name])
+        opts = dict(VARIANTS[name])
+        build_tiny_hf(work / "hf", opts.pop("family", name), **opts)
         run_distributed(_convert, 1, args=(str(work / "hf"), str(work), "fp32"))
         _CACHE[name] = work
     return _CACHE[name]
@@ -84,6 +89,33 @@ def test_megatron_logits_match_transformers_tp1_tp2(name, tmp_path_factory):
     tp2 = run_distributed(_logits, 2, args=(str(work / "megatron"), 2, tokens))
     for got in [tp1, *tp2]:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=3e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_moe_logits_match_transformers_at_ep2(name, tmp_path_factory):
+    """The converted MoE checkpoint loaded with experts split over 2 ranks (EP=2: tokens leave
+    their rank for the expert's) gives HF's logits; every expert of every layer receives tokens."""
+    work = _converted(name, tmp_path_factory)
+    cfg = json.loads((work / "hf" / "config.json").read_text())
+    tokens = random_tokens(2, 48, cfg["vocab_size"], seed=11)
+    ref, counts = _hf_logits_and_expert_counts(work / "hf", tokens)
+    assert (counts > 0).all(), f"an expert received no tokens: {counts.tolist()}"
+    outs = run_distributed(_logits, 2, args=(str(work / "megatron"), 1, tokens, 2))
+    for got in outs:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=3e-5)
+
+
+@torch.no_grad()
+def _hf_logits_and_expert_counts(hf_dir: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF fp32 logits and, per layer and expert, how many tokens HF's router sent there."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    out = model(input_ids=tokens, use_cache=False, output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    counts = torch.stack([torch.bincount(r.topk(k, -1).indices.reshape(-1), minlength=r.shape[-1])
+                          for r in out.router_logits])
+    return out.logits.float(), counts
 
 
 def _hf_tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -191,4 +223,48 @@ def test_checkpoint_loads_at_cp2(tmp_path_factory):
     for got in run_distributed(_params_at, 2, args=(str(work / "megatron"), 1, 2)):
         assert set(got) == set(ref)
         for k, t in ref.items():
+            assert torch.equal(got[k], t), k
+
+
+def _save_at_ep(out: str, ep: int, tp: int) -> dict:
+    """A randomly initialised Mixtral on EP=ep x TP=tp, saved; returns its full-layout weights."""
+    from megatron_longpo.checkpoint import save_model_checkpoint
+    from megatron_longpo.models.provider import build_model
+    from megatron_longpo.models.sharding import ExpertShards, gather_full_state_dict
+    from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
+    from megatron_longpo.testing.models import tiny_model_config
+
+    cfg = tiny_model_config("mixtral")
+    pcfg = parallel_config(tp=tp, ep=ep, sequence_parallel=tp > 1)
+    g = init_model_parallel(pcfg)
+    set_seed(5)
+    model = build_model(cfg, pcfg)
+    save_model_checkpoint(out, model, cfg)
+    return gather_full_state_dict(model, g.tp_group, cfg.vocab_size, experts=ExpertShards.of(g))
+
+
+def _load_at_ep(ckpt: str, ep: int) -> dict:
+    from megatron_longpo.checkpoint import load_model_checkpoint, read_model_config
+    from megatron_longpo.models.provider import build_model
+    from megatron_longpo.models.sharding import ExpertShards, gather_full_state_dict
+    from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
+
+    cfg = read_model_config(ckpt)
+    pcfg = parallel_config(ep=ep)
+    g = init_model_parallel(pcfg)
+    set_seed(77)  # a different init: the load must overwrite every weight
+    model = build_model(cfg, pcfg)
+    load_model_checkpoint(ckpt, model, cfg)
+    return gather_full_state_dict(model, g.tp_group, cfg.vocab_size, experts=ExpertShards.of(g))
+
+
+def test_moe_checkpoint_saved_at_ep2_loads_at_ep1(tmp_path):
+    """Experts saved by 2 EP ranks (each holding 2 of 4) load whole into one process, and back."""
+    saved = run_distributed(_save_at_ep, 2, args=(str(tmp_path / "ep2"), 2, 1))[0]
+    (at_ep1,) = run_distributed(_load_at_ep, 1, args=(str(tmp_path / "ep2"), 1))
+    assert set(at_ep1) == set(saved) and sum("local_experts" in k for k in saved) == 2 * 4 * 2
+    for k, t in saved.items():
+        assert torch.equal(at_ep1[k], t), k
+    for got in run_distributed(_load_at_ep, 2, args=(str(tmp_path / "ep2"), 2)):
+        for k, t in saved.items():
             assert torch.equal(got[k], t), k

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from megatron_longpo.data.indexed import PreferenceDataset
-from megatron_longpo.testing.reference import hf_float64_sums, make_dataset, synthetic_records
+from megatron_longpo.testing.reference import hf_float64_sums, make_dataset, reference_items, synthetic_records
 from megatron_longpo.testing.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -184,18 +184,6 @@ def dp2(env):
 
 def arrays(cache: Path) -> dict[str, np.ndarray]:
     return {k: np.load(cache / f"{k}.npy") for k in ("turns", "totals", "counts")}
-
-
-def reference_items(prefix: str):
-    """[(index into turns.reshape(-1)), (tokens, mask)] over every present (sample, turn, side)."""
-    ds = PreferenceDataset(prefix)
-    T = int(ds.num_turns.max())
-    flat, seqs = [], []
-    for i in range(len(ds)):
-        for t, ref in enumerate(ds[i].references):
-            flat += [(i * T + t) * 2, (i * T + t) * 2 + 1]
-            seqs += [(ref.chosen, ref.chosen_mask), (ref.rejected, ref.rejected_mask)]
-    return ds, np.array(flat), seqs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -91,20 +91,21 @@ def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
 
 
 def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: int, nll_target: str,
-             lr: float = 0.0, arch: str = ARCH, cp: int = 1):
+             lr: float = 0.0, arch: str = ARCH, cp: int = 1, ep: int = 1, model_kw: dict | None = None):
     """This rank's share of the global batch through forward_backward (or train_step with lr > 0)."""
     from megatron_longpo.models.provider import build_model
-    from megatron_longpo.models.sharding import gather_full_state_dict, load_full_state_dict
+    from megatron_longpo.models.sharding import ExpertShards, gather_full_state_dict, load_full_state_dict
     from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
     from megatron_longpo.training.step import forward_backward, train_step
 
     cfg = LossConfig(**loss_kw)
-    mcfg = tiny_model_config(arch)
-    pcfg = parallel_config(tp=tp, cp=cp, sequence_parallel=sp)
+    mcfg = tiny_model_config(arch, **(model_kw or {}))
+    pcfg = parallel_config(tp=tp, cp=cp, ep=ep, sequence_parallel=sp)
     g = init_model_parallel(pcfg)
+    experts = ExpertShards.of(g)
     set_seed(seed + 100)  # different init: the loaded weights must be what matters
     model = build_model(mcfg, pcfg)
-    load_full_state_dict(model, full_sd, g.tp_rank, g.tp_size)
+    load_full_state_dict(model, full_sd, g.tp_rank, g.tp_size, experts)
     ddp = _ddp(model)
     batch = make_pair_batch(seed, mcfg.vocab_size, nll_target, _nll_on(cfg))
     per_rank = PAIRS // g.dp_size
@@ -119,13 +120,13 @@ def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: in
         )
         res = train_step(ddp, opt, micro, g, cfg, mcfg.vocab_size, sp)
         out.update(metrics=res.metrics, update_successful=res.update_successful, grad_norm=res.grad_norm,
-                   params=gather_full_state_dict(model, g.tp_group, mcfg.vocab_size))
+                   params=gather_full_state_dict(model, g.tp_group, mcfg.vocab_size, experts=experts))
     else:
         # Evaluation first: same metrics, no gradient.
         out["eval_metrics"] = forward_backward(ddp, micro, g, cfg, mcfg.vocab_size, sp, forward_only=True)
         out["eval_grad_abs"] = sum(float(p.main_grad.abs().sum()) for p in model.parameters())
         out["metrics"] = forward_backward(ddp, micro, g, cfg, mcfg.vocab_size, sp)
-    out["grads"] = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size, grads=True)
+    out["grads"] = gather_full_state_dict(model, g.tp_group, mcfg.vocab_size, grads=True, experts=experts)
     return out
 
 
@@ -172,6 +173,27 @@ def test_parallel_step_matches_serial(tp, cp, dp, sp, mbs, arch):
     outs = run_distributed(parallel, tp * cp * dp,
                            args=(tp, sp, mbs, ref["params"], LONGPO, seed, "sequence", 0.0, arch, cp))
     assert all(o["num_microbatches"] == PAIRS // dp // mbs for o in outs)
+    _compare(outs, ref)
+
+
+@pytest.mark.parametrize(
+    "tp,cp,dp,ep,sp,mbs,arch,dispatcher",
+    [
+        (1, 1, 2, 2, False, 1, "qwen3_moe", "alltoall"),  # EP=2: 2 experts per rank, tokens sent over ranks
+        (1, 1, 2, 2, False, 1, "mixtral", "allgather"),
+        (2, 1, 2, 2, True, 1, "mixtral", "allgather"),  # EP=2 x TP=2 (4 ranks; MoE + TP needs SP)
+        (1, 2, 1, 1, False, 2, "qwen3_moe", "allgather"),  # CP=2 with MoE
+    ],
+)
+def test_moe_parallel_step_matches_serial(tp, cp, dp, ep, sp, mbs, arch, dispatcher):
+    """LongPO loss and every gradient (router and each expert included) of a MoE model under EP /
+    EP x TP / CP equal the serial float64 brute force (dropless routing, so nothing is dropped)."""
+    seed = 23
+    ref = _reference(LONGPO, seed, "sequence", arch)
+    assert any(".router." in n for n in ref["grads"]) and sum("local_experts" in n for n in ref["grads"]) == 2 * 4 * 2
+    outs = run_distributed(parallel, tp * cp * dp,
+                           args=(tp, sp, mbs, ref["params"], LONGPO, seed, "sequence", 0.0, arch, cp, ep,
+                                 dict(moe_token_dispatcher=dispatcher)))
     _compare(outs, ref)
 
 
@@ -251,3 +273,58 @@ def test_bad_batches_are_rejected_before_the_model_runs():
 
     with pytest.raises(ValueError, match="shared_prefix needs the project attention"):
         microbatch_forward(PlainCausalModel(), shared, groups, cfg, 100, False)
+
+
+AUX = dict(moe_aux_loss_coeff=0.05)
+
+
+def aux_probe(full_sd: dict, seed: int, arch: str):
+    """Serial run (TP=1, 4 micro-batches of 1 pair) with the aux loss on, plus an independent
+    float64 evaluation of the Switch load-balancing loss from each router's captured input."""
+    from megatron_longpo.models.provider import build_model
+    from megatron_longpo.models.sharding import load_full_state_dict
+    from megatron_longpo.runtime.distributed import init_model_parallel
+    from megatron_longpo.training.step import forward_backward
+
+    mcfg = tiny_model_config(arch, **AUX)
+    pcfg = parallel_config()
+    g = init_model_parallel(pcfg)
+    model = build_model(mcfg, pcfg)
+    load_full_state_dict(model, full_sd, 0, 1)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.router"):
+            mod.register_forward_hook(lambda m, args, out: seen.append((args[0].detach().double(), m.weight.detach().double())))
+    ddp = _ddp(model)
+    batch = make_pair_batch(seed, mcfg.vocab_size, "sequence")
+    micro = [select_pairs(batch, [i]) for i in range(PAIRS)]
+    metrics = forward_backward(ddp, micro, g, LossConfig(**LONGPO), mcfg.vocab_size, False)
+    E, k = mcfg.num_experts, mcfg.moe_router_topk
+    total = 0.0
+    for x, w in seen:  # one entry per (micro-batch, layer)
+        probs = torch.softmax(x.reshape(-1, x.shape[-1]) @ w.T, -1)  # [T, E]
+        counts = torch.zeros(E, dtype=torch.float64).index_add_(
+            0, probs.topk(k, -1).indices.reshape(-1), torch.ones(probs.shape[0] * k, dtype=torch.float64))
+        T = probs.shape[0]
+        total += E / (k * T * T) * float((probs.sum(0) * counts).sum())
+    assert len(seen) == PAIRS * mcfg.num_layers
+    return dict(metric=metrics["moe/aux_loss"], independent=AUX["moe_aux_loss_coeff"] * total / PAIRS)
+
+
+def test_moe_aux_loss_value_gradient_and_ep2():
+    """moe/aux_loss equals the Switch loss recomputed in float64 from the routers' inputs; with it
+    on, the router gradients change (the term reaches them) and EP=2 still equals the serial run."""
+    seed, arch = 23, "qwen3_moe"
+    ref = _reference(LONGPO, seed, "sequence", arch)
+    (probe,) = run_distributed(aux_probe, 1, args=(ref["params"], seed, arch))
+    assert probe["metric"] > 0
+    assert math.isclose(probe["metric"], probe["independent"], rel_tol=1e-5), probe
+    (serial,) = run_distributed(parallel, 1, args=(1, False, 1, ref["params"], LONGPO, seed, "sequence", 0.0, arch,
+                                                   1, 1, AUX))
+    routers = [n for n in ref["grads"] if n.endswith("mlp.router.weight")]
+    for n in routers:
+        assert (serial["grads"][n] - ref["grads"][n]).abs().max() > 1e-6, f"aux loss gradient does not reach {n}"
+    assert math.isclose(serial["metrics"]["moe/aux_loss"], probe["metric"], rel_tol=1e-6)
+    outs = run_distributed(parallel, 2, args=(1, False, 1, ref["params"], LONGPO, seed, "sequence", 0.0, arch,
+                                              1, 2, AUX))
+    _compare(outs, serial)

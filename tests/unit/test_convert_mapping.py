@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_longpo.architectures import ARCHITECTURES
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.convert import mapping
 from megatron_longpo.convert.hf_config import ConversionError, hf_to_model_config, model_config_to_hf
@@ -26,7 +27,7 @@ from megatron_longpo.convert.safetensors_io import (
 from megatron_longpo.testing.convert import TINY_HF, hf_config
 
 
-ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCH = {name: spec.hf_class for name, spec in ARCHITECTURES.items()}
 
 
 def _src(name: str, **overrides) -> dict:
@@ -54,7 +55,14 @@ def test_hf_config_to_model_config(name, legacy):
     assert cfg.arch == name
     assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size) == (hf.num_hidden_layers, hf.hidden_size, hf.intermediate_size)
     assert (cfg.num_attention_heads, cfg.num_query_groups) == (hf.num_attention_heads, hf.num_key_value_heads)
-    assert cfg.head_dim == hf.hidden_size // hf.num_attention_heads
+    assert cfg.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert cfg.qk_layernorm == name.startswith("qwen3")
+    if name in ("qwen3_moe", "mixtral"):
+        assert (cfg.num_experts, cfg.moe_router_topk) == (hf.num_local_experts, hf.num_experts_per_tok)
+        assert cfg.expert_ffn_hidden_size == getattr(hf, "moe_intermediate_size", hf.intermediate_size)
+        assert cfg.moe_norm_topk_prob == getattr(hf, "norm_topk_prob", True)
+    else:
+        assert cfg.num_experts is None
     assert cfg.vocab_size == hf.vocab_size and cfg.max_position_embeddings == hf.max_position_embeddings
     assert cfg.rope_theta == hf.rope_parameters["rope_theta"]
     assert cfg.norm_epsilon == hf.rms_norm_eps
@@ -120,6 +128,41 @@ def test_llama_attention_bias_and_qwen2_sliding_window_rejected():
         hf_to_model_config(q)
     # An unused window (use_sliding_window false, as in Qwen2.5 releases) is fine.
     hf_to_model_config(_src("qwen2", use_sliding_window=False, sliding_window=64))
+
+
+@pytest.mark.parametrize(
+    "name, change, field",
+    [
+        ("qwen3_moe", dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size"),
+        ("qwen3_moe", dict(decoder_sparse_step=2), "decoder_sparse_step"),
+        ("qwen3_moe", dict(mlp_only_layers=[0]), "mlp_only_layers"),
+        ("qwen3_moe", dict(use_sliding_window=True, sliding_window=64), "use_sliding_window"),
+        ("mixtral", dict(router_jitter_noise=0.1), "router_jitter_noise"),
+        ("mixtral", dict(sliding_window=64), "sliding_window"),
+        ("qwen3", dict(layer_types=["sliding_attention", "full_attention"], sliding_window=64), "layer_types"),
+        ("qwen3", dict(attention_bias=True), "attention_bias"),
+    ],
+)
+def test_unsupported_family_fields_are_refused_by_name(name, change, field):
+    d = {**_src(name), **change}
+    with pytest.raises(ConversionError, match=f"config.json: {field}"):
+        hf_to_model_config(d)
+
+
+def test_moe_expert_count_missing_is_named():
+    d = _src("mixtral")
+    d.pop("num_local_experts")
+    with pytest.raises(ConversionError, match="num_local_experts"):
+        hf_to_model_config(d)
+
+
+def test_hub_qwen3_moe_spelling_num_experts():
+    """Hub Qwen3-MoE configs say ``num_experts`` (transformers 5 writes ``num_local_experts``)."""
+    d = _src("qwen3_moe")
+    d["num_experts"] = d.pop("num_local_experts")
+    cfg = hf_to_model_config(d, "fp32")
+    assert cfg.num_experts == 4
+    assert model_config_to_hf(cfg, d, "fp32")["num_experts"] == 4
 
 
 def _reference_qkv(q, k, v, groups):

@@ -56,3 +56,50 @@ def test_memory_model_parameter_count_matches_hf():
     cfg = LongPOConfig(model=ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                                          num_query_groups=2, vocab_size=256, add_qkv_bias=True))
     assert parameter_count(cfg) == sum(p.numel() for p in hf.parameters())
+
+
+def _moe_pair():
+    """(ModelConfig, HF model) of the same tiny Qwen3-MoE: 4 experts, top-2, qk-norm, head_dim 24."""
+    transformers = pytest.importorskip("transformers")
+    m = ModelConfig(arch="qwen3_moe", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                    num_query_groups=2, kv_channels=24, vocab_size=256, qk_layernorm=True, num_experts=4,
+                    moe_router_topk=2, moe_ffn_hidden_size=48)
+    hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, num_experts=4, num_experts_per_tok=2, vocab_size=256,
+        tie_word_embeddings=False, attn_implementation="eager", experts_implementation="eager"))
+    return m, hf
+
+
+def test_moe_flops_count_active_parameters_as_the_flop_counter():
+    """HF's eager experts multiply only the routed tokens: k experts per token + the router GEMM."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m, hf = _moe_pair()
+    s = 32
+    with FlopCounterMode(display=False) as fc:
+        hf(torch.randint(0, 256, (1, s)))
+    assert fc.get_total_flops() == forward_flops(m, n_tokens=s, n_attended=s * s, n_logit_positions=s)
+
+
+def test_moe_memory_counts_every_expert_and_shards_them_over_ep():
+    from megatron_longpo.config import ParallelConfig
+    from megatron_longpo.training.memory_model import estimate_memory, parameter_count, parameter_split
+
+    m, hf = _moe_pair()
+    cfg = LongPOConfig(model=m)
+    assert parameter_count(cfg) == sum(p.numel() for p in hf.parameters())
+    dense, experts = parameter_split(cfg)
+    assert experts == sum(p.numel() for n, p in hf.named_parameters() if ".experts." in n)
+    cfg.optim.use_distributed_optimizer = False
+    one = estimate_memory(cfg, 2)
+    cfg2 = LongPOConfig(model=m, parallel=ParallelConfig(expert_model_parallel_size=2))
+    cfg2.optim.use_distributed_optimizer = False
+    two = estimate_memory(cfg2, 2)
+    assert one.weights - two.weights == experts * 4 // 2  # fp32 params: half the experts per rank
+    assert one.optimizer - two.optimizer == experts * 12 // 2
+    assert two.moe_dispatch > 0
+    # Distributed optimizer: at EP=1 the 2 expert-data-parallel replicas shard the experts' state;
+    # at EP=2 each expert has one replica: the same bytes per rank either way.
+    cfg.optim.use_distributed_optimizer = cfg2.optim.use_distributed_optimizer = True
+    assert estimate_memory(cfg, 2).optimizer - estimate_memory(cfg2, 2).optimizer == 0

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Lowest first. A unit is a top-level module or sub-package of the package.
 LAYERS: list[set[str]] = [
-    {"__init__", "fsutil", "gpu_rules", "objectives"},  # pure helpers, no project imports
+    {"__init__", "fsutil", "gpu_rules", "objectives", "architectures"},  # pure helpers, the objective registry, the family table
     {"config"},  # typed config + validate()
     {"runtime"},  # process groups, capabilities, CPU compat, signals
     {"models", "data", "loss", "checkpoint"},

@@ -33,3 +33,14 @@ def test_qwen25_7b_fits_8x80gb_at_128k_and_tp_follows_the_heads():
     with pytest.raises(ConfigError):
         validate(load_config(CONFIGS / "qwen2.5_7b_128k_released.yaml",
                              ["--parallel.tensor_model_parallel_size=8", "--parallel.context_parallel_size=1"]), 8)
+
+
+@pytest.mark.parametrize("name, params", [("qwen3_8b_128k", (8.1e9, 8.3e9)), ("qwen3_30b_a3b_128k", (30.4e9, 30.7e9))])
+def test_qwen3_configs_fit_8x80gb_at_128k(name, params):
+    """Not run on GPUs (docs/scaling.md): the layouts the memory model says fit 8 x 80 GB at 128K."""
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    validate(cfg, world_size=8)
+    est = estimate_memory(cfg, 8)
+    assert params[0] < est.params < params[1]  # Qwen3-8B: 8.2B; Qwen3-30B-A3B: 30.5B
+    assert est.total < 72 * GiB
+    assert cfg.data.max_seq_length >= 128 * 1024

@@ -1,0 +1,76 @@
+"""The new families (Qwen3, Qwen3-MoE, Mixtral) through the reference precompute and the online
+reference: per-sequence response log-prob sums equal HF transformers in float64.
+
+Fixture: 8 synthetic LongPO records (some with two turns) tokenized with the bundled tokenizer;
+per family a tiny random HF model with that vocabulary, converted with the project's converter
+(fp32). Independent reference: testing/reference.hf_float64_sums (HF float64, each sequence
+alone). Layouts: TP=1 and TP=2 (MoE at TP=2 runs sequence-parallel) through
+tools/precompute_reference.py's library entry; CP=2 through the online reference (project CP
+attention). (That every expert of every layer receives tokens is checked against HF's router
+in tests/distributed/test_convert_models.py at EP=2.)
+Tolerance as in test_reference_precompute.py: 1e-4 + 1e-6 |value| (fp32 model vs float64).
+"""
+
+import numpy as np
+import pytest
+
+from megatron_longpo.data.indexed import PreferenceDataset
+from megatron_longpo.testing.distributed import run_distributed
+from megatron_longpo.testing.reference import hf_float64_sums, make_dataset, reference_items, synthetic_records
+
+pytestmark = pytest.mark.distributed
+
+FAMILIES = ["qwen3", "qwen3_moe", "mixtral"]
+
+
+def _convert(root: str, family: str):
+    from megatron_longpo.testing.reference import make_reference_checkpoint
+
+    hf, ckpt = make_reference_checkpoint(root, seed=1, family=family)
+    return str(hf), str(ckpt)
+
+
+def _precompute(kw: dict):
+    from megatron_longpo.reference.precompute import PrecomputeOptions, precompute
+
+    r = precompute(PrecomputeOptions(**{"progress": False, "tokens_per_batch": 256, **kw}), log=lambda _m: None)
+    return r.complete
+
+
+def _online_totals(ckpt: str, prefix: str, cp: int):
+    from megatron_longpo.config import LongPOConfig
+    from megatron_longpo.reference.source import open_reference
+    from megatron_longpo.runtime.distributed import init_model_parallel
+    from megatron_longpo.testing.models import parallel_config
+
+    cfg = LongPOConfig()
+    cfg.parallel = parallel_config(cp=cp, attention_backend="sdpa")
+    cfg.reference.source, cfg.reference.load = "online", ckpt
+    groups = init_model_parallel(cfg.parallel)
+    ds = PreferenceDataset(prefix)
+    w, l = open_reference(cfg, ds, groups).logps(list(range(len(ds))))
+    return np.stack([w.numpy(), l.numpy()], 1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return root, make_dataset(root / "data" / "train", synthetic_records(8, seed=5))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_logprobs_equal_hf_float64_tp1_tp2_cp2(family, data):
+    root, prefix = data
+    hf, ckpt = run_distributed(_convert, 1, args=(str(root), family))[0]
+    _, flat, seqs = reference_items(prefix)
+    assert sum(len(s[0]) for s in seqs) > 1000
+    want = hf_float64_sums(hf, seqs)
+    assert np.abs(want).min() > 5
+    for tp in (1, 2):
+        out = root / f"cache-{family}-tp{tp}"
+        assert all(run_distributed(_precompute, tp, args=(dict(load=ckpt, data=prefix, output=str(out), tp=tp),)))
+        got = np.load(out / "turns.npy").reshape(-1)[flat]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4, err_msg=f"{family} tp={tp}")
+    totals = np.load(root / f"cache-{family}-tp1" / "totals.npy")
+    for got in run_distributed(_online_totals, 2, args=(ckpt, prefix, 2)):
+        np.testing.assert_allclose(got, totals, rtol=0, atol=1e-4, err_msg=f"{family} cp=2")
