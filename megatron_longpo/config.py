@@ -601,6 +601,7 @@ FLOAT_RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool]] = {
     "model.init_method_std": (0.0, False, None, False),
     "model.attention_dropout": (0.0, True, 1.0, False),
     "model.hidden_dropout": (0.0, True, 1.0, False),
+    "model.moe_aux_loss_coeff": (0.0, True, None, False),
     "loss.beta": (0.0, False, None, False),
     "loss.lam": (0.0, True, None, False),
     "loss.nll_weight": (0.0, True, None, False),
