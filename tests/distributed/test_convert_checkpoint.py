@@ -111,11 +111,11 @@ def test_save_tp2_load_tp1_and_back_with_atomic_latest_pointer(tmp_path):
         assert out["meta_iteration"] == 8
         _assert_same(out["params"], saved1)
 
-    # A save that fails midway: no iter_0000009, pointer still at 8, leftover is only a .tmp dir.
+    # A save that fails midway (an error, not a kill): no iter_0000009, pointer still at 8, and its
+    # .tmp dir removed (checkpoint/model_io: earlier checkpoints kept, nothing half-written left).
     run_distributed(_save, 2, args=(run, 2, 3, 9, True))
     assert resolve_checkpoint_dir(run).name == "iter_0000008"
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "iter_0000005", "iter_0000008", "iter_0000009.tmp", LATEST_FILE]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["iter_0000005", "iter_0000008", LATEST_FILE]
     # Re-saving iteration 8 replaces it; the stale .tmp of a crashed save is not mistaken for data.
     (saved2,) = run_distributed(_save, 1, args=(run, 1, 4, 8))
     (got,) = run_distributed(_load, 1, args=(run, 1))
