@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -62,12 +63,14 @@ def make_dataset(prefix: str | Path, records: Sequence[dict], max_seq_length: in
 def make_hf_model(out: str | Path, seed: int = 0, vocab_size: int = TOKENIZER_VOCAB, family: str = "mistral",
                   **overrides) -> Path:
     """A tiny random model of ``family`` (default Mistral: 8 heads, 2 KV groups, rope_theta 1e6;
-    testing/convert.TINY_HF) with the sample tokenizer's vocabulary, saved with transformers."""
+    testing/convert.TINY_HF) with the sample tokenizer's vocabulary, saved with transformers, and
+    that tokenizer next to it (a checkpoint converted without one is refused by training and precompute)."""
     cfg = hf_config(family, vocab_size=vocab_size, **overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, ARCHITECTURES[family].hf_class)(cfg)
     randomize_(model, seed)
     model.save_pretrained(str(out))
+    shutil.copy(SAMPLE_TOKENIZER, Path(out) / "tokenizer.model")
     return Path(out)
 
 
