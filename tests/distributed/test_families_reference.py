@@ -6,17 +6,26 @@ per family a tiny random HF model with that vocabulary, converted with the proje
 (fp32). Independent reference: testing/reference.hf_float64_sums (HF float64, each sequence
 alone). Layouts: TP=1 and TP=2 (MoE at TP=2 runs sequence-parallel) through
 tools/precompute_reference.py's library entry; CP=2 through the online reference (project CP
-attention). (That every expert of every layer receives tokens is checked against HF's router
-in tests/distributed/test_convert_models.py at EP=2.)
+attention); MoE also EP=2 (--ep 2), whose cache is bit-identical to EP=1 on 2 ranks, over
+records on which HF's router sends tokens to every expert of every layer.
 Tolerance as in test_reference_precompute.py: 1e-4 + 1e-6 |value| (fp32 model vs float64).
 """
+
+import json
 
 import numpy as np
 import pytest
 
 from megatron_longpo.data.indexed import PreferenceDataset
 from megatron_longpo.testing.distributed import run_distributed
-from megatron_longpo.testing.reference import hf_float64_sums, make_dataset, reference_items, synthetic_records
+from megatron_longpo.architectures import ARCHITECTURES
+from megatron_longpo.testing.reference import (
+    hf_expert_counts,
+    hf_float64_sums,
+    make_dataset,
+    reference_items,
+    synthetic_records,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -59,18 +68,31 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_reference_logprobs_equal_hf_float64_tp1_tp2_cp2(family, data):
+def test_reference_logprobs_equal_hf_float64_tp1_tp2_cp2_ep2(family, data):
     root, prefix = data
     hf, ckpt = run_distributed(_convert, 1, args=(str(root), family))[0]
     _, flat, seqs = reference_items(prefix)
     assert sum(len(s[0]) for s in seqs) > 1000
     want = hf_float64_sums(hf, seqs)
     assert np.abs(want).min() > 5
-    for tp in (1, 2):
-        out = root / f"cache-{family}-tp{tp}"
-        assert all(run_distributed(_precompute, tp, args=(dict(load=ckpt, data=prefix, output=str(out), tp=tp),)))
+    moe = ARCHITECTURES[family].moe is not None
+    # MoE: also the experts split over 2 ranks (--ep 2, loaded from the EP=1 conversion) against
+    # EP=1 on as many ranks; 7 batches, so one EP rank runs a filler forward to keep in step.
+    odd = dict(tokens_per_batch=384)
+    for name, world, kw in [("tp1", 1, {}), ("tp2", 2, dict(tp=2))] + \
+            ([("dp2", 2, odd), ("ep2", 2, dict(odd, ep=2))] if moe else []):
+        out = root / f"cache-{family}-{name}"
+        assert all(run_distributed(_precompute, world, args=(dict(load=ckpt, data=prefix, output=str(out), **kw),)))
         got = np.load(out / "turns.npy").reshape(-1)[flat]
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4, err_msg=f"{family} tp={tp}")
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4, err_msg=f"{family} {name}")
+    if moe:
+        counts = hf_expert_counts(hf, seqs)
+        assert (counts > 0).all(), f"an expert received no tokens: {counts.tolist()}"
+        assert json.loads((root / f"cache-{family}-ep2" / "meta.json").read_text())["compute"]["num_batches"] == 7
+        ep1, ep2 = (np.load(root / f"cache-{family}-{n}" / "turns.npy") for n in ("dp2", "ep2"))
+        # EP moves tokens, not arithmetic: the same bits as EP=1 on as many ranks (one process
+        # instead differs in the last float32 bits through BLAS threading, as DP=2 vs DP=1 does).
+        np.testing.assert_array_equal(ep2, ep1)
     totals = np.load(root / f"cache-{family}-tp1" / "totals.npy")
     for got in run_distributed(_online_totals, 2, args=(ckpt, prefix, 2)):
         np.testing.assert_allclose(got, totals, rtol=0, atol=1e-4, err_msg=f"{family} cp=2")
