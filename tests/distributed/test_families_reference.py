@@ -46,6 +46,22 @@ def _precompute(kw: dict):
     return r.complete
 
 
+def _precompute_stopped_on_rank0(kw: dict, stop_file: str):
+    """The stop file seen by rank 0 only: under EP the ranks must still stop after the same batch."""
+    import os
+
+    from megatron_longpo.reference.precompute import PrecomputeOptions, precompute
+    from megatron_longpo.runtime.signals import STOP_FILE_ENV
+
+    if os.environ["RANK"] == "0":
+        os.environ[STOP_FILE_ENV] = stop_file
+    try:
+        r = precompute(PrecomputeOptions(**{"progress": False, **kw}), log=lambda _m: None)
+    finally:
+        os.environ.pop(STOP_FILE_ENV, None)
+    return r.stopped_by_signal, r.batches_here
+
+
 def _online_totals(ckpt: str, prefix: str, cp: int):
     from megatron_longpo.config import LongPOConfig
     from megatron_longpo.reference.source import open_reference
@@ -93,6 +109,13 @@ def test_reference_logprobs_equal_hf_float64_tp1_tp2_cp2_ep2(family, data):
         # EP moves tokens, not arithmetic: the same bits as EP=1 on as many ranks (one process
         # instead differs in the last float32 bits through BLAS threading, as DP=2 vs DP=1 does).
         np.testing.assert_array_equal(ep2, ep1)
+        # Stopped (the stop file, seen by one rank) after one batch per rank, then resumed: same bits.
+        stop, out = root / "STOP", root / f"cache-{family}-ep2-resumed"
+        stop.touch()
+        kw = dict(load=ckpt, data=prefix, output=str(out), ep=2, **odd)
+        assert run_distributed(_precompute_stopped_on_rank0, 2, args=(kw, str(stop))) == [(True, 1), (True, 1)]
+        assert all(run_distributed(_precompute, 2, args=(kw,)))
+        np.testing.assert_array_equal(np.load(out / "turns.npy"), ep2)
     totals = np.load(root / f"cache-{family}-tp1" / "totals.npy")
     for got in run_distributed(_online_totals, 2, args=(ckpt, prefix, 2)):
         np.testing.assert_allclose(got, totals, rtol=0, atol=1e-4, err_msg=f"{family} cp=2")
