@@ -68,6 +68,13 @@ def dp_share(num: int, groups: ParallelGroups) -> list[Optional[int]]:
     return mine
 
 
+def group_max(value: int, group: Optional[dist.ProcessGroup]) -> int:
+    """The largest ``value`` over ``group`` (collective)."""
+    t = torch.tensor([value], dtype=torch.int64, device=capabilities.collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
 def rank() -> int:
     """This process's rank in the default group (0 before / without torch.distributed)."""
     return dist.get_rank() if dist.is_initialized() else 0

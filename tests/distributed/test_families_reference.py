@@ -6,8 +6,9 @@ per family a tiny random HF model with that vocabulary, converted with the proje
 (fp32). Independent reference: testing/reference.hf_float64_sums (HF float64, each sequence
 alone). Layouts: TP=1 and TP=2 (MoE at TP=2 runs sequence-parallel) through
 tools/precompute_reference.py's library entry; CP=2 through the online reference (project CP
-attention); MoE also EP=2 (--ep 2), whose cache is bit-identical to EP=1 on 2 ranks, over
-records on which HF's router sends tokens to every expert of every layer.
+attention); MoE also EP=2 (--ep 2), whose cache is bit-identical to EP=1 on 2 ranks (also when
+stopped and resumed), over records on which HF's router sends tokens to every expert of every
+layer, and the online reference at EP=2 with the two ranks asking for different samples.
 Tolerance as in test_reference_precompute.py: 1e-4 + 1e-6 |value| (fp32 model vs float64).
 """
 
@@ -77,6 +78,26 @@ def _online_totals(ckpt: str, prefix: str, cp: int):
     return np.stack([w.numpy(), l.numpy()], 1)
 
 
+def _online_totals_ep2(ckpt: str, prefix: str):
+    """Online reference sums with the experts split over the 2 DP ranks, each rank asking for other
+    samples in several forwards (a different number on each: they must still meet in every MoE layer)."""
+    from megatron_longpo.config import LongPOConfig
+    from megatron_longpo.reference.source import open_reference
+    from megatron_longpo.runtime.distributed import init_model_parallel
+    from megatron_longpo.testing.models import parallel_config
+
+    cfg = LongPOConfig()
+    cfg.parallel = parallel_config(ep=2)
+    cfg.reference.source, cfg.reference.load = "online", ckpt
+    groups = init_model_parallel(cfg.parallel)
+    ds = PreferenceDataset(prefix)
+    ref = open_reference(cfg, ds, groups)
+    ref.tokens_per_batch = 128  # one or two sequences per forward
+    mine = list(range(len(ds))) if groups.dp_rank == 0 else [0]
+    w, l = ref.logps(mine)
+    return mine, np.stack([w.numpy(), l.numpy()], 1)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
@@ -101,6 +122,7 @@ def test_reference_logprobs_equal_hf_float64_tp1_tp2_cp2_ep2(family, data):
         assert all(run_distributed(_precompute, world, args=(dict(load=ckpt, data=prefix, output=str(out), **kw),)))
         got = np.load(out / "turns.npy").reshape(-1)[flat]
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4, err_msg=f"{family} {name}")
+    totals = np.load(root / f"cache-{family}-tp1" / "totals.npy")
     if moe:
         counts = hf_expert_counts(hf, seqs)
         assert (counts > 0).all(), f"an expert received no tokens: {counts.tolist()}"
@@ -116,6 +138,7 @@ def test_reference_logprobs_equal_hf_float64_tp1_tp2_cp2_ep2(family, data):
         assert run_distributed(_precompute_stopped_on_rank0, 2, args=(kw, str(stop))) == [(True, 1), (True, 1)]
         assert all(run_distributed(_precompute, 2, args=(kw,)))
         np.testing.assert_array_equal(np.load(out / "turns.npy"), ep2)
-    totals = np.load(root / f"cache-{family}-tp1" / "totals.npy")
+        for mine, got in run_distributed(_online_totals_ep2, 2, args=(ckpt, prefix), timeout=120):
+            np.testing.assert_allclose(got, totals[mine], rtol=0, atol=1e-4, err_msg=f"{family} online ep=2")
     for got in run_distributed(_online_totals, 2, args=(ckpt, prefix, 2)):
         np.testing.assert_allclose(got, totals, rtol=0, atol=1e-4, err_msg=f"{family} cp=2")
