@@ -2,11 +2,13 @@
 
 Order of work (everything that can fail cheaply fails first, on every rank, before any model):
   1. options, output path, dataset sidecar, mode support, reference checkpoint + its own config,
-     vocabulary, world size % tp
-  2. process groups (TP = --tp, PP = --pp, DP = world / (tp * pp)), dataset, work plan (compute.plan_batches)
+     vocabulary, world size % tp (and the expert layout: --ep / --etp)
+  2. process groups (TP = --tp, PP = --pp, DP = world / (tp * pp), a MoE model's experts over --ep
+     of the DP ranks), dataset, work plan (compute.plan_batches)
   3. rank 0 prepares or resumes ``CACHE.partial/`` and shares the set of finished batches
   4. the reference model (its own config) is built and loaded at TP = --tp
-  5. each DP rank computes its share of the unfinished batches; its TP-rank-0 process appends one
+  5. each DP rank computes its share of the unfinished batches (under --ep, filler forwards keep
+     the DP ranks in step: runtime/distributed.dp_share); its TP-rank-0 process appends one
      JSON line per batch to its own part file (flushed per batch, fsynced when 5 s have passed
      since the last fsync, and at the end), so a killed run loses at most the batch in flight
   6. rank 0 assembles the part files into the cache (temp dir + rename) and removes the partial dir
@@ -14,8 +16,9 @@ Order of work (everything that can fail cheaply fails first, on every rank, befo
 Resume: ``CACHE.partial/state.json`` records everything the values depend on (dataset, checkpoint,
 model config, mode, TP, batching, plan hash). A re-run with the same options skips the finished
 batches; the plan does not depend on the number of ranks, so a resumed run may use another world
-size, and since every batch is computed exactly as in an uninterrupted run, the final arrays are
-bit-identical to it (given the same TP and hardware).
+size (or --ep: expert parallelism moves tokens, not arithmetic), and since every batch is computed
+exactly as in an uninterrupted run, the final arrays are bit-identical to it (given the same TP and
+hardware).
 """
 
 from __future__ import annotations
