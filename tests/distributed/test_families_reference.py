@@ -8,7 +8,8 @@ alone). Layouts: TP=1 and TP=2 (MoE at TP=2 runs sequence-parallel) through
 tools/precompute_reference.py's library entry; CP=2 through the online reference (project CP
 attention); MoE also EP=2 (--ep 2), whose cache is bit-identical to EP=1 on 2 ranks (also when
 stopped and resumed), over records on which HF's router sends tokens to every expert of every
-layer, and the online reference at EP=2 with the two ranks asking for different samples.
+layer, and the online reference at EP=2 with the two ranks asking for different samples; a
+checkpoint saved at EP=2 gives the EP=1 cache bit for bit.
 Tolerance as in test_reference_precompute.py: 1e-4 + 1e-6 |value| (fp32 model vs float64).
 """
 
@@ -78,6 +79,20 @@ def _online_totals(ckpt: str, prefix: str, cp: int):
     return np.stack([w.numpy(), l.numpy()], 1)
 
 
+def _resave_at_ep2(ckpt: str, out: str) -> None:
+    """The checkpoint loaded with the experts split over 2 ranks and saved from there (EP=2 shards)."""
+    from megatron_longpo.checkpoint import load_model_checkpoint, read_model_config, save_model_checkpoint
+    from megatron_longpo.models.provider import build_model
+    from megatron_longpo.runtime.distributed import init_model_parallel
+    from megatron_longpo.testing.models import parallel_config
+
+    cfg, parallel = read_model_config(ckpt), parallel_config(ep=2)
+    init_model_parallel(parallel)
+    model = build_model(cfg, parallel)
+    load_model_checkpoint(ckpt, model, cfg)
+    save_model_checkpoint(out, model, cfg)
+
+
 def _online_totals_ep2(ckpt: str, prefix: str):
     """Online reference sums with the experts split over the 2 DP ranks, each rank asking for other
     samples in several forwards (a different number on each: they must still meet in every MoE layer)."""
@@ -140,5 +155,11 @@ def test_reference_logprobs_equal_hf_float64_tp1_tp2_cp2_ep2(family, data):
         np.testing.assert_array_equal(np.load(out / "turns.npy"), ep2)
         for mine, got in run_distributed(_online_totals_ep2, 2, args=(ckpt, prefix), timeout=120):
             np.testing.assert_allclose(got, totals[mine], rtol=0, atol=1e-4, err_msg=f"{family} online ep=2")
+        # A checkpoint saved at EP=2 through the tools' load path at EP=1: the EP=1 cache, bit for bit.
+        run_distributed(_resave_at_ep2, 2, args=(ckpt, str(root / f"ckpt-{family}-ep2")))
+        out = root / f"cache-{family}-from-ep2"
+        assert all(run_distributed(_precompute, 1, args=(dict(load=str(root / f"ckpt-{family}-ep2"), data=prefix,
+                                                              output=str(out)),)))
+        np.testing.assert_array_equal(np.load(out / "turns.npy"), np.load(root / f"cache-{family}-tp1" / "turns.npy"))
     for got in run_distributed(_online_totals, 2, args=(ckpt, prefix, 2)):
         np.testing.assert_allclose(got, totals, rtol=0, atol=1e-4, err_msg=f"{family} cp=2")
