@@ -76,7 +76,14 @@ from megatron_longpo.reference.fingerprint import dataset_identity
 from megatron_longpo.reference.model import effective_model_config, load_reference_model, read_reference_checkpoint
 from megatron_longpo.reference.precompute_args import build_arg_parser
 from megatron_longpo.runtime.capabilities import collective_device
-from megatron_longpo.runtime.distributed import destroy, dp_share, init_distributed, init_model_parallel, set_seed
+from megatron_longpo.runtime.distributed import (
+    destroy,
+    dp_share,
+    init_distributed,
+    init_model_parallel,
+    lockstep_any,
+    set_seed,
+)
 from megatron_longpo.runtime.signals import StopFlag, write_run_status
 
 PARTIAL_SUFFIX = ".partial"
@@ -420,8 +427,8 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
             if o.stop_after_batches is not None and j + 1 >= o.stop_after_batches:
                 stopped = True
                 break
-            # Local check (the part file has every finished batch), but ranks in lockstep (EP) stop together.
-            if _any_rank(stop.requested()) if groups.ep_size > 1 else stop.requested():
+            # The part file has every finished batch; ranks that run the same forwards stop together.
+            if lockstep_any(stop.requested(), groups):
                 stopped = signalled = True
                 break
     finally:

@@ -75,6 +75,22 @@ def group_max(value: int, group: Optional[dist.ProcessGroup]) -> int:
     return int(t.item())
 
 
+def lockstep_any(flag: bool, groups: ParallelGroups) -> bool:
+    """``flag`` set on any rank that runs the same forwards as this one (collective over them):
+    every rank under EP (its DP ranks exchange tokens in every MoE layer; :func:`dp_share` pads
+    their shares equal), else the ranks of this model replica (TP x CP x PP). A stop request seen
+    by one rank then stops its peers after the same batch, instead of leaving them waiting in the
+    next forward's collectives."""
+    if groups.ep_size > 1:
+        return group_max(int(flag), None) > 0
+    value = int(flag)
+    for group, size in ((groups.tp_group, groups.tp_size), (groups.cp_group, groups.cp_size),
+                        (groups.pp_group, groups.pp_size)):
+        if size > 1:  # MAX over each axis in turn is the MAX over the replica's grid
+            value = group_max(value, group)
+    return value > 0
+
+
 def rank() -> int:
     """This process's rank in the default group (0 before / without torch.distributed)."""
     return dist.get_rank() if dist.is_initialized() else 0

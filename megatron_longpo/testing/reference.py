@@ -6,6 +6,7 @@ independent float64 HF forward to check cached values against.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -22,6 +23,8 @@ from megatron_longpo.testing.convert import hf_config, randomize_
 from megatron_longpo.data.indexed import PreferenceDataset
 from megatron_longpo.data.preprocess import PreprocessOptions, preprocess
 from megatron_longpo.data.synthetic import random_text
+from megatron_longpo.reference.precompute import PrecomputeOptions, precompute
+from megatron_longpo.runtime.signals import STOP_FILE_ENV
 
 SAMPLE_TOKENIZER = Path(__file__).resolve().parents[2] / "examples" / "data" / "tokenizer.model"
 TOKENIZER_VOCAB = 768  # of the bundled sample tokenizer
@@ -125,6 +128,19 @@ def hf_expert_counts(hf_dir: str | Path, sequences: Sequence[tuple[np.ndarray, n
                               for r in out.router_logits])
         total = counts if total is None else total + counts
     return total
+
+
+def precompute_stopped_on_rank0(kw: dict, stop_file: str) -> tuple[bool, int]:
+    """Run the reference precompute with the stop file visible to rank 0 only (a distributed
+    worker): ranks that run the same forwards must still stop after the same batch. Returns
+    (stopped by the signal/stop file, batches done here)."""
+    if os.environ["RANK"] == "0":
+        os.environ[STOP_FILE_ENV] = stop_file
+    try:
+        r = precompute(PrecomputeOptions(**{"progress": False, **kw}), log=lambda _m: None)
+    finally:
+        os.environ.pop(STOP_FILE_ENV, None)
+    return r.stopped_by_signal, r.batches_here
 
 
 def reference_items(prefix: str):

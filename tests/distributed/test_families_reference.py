@@ -25,6 +25,7 @@ from megatron_longpo.testing.reference import (
     hf_expert_counts,
     hf_float64_sums,
     make_dataset,
+    precompute_stopped_on_rank0,
     reference_items,
     synthetic_records,
 )
@@ -46,22 +47,6 @@ def _precompute(kw: dict):
 
     r = precompute(PrecomputeOptions(**{"progress": False, "tokens_per_batch": 256, **kw}), log=lambda _m: None)
     return r.complete
-
-
-def _precompute_stopped_on_rank0(kw: dict, stop_file: str):
-    """The stop file seen by rank 0 only: under EP the ranks must still stop after the same batch."""
-    import os
-
-    from megatron_longpo.reference.precompute import PrecomputeOptions, precompute
-    from megatron_longpo.runtime.signals import STOP_FILE_ENV
-
-    if os.environ["RANK"] == "0":
-        os.environ[STOP_FILE_ENV] = stop_file
-    try:
-        r = precompute(PrecomputeOptions(**{"progress": False, **kw}), log=lambda _m: None)
-    finally:
-        os.environ.pop(STOP_FILE_ENV, None)
-    return r.stopped_by_signal, r.batches_here
 
 
 def _online_totals(ckpt: str, prefix: str, cp: int):
@@ -150,7 +135,7 @@ def test_reference_logprobs_equal_hf_float64_tp1_tp2_cp2_ep2(family, data):
         stop, out = root / "STOP", root / f"cache-{family}-ep2-resumed"
         stop.touch()
         kw = dict(load=ckpt, data=prefix, output=str(out), ep=2, **odd)
-        assert run_distributed(_precompute_stopped_on_rank0, 2, args=(kw, str(stop))) == [(True, 1), (True, 1)]
+        assert run_distributed(precompute_stopped_on_rank0, 2, args=(kw, str(stop))) == [(True, 1), (True, 1)]
         assert all(run_distributed(_precompute, 2, args=(kw,)))
         np.testing.assert_array_equal(np.load(out / "turns.npy"), ep2)
         for mine, got in run_distributed(_online_totals_ep2, 2, args=(ckpt, prefix), timeout=120):

@@ -20,7 +20,13 @@ import numpy as np
 import pytest
 
 from megatron_longpo.data.indexed import PreferenceDataset
-from megatron_longpo.testing.reference import hf_float64_sums, make_dataset, reference_items, synthetic_records
+from megatron_longpo.testing.reference import (
+    hf_float64_sums,
+    make_dataset,
+    precompute_stopped_on_rank0,
+    reference_items,
+    synthetic_records,
+)
 from megatron_longpo.testing.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -253,6 +259,16 @@ def test_interrupted_and_resumed_equals_uninterrupted(env, dp2):
     m1, m2 = (json.loads((p / "meta.json").read_text()) for p in (dp2, out))
     for key in ("dataset", "reference_checkpoint", "reference_model", "files"):
         assert m1[key] == m2[key], key
+
+
+def test_stop_seen_by_one_tp_rank_stops_the_replica(env):
+    """Under TP=2 a stop file seen by rank 0 only stops both ranks after the same batch (before,
+    rank 1 went on into the next forward and waited in its TP collective until the timeout)."""
+    stop, out = env["root"] / "STOP_tp2", env["root"] / "cache_tp2_stopped"
+    stop.touch()
+    kw = dict(load=env["ckpt"], data=env["prefix"], output=str(out), tp=2, tokens_per_batch=256)
+    assert run_distributed(precompute_stopped_on_rank0, 2, args=(kw, str(stop))) == [(True, 1), (True, 1)]
+    assert not out.exists() and Path(str(out) + ".partial").is_dir()
 
 
 def test_resume_on_another_world_size_and_refusals(env):
