@@ -13,12 +13,14 @@ Here every state tensor is keyed ``optimizer.state.<name>.<model key>`` (Megatro
 ``make_sharded_optimizer_tensor`` on the model's ShardedTensor: global layer offsets, the expert's
 global index, GLU fc1 factories, TP sharding, replica ids all come from the model), the dict
 nesting holds only sharded entries (nothing layout-dependent reaches common.pt) and the one
-non-tensor entry is the step shared by every parameter. Param-group hyper-parameters are not
-stored: they come from the config, and lr / weight decay from the restored scheduler.
+non-tensor entries are the step shared by every parameter (torch's optimizers) or every param group
+(TE / apex FusedAdam on GPU). Param-group hyper-parameters are not stored: they come from the
+config, and lr / weight decay from the restored scheduler.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -86,11 +88,16 @@ def sharded_optimizer_state(optimizer, model_sd: dict, is_loading: bool = False)
         state[str(i)] = {k: make_sharded_optimizer_tensor(sh, v, prefix=f"optimizer.state.{k}") for k, v in tensors.items()}
         if "step" in ps.state:
             steps.add(float(ps.state["step"]))
-    if len(steps) > 1:
-        raise ValueError(f"the optimizer's step differs between parameters ({sorted(steps)}); one step is saved")
-    out: dict = {"state": state}
-    if steps:  # common.pt; on loading a placeholder that the saved value (if any) replaces
+    # TE / apex FusedAdam (GPU) count the step per param group, torch's optimizers per parameter.
+    group_steps = [g["step"] for w in _wrappers(optimizer) for g in w.optimizer.param_groups if g["params"] and "step" in g]
+    for where, found in (("parameters", steps), ("param groups", {float(x) for x in group_steps})):
+        if len(found) > 1:
+            raise ValueError(f"the optimizer's step differs between {where} ({sorted(found)}); one step is saved")
+    out: dict = {"state": state}  # below: common.pt entries (on loading, placeholders the saved values replace)
+    if steps:
         out["step"] = torch.tensor(steps.pop())
+    if group_steps:
+        out["group_step"] = group_steps[0]
     return out
 
 
@@ -103,3 +110,8 @@ def load_optimizer_state(optimizer, loaded: dict) -> None:
             (ps.main if k == "fp32_param" else ps.state[k]).copy_(v)
         if step is not None:
             ps.state["step"] = step.detach().clone().to(torch.float32)
+    if "group_step" in loaded:
+        for w in _wrappers(optimizer):
+            for g in w.optimizer.param_groups:
+                if g["params"]:
+                    g["step"] = copy.deepcopy(loaded["group_step"])

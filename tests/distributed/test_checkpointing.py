@@ -2,6 +2,7 @@
 a MoE run's full state saved at EP=2 resumes at EP=1 and the other way round."""
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -222,6 +223,20 @@ def test_moe_full_resume_across_ep_sizes(tmp_path, optimizer, saved_ep, resumed_
                 continue  # bf16 expert GEMMs over another token grouping round differently: not comparable
             err = float((after2[kind][k].float() - want.float()).abs().max())
             assert err <= 1e-5 * float(want.abs().max()), (kind, k, err, float(want.abs().max()))
+
+
+def test_megatron_format_refuses_an_ep_change_by_name(tmp_path):
+    """A checkpoint in Megatron-Core's own optimizer format (the distributed optimizer's, and the
+    plain optimizer's before 'per_parameter') cannot change EP: refused before a tensor is read."""
+    run = tmp_path / "run"
+    run_distributed(_moe_save_then_continue, 2, args=(str(run), 2, "adam", "fp32"))
+    meta_path = run / "iter_0000001" / "longpo_meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["train_state"]["optimizer_sharding"] == "per_parameter"
+    meta["train_state"]["optimizer_sharding"] = "dp_reshardable"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(AssertionError, match=r"same cp/dp/ep and world size \(tp and pp may change\)"):
+        run_distributed(_moe_resume_and_continue, 2, args=(str(run), 1, "adam", "fp32"))
 
 
 def test_incomplete_checkpoint_is_not_resumed(tmp_path):
