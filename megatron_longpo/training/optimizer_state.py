@@ -12,8 +12,8 @@ dict_keys([0, 1, 'param_groups']) vs dict_keys(['state'])"), and the tensor keys
 Here every state tensor is keyed ``optimizer.state.<name>.<model key>`` (Megatron's own
 ``make_sharded_optimizer_tensor`` on the model's ShardedTensor: global layer offsets, the expert's
 global index, GLU fc1 factories, TP sharding, replica ids all come from the model), the dict
-nesting holds only sharded entries (nothing layout-dependent reaches common.pt) and the one
-non-tensor entries are the step shared by every parameter (torch's optimizers) or every param group
+nesting holds only sharded entries (nothing layout-dependent reaches common.pt) and the only
+non-tensor entry is the step shared by every parameter (torch's optimizers) or every param group
 (TE / apex FusedAdam on GPU). Param-group hyper-parameters are not stored: they come from the
 config, and lr / weight decay from the restored scheduler.
 """
