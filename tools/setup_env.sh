@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-dev}
-stamp="$VENV/.megatron_longpo-$(cat setup.py | sha1sum | cut -c1-12)-$EXTRAS"
+stamp="$VENV/.megatron_longpo-$(cat setup.py tools/setup_env.sh | sha1sum | cut -c1-12)-$EXTRAS"
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
@@ -24,6 +24,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing megatron_longpo[$EXTRAS] (editable)"
 $PIP install -q -e ".[$EXTRAS]"
+if [[ ",$EXTRAS," == *,dev,* ]]; then
+  # Test data, never imported: TRL ships the original chat templates of public models (Qwen3, ...)
+  # as files; tests/unit/test_data_chat_tokens.py renders them. --no-deps: its own dependencies
+  # (datasets, accelerate) are not needed to read files.
+  $PIP install -q --no-deps "trl==1.16.0"
+fi
 # megatron-core warns 4x on import that TE / Apex are absent (expected on CPU; docs/install.md)
 "$VENV/bin/python" -W "ignore:Transformer Engine and Apex are not installed:UserWarning" \
   -c "import torch, megatron.core; print(f'[setup] torch {torch.__version__}, megatron-core {megatron.core.__version__}, cuda={torch.cuda.is_available()}')"

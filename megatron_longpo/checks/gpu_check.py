@@ -72,6 +72,7 @@ from megatron_longpo.config import (
     seq_length_multiple,
 )
 from megatron_longpo.fsutil import write_text_atomic
+from megatron_longpo.loss.longpo import scored_positions
 from megatron_longpo.models.attention import attend_local, kernels
 from megatron_longpo.models.provider import build_model
 from megatron_longpo.runtime import capabilities
@@ -683,7 +684,7 @@ def section_train(sizes: Sizes, smoke: bool) -> dict:
                 _sync()
                 times.append(time.perf_counter() - t0)
             dt = min(times)
-            n_logit = int(((batch.response_segment >= 0) | (batch.nll_segment >= 0)).sum())
+            n_logit = scored_positions(cfg.loss, batch.response_segment, batch.nll_segment)
             flops = train_flops(cfg.model, batch.num_tokens(), attended_pairs(batch.branch_ids), n_logit)
             # full recompute runs the forward a second time: hardware FLOPs are 4/3 of the model's
             tflops = flops / dt / 1e12

@@ -22,12 +22,20 @@ def check_dataset_files(prefix: str, option: str = "data.train_data") -> dict[st
 
 def tokenizer_mismatch(meta: dict[str, Any], data_option: str, prefix: str, ckpt: str, tdir: Path,
                        disable: str) -> Optional[str]:
-    """Why the dataset (sidecar ``meta``) was not tokenized the way the checkpoint ``ckpt``'s shipped
-    tokenizer ``tdir`` splits text, or None when they agree or nothing can be compared (data
-    preprocessed before the check existed, a checkpoint whose tokenizer/ holds no tokenizer files).
-    ``disable`` names the switch that skips the check."""
+    """Why the dataset (sidecar ``meta``) cannot be used with the checkpoint ``ckpt``'s shipped
+    tokenizer ``tdir``, or None when they agree or the data predates the check (nothing to compare).
+    The one rule of the trainer's preflight and the reference precompute; ``disable`` names the
+    caller's switch that skips it.
+
+    Refused: a ``tokenizer/`` that holds no tokenizer files (e.g. converted from an HF directory
+    without them: it cannot be compared, nor shipped with an export), and a tokenizer that splits
+    text differently from the one the data was tokenized with."""
+    if not has_tokenizer_files(tdir):
+        return (f"checkpoint {ckpt} ships a tokenizer directory {tdir} that does not load (no tokenizer files). Copy "
+                f"the model's tokenizer files into {tdir} (or convert again: tools/convert_hf_to_megatron.py "
+                f"--tokenizer DIR), or set {disable} to skip comparing it with the data's tokenizer")
     want = meta.get("tokenizer") or {}
-    if not want.get("behaviour") or not has_tokenizer_files(tdir):  # nothing to compare
+    if not want.get("behaviour"):  # preprocessed before the check existed: nothing to compare
         return None
     if Tokenizer(tdir).behaviour_fingerprint() == want["behaviour"]:
         return None

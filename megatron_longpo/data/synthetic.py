@@ -110,6 +110,11 @@ QWEN2_JINJA = (
     "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# The Qwen2 / Qwen3 split regex: Llama-3's with single digits.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
@@ -180,5 +185,23 @@ def make_qwen2_like_tokenizer(directory: str | Path, texts: Iterable[str], vocab
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   additional_special_tokens=specials[1:])
     tok.chat_template = QWEN2_JINJA
+    tok.save_pretrained(str(directory))
+    return Path(directory)
+
+
+def make_qwen3_like_tokenizer(directory: str | Path, texts: Iterable[str], chat_template: str,
+                              vocab_size: int = 600) -> Path:
+    """Qwen3 style: byte-level BPE with Qwen's split regex, ChatML markers as special tokens,
+    ``<think>`` / ``</think>`` as added (non-special) tokens, EOS ``<|im_end|>``, no BOS; the chat
+    template is the caller's (tests pass the real Qwen3 template text)."""
+    # deferred: transformers imports torch; data/ text code stays torch-free
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw = _byte_level_bpe(texts, specials, vocab_size, QWEN_SPLIT)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=specials[1:])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    tok.chat_template = chat_template
     tok.save_pretrained(str(directory))
     return Path(directory)

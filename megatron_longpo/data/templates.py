@@ -152,6 +152,39 @@ class ChatMLTemplate(ChatTemplate):
 _SENTINEL = "\u27e6longpo-content-{}\u27e7"
 
 
+@dataclass(frozen=True)
+class _Trim:
+    """How a template trims a message's content: the characters removed at each end ("": any
+    whitespace; None: that end is kept). Llama-3's ``| trim`` strips both ends; Qwen3 strips the
+    leading newlines of an answer after the last user message (``content.lstrip('\\n')``)."""
+
+    left: Optional[str] = None
+    right: Optional[str] = None
+
+    def __call__(self, text: str) -> str:
+        if self.left is not None:
+            text = text.lstrip(self.left or None)
+        if self.right is not None:
+            text = text.rstrip(self.right or None)
+        return text
+
+    def message(self, m: ChatMessage) -> ChatMessage:
+        """``m`` with its first / last non-empty parts trimmed, so spans stay on the parts."""
+        parts = list(m.parts)
+        for order, side in ((range(len(parts)), _Trim(left=self.left)),
+                            (range(len(parts) - 1, -1, -1), _Trim(right=self.right))):
+            if side.left is None and side.right is None:
+                continue
+            for i in order:
+                parts[i] = side(parts[i])
+                if parts[i]:
+                    break
+        return ChatMessage(m.role, tuple(parts), m.response, m.document_part)
+
+
+_TRIMS = (_Trim(), _Trim("", ""), _Trim("\n"))
+
+
 class HFChatTemplate(ChatTemplate):
     """The tokenizer's Jinja template, made piecewise with placeholder contents."""
 
@@ -163,7 +196,7 @@ class HFChatTemplate(ChatTemplate):
                 f"tokenizer {tok.path} has no chat template; use --chat-template mistral or chatml"
             )
         self.tok = tok
-        self._skeletons: dict[tuple[str, ...], tuple[list[str], bool]] = {}
+        self._skeletons: dict[tuple[str, ...], tuple[list[str], list[_Trim]]] = {}
         self._specials = tok.special_token_texts()
 
     def definition(self) -> str:
@@ -182,8 +215,8 @@ class HFChatTemplate(ChatTemplate):
             raise DataError(f"the chat template of {self.tok.path} did not render text")
         return text
 
-    def _skeleton(self, roles: tuple[str, ...]) -> tuple[list[str], bool]:
-        """Template text around each message (len(roles) + 1 chunks) and whether contents are stripped."""
+    def _skeleton(self, roles: tuple[str, ...]) -> tuple[list[str], list[_Trim]]:
+        """Template text around each message (len(roles) + 1 chunks) and how each content is trimmed."""
         if roles in self._skeletons:
             return self._skeletons[roles]
         marks = [_SENTINEL.format(k) for k in range(len(roles))]
@@ -199,22 +232,23 @@ class HFChatTemplate(ChatTemplate):
             chunks.append(text[pos:at])
             pos = at + len(mark)
         chunks.append(text[pos:])
-        # The template must insert contents verbatim (or stripped, like Llama-3's `| trim`).
-        probes = [f"  probe {k}\n text \n" for k in range(len(roles))]
+        # Each content must appear verbatim or trimmed in one of the known ways: probes with leading
+        # newlines and spaces tell the ways apart (their trimmed forms start differently).
+        probes = [f"\n  probe {k}\n text \n" for k in range(len(roles))]
         real = self._apply(roles, probes)
-        strip = None
-        for candidate in (False, True):
-            joined = "".join(c + (p.strip() if candidate else p) for c, p in zip(chunks, probes)) + chunks[-1]
-            if joined == real:
-                strip = candidate
-                break
-        if strip is None:
-            raise DataError(
-                f"the chat template of {self.tok.path} changes message contents (not only strips them), so "
-                "response tokens cannot be located exactly; use --chat-template mistral or chatml"
-            )
-        self._skeletons[roles] = (chunks, strip)
-        return chunks, strip
+        trims: list[_Trim] = []
+        pos = len(chunks[0]) if real.startswith(chunks[0]) else -1
+        for k, probe in enumerate(probes):
+            found = next((t for t in _TRIMS if pos >= 0 and real.startswith(t(probe) + chunks[k + 1], pos)), None)
+            if found is None:
+                raise DataError(
+                    f"the chat template of {self.tok.path} changes the content of message {k} ({roles[k]}) beyond "
+                    "stripping it, so response tokens cannot be located exactly; use --chat-template mistral or chatml"
+                )
+            trims.append(found)
+            pos += len(found(probe)) + len(chunks[k + 1])
+        self._skeletons[roles] = (chunks, trims)
+        return chunks, trims
 
     def _template_text(self, text: str, closes_response: bool) -> list[Piece]:
         """Template text; after a response its leading special token (EOS / end-of-turn) is part of it."""
@@ -229,34 +263,32 @@ class HFChatTemplate(ChatTemplate):
 
     def render(self, messages: Sequence[ChatMessage]) -> list[Piece]:
         roles = tuple(m.role for m in messages)
-        chunks, strip = self._skeleton(roles)
+        chunks, trims = self._skeleton(roles)
         out: list[Piece] = []
         prev_response = False
-        for m, chunk in zip(messages, chunks):
+        for m, chunk, trim in zip(messages, chunks, trims):
             out += self._template_text(chunk, prev_response)
-            if strip:
-                m = _strip_message(m)
-            out += _content(m)
+            out += _content(trim.message(m))
             prev_response = m.response
         out += self._template_text(chunks[-1], prev_response)
+        self._check(messages, out)
         return out
 
-
-def _strip_message(m: ChatMessage) -> ChatMessage:
-    parts = list(m.parts)
-    i = 0
-    while i < len(parts) and not parts[i].strip():
-        parts[i] = ""
-        i += 1
-    if i < len(parts):
-        parts[i] = parts[i].lstrip()
-    j = len(parts) - 1
-    while j >= 0 and not parts[j].strip():
-        parts[j] = ""
-        j -= 1
-    if j >= 0:
-        parts[j] = parts[j].rstrip()
-    return ChatMessage(m.role, tuple(parts), m.response, m.document_part)
+    def _check(self, messages: Sequence[ChatMessage], pieces: Sequence[Piece]) -> None:
+        """The pieces spell exactly what the template renders for the real contents. Templates
+        branch on content (Qwen3 splits an answer at ``</think>`` and treats a user message that is
+        a ``<tool_response>`` as a tool turn), which placeholders cannot reveal."""
+        real = self._apply([m.role for m in messages], [m.content for m in messages])
+        ours = rendered_text(pieces)
+        if real == ours:
+            return
+        at = next((i for i, (a, b) in enumerate(zip(real, ours)) if a != b), min(len(real), len(ours)))
+        raise DataError(
+            f"the chat template of {self.tok.path} renders this conversation differently from its messages "
+            f"(first difference at character {at}: template {real[at:at + 40]!r}, messages {ours[at:at + 40]!r}); "
+            "it rewrites content it finds there (e.g. Qwen3 splits an assistant message at '</think>'), so response "
+            "tokens cannot be located exactly: remove that text from the record or use --chat-template chatml"
+        )
 
 
 _ANSWER_MARK = "\u27e6longpo-answer\u27e7"

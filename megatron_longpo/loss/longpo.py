@@ -7,8 +7,9 @@ response tokens of every turn, no length normalisation). R_w / R_l: reference lo
 same responses, on the SHORT context (``longpo``) or on the long one (``dpo``); the math is the
 same, only where the cached reference comes from differs. Which terms an objective has, which
 sequence its NLL is on (chosen, or rejected for ``sft_rejected``) and which metrics it logs is
-the registry's (megatron_longpo/objectives.py); this module computes exactly those, and the
-caller scores only the segments they need (a zero-weight NLL is not scored).
+the registry's (megatron_longpo/objectives.py); this module computes exactly those, and
+:func:`scored_segments` says which segments the caller scores for them (a zero-weight NLL is not
+scored): the step scores those, the FLOP count of the throughput counts their positions.
 
 Dtype: everything is computed in float64. A log-prob sum over a 512K-token sequence is ~1e6 in
 magnitude; fp32 resolves that to ~0.06, which is the same order as the differences
@@ -26,7 +27,28 @@ import torch.nn.functional as F
 from megatron_longpo.config import LossConfig
 from megatron_longpo.objectives import METRIC_NAMES, REFERENCE_METRICS, get_objective
 
-__all__ = ["METRIC_NAMES", "REFERENCE_METRICS", "longpo_loss", "nll_term"]
+__all__ = ["METRIC_NAMES", "REFERENCE_METRICS", "longpo_loss", "nll_term", "scored_positions", "scored_segments"]
+
+
+def scored_segments(config: LossConfig, response_segment: torch.Tensor, nll_segment: torch.Tensor,
+                    num_pairs: int) -> tuple[list[torch.Tensor], list[int]]:
+    """The segment-id sets the policy's log-prob sums run over for ``config.mode``, and their
+    segment counts: the 2B responses (P_w, P_l), then the B NLL segments only when the objective
+    scores the NLL (a zero-weight NLL is not: with ``nll_target=sequence`` that would be every
+    position of the NLL sequence)."""
+    if get_objective(config.mode).scores_nll(config.nll_weight):
+        return [response_segment, nll_segment], [2 * num_pairs, num_pairs]
+    return [response_segment], [2 * num_pairs]
+
+
+def scored_positions(config: LossConfig, response_segment: torch.Tensor, nll_segment: torch.Tensor) -> int:
+    """Positions in any :func:`scored_segments` set (host tensors): where the step computes logits,
+    the logit positions of the FLOP count."""
+    ids, _ = scored_segments(config, response_segment, nll_segment, num_pairs=0)
+    need = torch.zeros_like(response_segment, dtype=torch.bool)
+    for seg in ids:
+        need |= seg >= 0
+    return int(need.sum())
 
 
 def nll_term(

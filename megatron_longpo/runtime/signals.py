@@ -15,6 +15,10 @@ starting a helper with the preemption signals BLOCKED makes it immune for its wh
 the parent only defers (never loses) a signal that arrives meanwhile: it is delivered on unblock.
 Forked write workers inherit the parent's Python handlers (which only set a flag), so they are
 safe already.
+
+Immune to those signals, the Manager would also outlive a SIGKILLed trainer (and keep
+multiprocessing's resource tracker alive with it): it asks the kernel to kill it when the trainer
+dies (``PR_SET_PDEATHSIG``), as a torchrun worker does for its launcher.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 from multiprocessing import resource_tracker
+from multiprocessing.managers import SyncManager
 
 import psutil
 from typing import Iterator, Mapping, Optional, Sequence
@@ -52,7 +58,8 @@ def signals_blocked(signals: Sequence[int] = PREEMPTION_SIGNALS) -> Iterator[Non
 
 
 def start_checkpoint_helpers() -> None:
-    """Start dist_checkpointing's long-lived writer helper now, immune to preemption signals.
+    """Start dist_checkpointing's long-lived writer helper now, immune to preemption signals and
+    killed with this process.
 
     Idempotent (Megatron keeps the helper in a module global). Call before the first save; every
     rank that saves must call it.
@@ -66,13 +73,34 @@ def start_checkpoint_helpers() -> None:
         # The spawn context first starts multiprocessing's resource tracker, and CPython UNBLOCKS
         # SIGINT/SIGTERM after starting it (resource_tracker.ensure_running); start it first, then
         # block again so the Manager inherits the full block. (The tracker ignores INT/TERM itself
-        # and, started here, has USR1 blocked.)
+        # and, started here, has USR1 blocked; it exits when the last holder of its pipe, this
+        # process or the Manager, is gone.)
         resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
-        filesystem_async._get_write_results_queue()
+        # What filesystem_async._get_write_results_queue builds (a spawn-context Manager's Queue),
+        # with an initializer that ties the Manager's life to this process.
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(die_with_parent, (os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _kill_me_when_parent_dies() -> bool:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills this process when the thread that
+    started it exits. Linux only; returns whether the request is in place."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """A helper process (e.g. the Manager's initializer) dies with ``parent_pid``, the process that
+    started it from its main thread: SIGKILL at its death, or now if it is already gone."""
+    if _kill_me_when_parent_dies() and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)  # died before the request: nobody will send the signal
 
 
 def die_with_launcher(env: Optional[Mapping[str, str]] = None) -> bool:
@@ -82,10 +110,7 @@ def die_with_launcher(env: Optional[Mapping[str, str]] = None) -> bool:
     and saving into the run directory. No-op outside torchrun (``TORCHELASTIC_RUN_ID`` unset) and
     off Linux; idempotent. Returns whether the request is in place.
     """
-    if "TORCHELASTIC_RUN_ID" not in (os.environ if env is None else env) or not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+    if "TORCHELASTIC_RUN_ID" not in (os.environ if env is None else env) or not _kill_me_when_parent_dies():
         return False
     if os.getppid() == 1:  # the launcher died before the request: nobody will send the signal
         os.kill(os.getpid(), signal.SIGKILL)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -62,12 +63,14 @@ def make_dataset(prefix: str | Path, records: Sequence[dict], max_seq_length: in
 def make_hf_model(out: str | Path, seed: int = 0, vocab_size: int = TOKENIZER_VOCAB, family: str = "mistral",
                   **overrides) -> Path:
     """A tiny random model of ``family`` (default Mistral: 8 heads, 2 KV groups, rope_theta 1e6;
-    testing/convert.TINY_HF) with the sample tokenizer's vocabulary, saved with transformers."""
+    testing/convert.TINY_HF) with the sample tokenizer's vocabulary, saved with transformers, and
+    that tokenizer next to it (a checkpoint converted without one is refused by training and precompute)."""
     cfg = hf_config(family, vocab_size=vocab_size, **overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, ARCHITECTURES[family].hf_class)(cfg)
     randomize_(model, seed)
     model.save_pretrained(str(out))
+    shutil.copy(SAMPLE_TOKENIZER, Path(out) / "tokenizer.model")
     return Path(out)
 
 
@@ -105,6 +108,23 @@ def hf_float64_sums(hf_dir: str | Path, sequences: Sequence[tuple[np.ndarray, np
         resp = torch.as_tensor(np.asarray(mask[1:], dtype=bool))
         out.append(float(logp[:-1].gather(1, tgt[:, None]).squeeze(1)[resp].sum()))
     return np.array(out, dtype=np.float64)
+
+
+@torch.no_grad()
+def hf_expert_counts(hf_dir: str | Path, sequences: Sequence[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
+    """[layers, experts] tokens HF's own router sends to each expert over ``sequences`` (each
+    alone): shows that a mixture-of-experts test's records exercise every expert."""
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager",
+                                                 experts_implementation="eager").eval()
+    k = model.config.num_experts_per_tok
+    total = None
+    for tokens, _ in sequences:
+        t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
+        out = model(input_ids=t, use_cache=False, output_router_logits=True)
+        counts = torch.stack([torch.bincount(r.topk(k, -1).indices.reshape(-1), minlength=r.shape[-1])
+                              for r in out.router_logits])
+        total = counts if total is None else total + counts
+    return total
 
 
 def reference_items(prefix: str):

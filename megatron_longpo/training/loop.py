@@ -23,6 +23,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron_longpo.config import ConfigError, LongPOConfig, config_changes, load_config, to_dict, validate
 from megatron_longpo.evaluation.setup import evaluator_from_config
 from megatron_longpo.gpu_rules import te_version_notes
+from megatron_longpo.loss.longpo import scored_positions
 from megatron_longpo.models.provider import build_model_chunks, init_tp_comm_overlap
 from megatron_longpo.runtime.capabilities import cuda_available, te_version
 from megatron_longpo.runtime.distributed import (
@@ -336,7 +337,7 @@ def _throughput(cfg: LongPOConfig, micro, seconds: float, groups: ParallelGroups
     tokens = sum(mb.num_tokens() for mb in micro) * groups.dp_size
     flops = 0.0
     for mb in micro:
-        n_logit = int(((mb.response_segment >= 0) | (mb.nll_segment >= 0)).sum())
+        n_logit = scored_positions(cfg.loss, mb.response_segment, mb.nll_segment)  # what the step scores
         flops += train_flops(cfg.model, mb.num_tokens(), attended_pairs(mb.branch_ids), n_logit)
     flops *= groups.dp_size
     return {"tokens_per_sec": tokens / max(seconds, 1e-9), "tflops_per_gpu": flops / max(seconds, 1e-9) / world / 1e12}

@@ -16,7 +16,6 @@ from megatron_longpo.checkpoint import CheckpointError, check_compatible, read_m
 from megatron_longpo.config import ConfigError, LongPOConfig, ModelConfig
 from megatron_longpo.data.checks import check_dataset_files, tokenizer_mismatch
 from megatron_longpo.data.indexed import load_metadata
-from megatron_longpo.data.tokenizer import has_tokenizer_files
 from megatron_longpo.objectives import get_objective
 from megatron_longpo.reference import check_reference_cache
 
@@ -73,11 +72,6 @@ def check_tokenizer_matches_model(cfg: LongPOConfig) -> None:
     if found is None:
         return  # no tokenizer shipped with the model
     ckpt, tdir = found
-    if not has_tokenizer_files(tdir):  # e.g. converted from an HF directory without tokenizer files
-        raise PreflightError(
-            f"checkpoint {ckpt} ships a tokenizer directory {tdir} that does not load (no tokenizer files). Copy the "
-            f"model's tokenizer files into {tdir} (or convert again: tools/convert_hf_to_megatron.py --tokenizer DIR), "
-            "or set data.check_tokenizer=false to train without comparing it to the data's tokenizer")
     why = tokenizer_mismatch(load_metadata(cfg.data.train_data), "data.train_data", cfg.data.train_data, ckpt, tdir,
                              disable="data.check_tokenizer=false")
     if why:

@@ -40,7 +40,7 @@ from megatron_longpo.config import LossConfig
 from megatron_longpo.data.batch import CPSlice, PairBatch
 from megatron_longpo.loss.forward import hidden_segment_logprobs, stage_forward
 from megatron_longpo.loss.logprobs import host_to_device
-from megatron_longpo.loss.longpo import longpo_loss
+from megatron_longpo.loss.longpo import longpo_loss, scored_segments
 from megatron_longpo.objectives import get_objective
 from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import ParallelGroups
@@ -81,16 +81,13 @@ def microbatch_objective(
     objective with the batch's reference log-probs. Identical on every TP and CP rank.
     """
     b = batch.num_pairs
-    # Only the segments the objective's terms need: a zero-weight NLL is not scored (with
-    # nll_target=sequence that is every position of the chosen sequence).
-    with_nll = get_objective(loss_cfg.mode).scores_nll(loss_cfg.nll_weight)
+    # Only the segments the objective's terms need (a zero-weight NLL is not scored).
+    segments, counts = scored_segments(loss_cfg, local.response_segment, local.nll_segment, b)
     stats = hidden_segment_logprobs(
-        model, hidden, local.target_ids,
-        [local.response_segment, local.nll_segment] if with_nll else [local.response_segment],
-        [2 * b, b] if with_nll else [2 * b], groups,
+        model, hidden, local.target_ids, segments, counts, groups,
         vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=loss_cfg.logprob_chunk_size,
     )
-    resp, nll = stats[0], (stats[1] if with_nll else None)
+    resp, nll = stats[0], (stats[1] if len(stats) > 1 else None)
     dev = resp.sums.device
     ref_w = host_to_device(batch.ref_chosen_logps, dev) if batch.ref_chosen_logps is not None else None
     ref_l = host_to_device(batch.ref_rejected_logps, dev) if batch.ref_rejected_logps is not None else None

@@ -8,6 +8,7 @@ advice it prints (use the intact iteration directory) must work. Trainings run i
 or two gloo processes (no reference cache needed).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -152,16 +153,21 @@ def _popen(args) -> subprocess.Popen:
 
 def test_one_writer_per_run_dir_and_workers_die_with_the_launcher(fx):
     # Was: a second run wrote the same checkpoint.save, and after kill -9 of the launcher its
-    # workers kept training and saving.
+    # workers kept training and saving; the workers, once dying with it, left their checkpoint
+    # helpers running.
     d = fx
     ckpt = d / "shared/ckpt"
     first = _popen(_launch(2, *_train_args(d, "shared", **{"training.train_iters": 100000,
                                                           "checkpoint.save_interval": 2})))
+    helpers: list = []
     try:
         wait_latest(first, ckpt, 2)
         workers = [c for c in psutil.Process(first.pid).children(recursive=True)
                    if "pretrain_longpo.py" in " ".join(c.cmdline())]
         assert len(workers) == 2
+        # Their helpers (the checkpoint writer's spawn Manager, the resource tracker) must die too.
+        helpers = [h for w in workers for h in w.children(recursive=True)]
+        assert sum("spawn_main" in " ".join(h.cmdline()) for h in helpers) == 2, [h.cmdline() for h in helpers]
         second = run_cli(_launch(1, *_train_args(d, "shared", **{"training.train_iters": 100000})), check=False)
         out = _refused(second, f"checkpoint.save={ckpt} is in use by another training run")
         assert any(f'"pid": {w.pid}' in out for w in workers), out  # names the holder
@@ -169,9 +175,14 @@ def test_one_writer_per_run_dir_and_workers_die_with_the_launcher(fx):
         first.wait(timeout=30)
         gone, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive, [p.pid for p in alive]
+        gone, alive = psutil.wait_procs(helpers, timeout=5)
+        assert not alive, [" ".join(p.cmdline()) for p in alive]
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
+        for h in helpers:  # one that outlived its worker (the killpg above runs only while the launcher lives)
+            with contextlib.suppress(psutil.Error):
+                h.kill()
     # The dead run left no stuck lock: the next run resumes from what it saved.
     latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     p = run_cli(_launch(2, *_train_args(d, "shared", **{"training.train_iters": latest + 1,

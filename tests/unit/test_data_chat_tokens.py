@@ -3,18 +3,23 @@ response masks equal HF's return_assistant_tokens_mask ({% generation %} spans),
 sentencepiece tokenizer with a dummy prefix (via LlamaTokenizerFast), a Llama-3-like byte-level
 BPE and a Qwen2-like ChatML BPE, with the tokenizer's template and the built-in ones."""
 
+import hashlib
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from megatron_longpo.data.schema import parse_record
-from megatron_longpo.data.sequences import build_sample
+from megatron_longpo.data.schema import DataError, parse_record
+from megatron_longpo.data.sequences import build_sample, generation_prompt_ids
 from megatron_longpo.data.synthetic import (
     corpus,
     make_llama3_like_tokenizer,
     make_mistral_like_tokenizer,
     make_qwen2_like_tokenizer,
+    make_qwen3_like_tokenizer,
 )
-from megatron_longpo.data.templates import get_template
+from megatron_longpo.data.templates import ChatMessage, get_template
 from megatron_longpo.data.tokenizer import Tokenizer
 
 UNICODE = "Ünïcödé — café 東京 naïve ✓ 🙂 «quote» ½"
@@ -125,3 +130,111 @@ def test_dummy_prefix_boundaries_are_the_models(toks):
     assert len(s.chosen) == len(hf_reference(tok._hf, msgs)[0])
     pieces = ("[INST] ", msgs[0]["content"], "\n\n", msgs[1]["content"], " [/INST]")
     assert sum(len(tok.encode(p)) for p in pieces) > len(tok.encode("".join(pieces)))  # what was wrong
+
+
+# --- the models' own template texts --------------------------------------------------------------
+# TRL ships the original chat templates of public models as files (trl/chat_templates/*.jinja, the
+# texts it compares tokenizer.chat_template against); tools/setup_env.sh installs trl==1.16.0
+# --no-deps for them and the package is never imported. The hashes pin the texts tested here.
+REAL_TEMPLATES = {
+    "qwen3": "a55ee1b1660128b7098723e0abcd92caa0788061051c62d51cbe87d9cf1974d8",  # Qwen3 (thinking, <think>)
+    "qwen3_instruct_2507": "64f85b198065d0fba2a81f37e10ed68161ce2c19a754c7100e67e0ca2ee9c326",
+    "qwen2_5": "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f",  # default system prompt
+}
+
+
+def real_template(name: str) -> str:
+    spec = importlib.util.find_spec("trl")
+    assert spec is not None and spec.submodule_search_locations, (
+        "trl is not installed: run `make setup` (tools/setup_env.sh installs trl==1.16.0 for its chat template files)")
+    text = (Path(list(spec.submodule_search_locations)[0]) / "chat_templates" / f"{name}.jinja").read_text()
+    assert hashlib.sha256(text.encode()).hexdigest() == REAL_TEMPLATES[name], f"trl's {name}.jinja changed"
+    return text
+
+
+@pytest.fixture(scope="module")
+def real_toks(tmp_path_factory):
+    texts = corpus() + [UNICODE, RECORDS[0]["document"], "<think>\n\n</think>\n\n"]
+    root = tmp_path_factory.mktemp("real_templates")
+    return {name: Tokenizer(make_qwen3_like_tokenizer(root / name, texts, real_template(name))) for name in REAL_TEMPLATES}
+
+
+# A pair record whose answers start with newlines (Qwen3 strips them from the last answer) and spaces.
+EDGE = {"id": "edge", "prompt": [{"role": "user", "content": "Doc text.\n\nQuestion?"},
+                                 {"role": "assistant", "content": "\nEarlier answer.\n"},
+                                 {"role": "user", "content": "\n Next question? "}],
+        "chosen": "\n\nIt starts with newlines. ", "rejected": "  Spaces first.\n",
+        "short_prompt": [{"role": "user", "content": "Doc.\n\nQuestion?"}]}
+
+
+def offsets_mask(hf, msgs, responses_from):
+    """Reference ids and response mask from the template's own rendering: HF tokenizes the rendered
+    text; a token is a response token when it overlaps the text of an assistant message (from
+    message ``responses_from`` on) as the template wrote it, or the <|im_end|> that closes it."""
+    text = hf.apply_chat_template(msgs, tokenize=False)
+    enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == hf.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+    spans, pos = [], 0
+    for i, m in enumerate(msgs):
+        head = text.index(f"<|im_start|>{m['role']}\n", pos) + len(f"<|im_start|>{m['role']}\n")
+        end = text.index("<|im_end|>", head)
+        body = text[head:end]
+        if m["role"] == "assistant" and body.startswith("<think>\n"):  # Qwen3's (empty) think block
+            body = body.split("</think>\n\n", 1)[1]
+        assert body in (m["content"], m["content"].lstrip("\n")), (body, m["content"])
+        if m["role"] == "assistant" and i >= responses_from:
+            spans.append((end - len(body), end + len("<|im_end|>")))
+        pos = end
+    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
+    return np.asarray(enc["input_ids"]), np.asarray(mask)
+
+
+@pytest.mark.parametrize("name", list(REAL_TEMPLATES))
+def test_sequences_equal_the_real_qwen_templates(real_toks, name):
+    """Chosen, rejected and reference sequences of multi-turn records equal apply_chat_template
+    with the model's original template text (Qwen3: the last answer carries the empty think block
+    and loses its leading newlines; earlier answers do not)."""
+    tok = real_toks[name]
+    hf = tok._hf
+    tpl = get_template("auto", tok)
+    assert tpl.name == "tokenizer"
+    for raw in (*RECORDS, EDGE):
+        s = build_sample(parse_record(raw, "t.jsonl:1"), tok, tpl).sample
+        convs, refs = conversations(raw)
+        for seq, mask, key in ((s.chosen, s.chosen_mask, "chosen"), (s.rejected, s.rejected_mask, "rejected")):
+            ids, amask = offsets_mask(hf, convs[key], len(raw["prompt"]) if "prompt" in raw else 0)
+            assert seq.tolist() == ids.tolist(), (raw["id"], key)
+            assert mask.tolist() == amask.tolist(), (raw["id"], key)
+        for turn, (c_msgs, r_msgs) in zip(s.references, refs):
+            for seq, mask, msgs in ((turn.chosen, turn.chosen_mask, c_msgs), (turn.rejected, turn.rejected_mask, r_msgs)):
+                ids, amask = offsets_mask(hf, msgs, 0)
+                assert seq.tolist() == ids.tolist() and mask.tolist() == amask.tolist(), raw["id"]
+    if name == "qwen3":  # the think block is template text in front of the last answer, not response
+        chosen = build_sample(parse_record(EDGE, "t.jsonl:1"), tok, tpl).sample
+        think = tok.encode("<think>\n\n</think>\n\n").tolist()
+        ids = chosen.chosen.tolist()
+        at = next(i for i in range(len(ids)) if ids[i:i + len(think)] == think)
+        assert not chosen.chosen_mask[at:at + len(think)].any() and chosen.chosen_mask[at + len(think)]
+
+
+@pytest.mark.parametrize("name", list(REAL_TEMPLATES))
+def test_generation_prompt_equals_enable_thinking_false(real_toks, name):
+    """The prompt a model answers from (generation, evaluation) is apply_chat_template's generation
+    prompt with enable_thinking=False (Qwen3: an empty think block; the others ignore the flag)."""
+    tok = real_toks[name]
+    tpl = get_template("auto", tok)
+    for msgs in (EDGE["prompt"], [{"role": "system", "content": "Be brief."}, *EDGE["prompt"]],
+                 [{"role": "user", "content": UNICODE}]):
+        ours = generation_prompt_ids(tpl, tok, [ChatMessage(m["role"], (m["content"],)) for m in msgs])
+        ref = tok._hf.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False, tokenize=True,
+                                          return_dict=True)["input_ids"]
+        assert ours.tolist() == ref, (name, msgs)
+
+
+def test_content_the_template_rewrites_is_refused(real_toks):
+    """Qwen3 moves text before '</think>' in an answer into a reasoning block: the record is refused
+    naming it, instead of training on a mask that is off."""
+    tok = real_toks["qwen3"]
+    raw = {**EDGE, "chosen": "Plan.</think>The answer."}
+    with pytest.raises(DataError, match=r"t\.jsonl:1: record 'edge'.*</think>"):
+        build_sample(parse_record(raw, "t.jsonl:1"), tok, get_template("auto", tok))

@@ -222,7 +222,7 @@ def test_hf_template_errors(tmp_path_factory):
     with pytest.raises(DataError, match=r"does not render message 0 \(user\) exactly once"):
         build_sample(longpo(), tok, get_template("tokenizer", tok))
     tok = hf_tok(tmp_path_factory, NEWLINE_JINJA, "newline")
-    with pytest.raises(DataError, match="changes message contents"):
+    with pytest.raises(DataError, match=r"changes the content of message 0 \(user\) beyond stripping it"):
         build_sample(longpo(), tok, get_template("tokenizer", tok))
     plain = hf_tok(tmp_path_factory, None, "plain")
     with pytest.raises(DataError, match="has no chat template; use --chat-template mistral or chatml"):

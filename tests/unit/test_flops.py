@@ -1,10 +1,16 @@
-"""FLOP formula vs PyTorch's FLOP counter on an HF Llama; attended pairs vs a brute-force mask."""
+"""FLOP formula vs PyTorch's FLOP counter on an HF Llama; attended pairs vs a brute-force mask;
+the throughput's logit positions vs those the step computes."""
 
 import pytest
 import torch
 
-from megatron_longpo.config import LongPOConfig, ModelConfig
-from megatron_longpo.training.flops import attended_pairs, forward_flops
+from megatron_longpo.config import LongPOConfig, LossConfig, ModelConfig
+from megatron_longpo.loss import logprobs
+from megatron_longpo.runtime.distributed import ParallelGroups
+from megatron_longpo.testing.pairs import synthetic_pair_batch
+from megatron_longpo.training.flops import attended_pairs, forward_flops, train_flops
+from megatron_longpo.training.loop import _throughput
+from megatron_longpo.training.step import microbatch_objective
 
 
 def _brute_force_pairs(branch_ids: torch.Tensor) -> int:
@@ -103,3 +109,39 @@ def test_moe_memory_counts_every_expert_and_shards_them_over_ep():
     # at EP=2 each expert has one replica: the same bytes per rank either way.
     cfg.optim.use_distributed_optimizer = cfg2.optim.use_distributed_optimizer = True
     assert estimate_memory(cfg, 2).optimizer - estimate_memory(cfg2, 2).optimizer == 0
+
+
+class _OutputLayer(torch.nn.Module):
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(vocab, hidden))
+
+    def output_weight(self) -> torch.Tensor:
+        return self.weight
+
+
+@pytest.mark.parametrize("mode,nll_weight", [("longpo", 1.0), ("longpo", 0.0), ("sft_rejected", 1.0)])
+def test_throughput_counts_the_logits_the_step_computes(mode, nll_weight, monkeypatch):
+    # Was: the NLL positions (the whole chosen sequence with nll_target=sequence) counted even with
+    # loss.nll_weight=0, whose step scores the responses only: TFLOP/s (and MFU) overstated.
+    m = ModelConfig(num_layers=1, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2, num_query_groups=2,
+                    vocab_size=64)
+    cfg = LongPOConfig(model=m, loss=LossConfig(mode=mode, nll_weight=nll_weight))
+    batch = synthetic_pair_batch("two_sequences", pairs=2, prefix=12, response=4, vocab=64)
+    groups = ParallelGroups(None, None, None, None, 0, 1, 0, 1, 0, 1)
+    computed = []  # positions whose logits the step's log-prob sums compute
+
+    def plan_rows(*a, **k):
+        plan = real(*a, **k)
+        computed.append(plan.idx.numel())
+        return plan
+
+    real = logprobs.plan_rows
+    monkeypatch.setattr(logprobs, "plan_rows", plan_rows)
+    hidden = torch.randn(batch.seq_len, batch.tokens.shape[0], m.hidden_size)
+    microbatch_objective(_OutputLayer(64, m.hidden_size), hidden, batch, batch.for_cp_rank(0, 1), groups, cfg.loss,
+                         64, False)
+    assert len(computed) == 1 and computed[0] > 0
+    flops = _throughput(cfg, [batch], 1.0, groups, world=1)["tflops_per_gpu"] * 1e12
+    assert flops == pytest.approx(train_flops(m, batch.num_tokens(), attended_pairs(batch.branch_ids), computed[0]),
+                                  rel=1e-12)

@@ -161,7 +161,22 @@ def test_precompute_checks_the_data_tokenizer_like_the_trainer(dataset, tmp_path
     _fails(_cfg(**{"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": other}), "splits text differently")
     opts.check_tokenizer = False
     assert _inputs(opts, world=1)[0]["counts"]  # the switch skips it, as data.check_tokenizer=false does
-    bare = tmp_path / "bare"  # a converted checkpoint whose tokenizer/ holds no tokenizer files: nothing to compare
+    # A converted checkpoint whose tokenizer/ holds no tokenizer files: was accepted here while training
+    # refused it (issue 25 item 7). One rule now: both refuse, in the same words, each naming its switch.
+    bare = tmp_path / "bare"
     _fake_checkpoint(bare, _cfg().model)
     (bare / "tokenizer").mkdir()
-    assert _inputs(PrecomputeOptions(load=str(bare), data=dataset, output=str(tmp_path / "c2")), world=1)[0]["counts"]
+    (bare / "tokenizer/generation_config.json").write_text("{}")  # all the converter writes there then
+    opts = PrecomputeOptions(load=str(bare), data=dataset, output=str(tmp_path / "c2"))
+    with pytest.raises(PrecomputeError) as pre:
+        _inputs(opts, world=1)
+    train = {"data.train_data": dataset, "loss.mode": "sft", "checkpoint.load": bare}
+    with pytest.raises(ConfigError) as trainer:
+        check_before_init(_cfg(**train))
+    for needle in ("does not load (no tokenizer files)", str(bare / "tokenizer"), "--tokenizer DIR",
+                   "--no-check-tokenizer"):
+        assert needle in str(pre.value), str(pre.value)
+    assert str(pre.value).replace("--no-check-tokenizer", "data.check_tokenizer=false") == str(trainer.value)
+    opts.check_tokenizer = False  # each switch skips it
+    assert _inputs(opts, world=1)[0]["counts"]
+    check_before_init(_cfg(**train, **{"data.check_tokenizer": "false"}))

@@ -1,10 +1,14 @@
 """Helper processes started by the trainer survive the preemption signals (Slurm signals every
 process of a step): Megatron's checkpoint-writer Manager, started via start_checkpoint_helpers,
-keeps serving after SIGUSR1 / SIGTERM / SIGINT; the same Manager started plainly dies (control)."""
+keeps serving after SIGUSR1 / SIGTERM / SIGINT; the same Manager started plainly dies (control).
+Immune to those signals, the helpers still die with a SIGKILLed trainer."""
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -69,3 +73,33 @@ def test_signal_arriving_while_blocked_is_delivered_after():
         assert got == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, prev)
+
+
+HELPERS_THEN_SLEEP = """
+import time
+from megatron_longpo.runtime.signals import start_checkpoint_helpers
+if __name__ == "__main__":  # the spawned Manager re-imports __main__
+    start_checkpoint_helpers()
+    print("ready", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_checkpoint_writer_helpers_die_with_a_sigkilled_trainer():
+    # Was: the Manager (blocked signals, nobody watching its parent) and the resource tracker it
+    # keeps open outlived kill -9 of the trainer: `pgrep -f spawn_main` still listed them.
+    trainer = subprocess.Popen([sys.executable, "-c", HELPERS_THEN_SLEEP], stdout=subprocess.PIPE, text=True)
+    helpers = []
+    try:
+        assert trainer.stdout.readline().strip() == "ready"
+        helpers = psutil.Process(trainer.pid).children(recursive=True)
+        assert any("spawn_main" in " ".join(h.cmdline()) for h in helpers), [h.cmdline() for h in helpers]
+        trainer.kill()
+        trainer.wait(timeout=10)
+        _, alive = psutil.wait_procs(helpers, timeout=5)
+        assert not alive, [" ".join(h.cmdline()) for h in alive]
+    finally:
+        trainer.kill()
+        for h in helpers:  # never leave a leaked helper behind, whatever the outcome
+            with contextlib.suppress(psutil.Error):
+                h.kill()
