@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -131,14 +131,15 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
 
 def gather_full_state_dict(
     model: torch.nn.Module, tp_group: dist.ProcessGroup, vocab_size: Optional[int] = None, grads: bool = False,
-    experts: ExpertShards = ExpertShards(),
+    experts: ExpertShards = ExpertShards(), of: Optional[Callable[[torch.nn.Parameter], torch.Tensor]] = None,
 ) -> dict[str, torch.Tensor]:
-    """Full-layout parameters (or their ``.grad`` / Megatron ``.main_grad``) of a TP / EP model."""
+    """Full-layout parameters (or their ``.grad`` / Megatron ``.main_grad``, or ``of(param)``: a
+    tensor of the parameter's shape such as its Adam ``exp_avg``) of a TP / EP model."""
     out = {}
     params = dict(model.named_parameters())
     n = _local_experts(params)
     for name, p in params.items():
-        t = p
+        t = p if of is None else of(p)
         if grads:
             t = getattr(p, "main_grad", None)
             if t is None:

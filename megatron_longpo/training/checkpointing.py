@@ -8,9 +8,11 @@ What training adds to the sharded state dict:
   scheduler   OptimizerParamScheduler.state_dict()
   rng_state   one ShardedObject entry per rank (python / numpy / torch / CUDA / tracker states)
 and to ``longpo_meta.json`` (``train_state``): iteration, consumed_samples, parallel layout and
-the run config. Model weights load into any TP/CP layout (dist_checkpointing reshards);
-optimizer state and RNG are restored only into the layout they were saved from, otherwise the
-load is refused unless ``finetune`` (weights only) is set.
+the run config. Model weights load into any TP/PP/CP/EP layout (dist_checkpointing reshards).
+The plain optimizer's state is stored per parameter under its global key
+(:mod:`megatron_longpo.training.optimizer_state`), so a full resume may change TP, PP and EP; the
+distributed optimizer's (``dp_reshardable``) may change TP and PP. CP, DP and the world size must
+stay (RNG states are per rank), otherwise the load is refused unless ``finetune`` (weights only).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_longpo.checkpoint import (
     CheckpointError,
@@ -47,6 +50,7 @@ from megatron_longpo.checkpoint.model_io import load_sharded
 from megatron_longpo.config import ModelConfig
 from megatron_longpo.runtime.distributed import rank, world_size
 from megatron_longpo.runtime.te_state import loading_te_extra_state
+from megatron_longpo.training.optimizer_state import load_optimizer_state, sharded_optimizer_state
 
 __all__ = ["CheckpointError", "TrainState", "estimate_save_bytes", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_training_checkpoint"]
 
@@ -112,9 +116,25 @@ def find_checkpoint(path: str | Path, iteration: Optional[int] = None) -> Option
 # without metadata; 'dp_reshardable' is what Megatron-LM 0.16.1 writes by default (fully parallel,
 # reshardable over DP only; this project resumes optimizer state into the same layout anyway).
 OPTIMIZER_SHARDING = "dp_reshardable"
+# The plain optimizer's state, one entry per parameter under its global key (training/optimizer_state.py):
+# loads into any TP / PP / EP layout. Checkpoints written before it hold Megatron's own format.
+PER_PARAMETER = "per_parameter"
 # What a checkpoint that records no type was written with (before the metadata was passed).
 LEGACY_OPTIMIZER_SHARDING = "fully_sharded_model_space"
-KNOWN_OPTIMIZER_SHARDINGS = (OPTIMIZER_SHARDING, LEGACY_OPTIMIZER_SHARDING)
+KNOWN_OPTIMIZER_SHARDINGS = (PER_PARAMETER, OPTIMIZER_SHARDING, LEGACY_OPTIMIZER_SHARDING)
+# Layout fields a full resume must keep; Megatron's own optimizer format also keeps EP (at EP > 1
+# its expert parameters are a second, 'chained_1.'-prefixed optimizer: training/optimizer_state.py).
+FIXED_LAYOUT = ("cp", "dp", "world")
+FIXED_LAYOUT_MEGATRON_FORMAT = FIXED_LAYOUT + ("ep",)
+
+
+def is_distributed_optimizer(optimizer) -> bool:
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_sharding_of(optimizer) -> str:
+    """How ``save_training_checkpoint`` stores this optimizer's state."""
+    return OPTIMIZER_SHARDING if is_distributed_optimizer(optimizer) else PER_PARAMETER
 
 
 def optimizer_sharding_metadata(sharding_type: str = OPTIMIZER_SHARDING) -> dict:
@@ -225,6 +245,13 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _optimizer_entry(optimizer, model_sd: dict, sharding: str, is_loading: bool) -> dict:
+    """The optimizer's part of the sharded state dict, in the format ``sharding`` names."""
+    if sharding == PER_PARAMETER:
+        return sharded_optimizer_state(optimizer, model_sd, is_loading=is_loading)
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=optimizer_sharding_metadata(sharding))
+
+
 def save_training_checkpoint(
     run_dir: str | Path,
     state: TrainState,
@@ -248,12 +275,13 @@ def save_training_checkpoint(
     ``data_identity`` (the train_data fingerprint) lets a resume notice a changed dataset.
     """
     sd = {"model": model_sharded_state_dict(model)}
-    sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], metadata=optimizer_sharding_metadata())
+    sharding = optimizer_sharding_of(optimizer)
+    sd["optimizer"] = _optimizer_entry(optimizer, sd["model"], sharding, is_loading=False)
     sd["scheduler"] = scheduler.state_dict()
     sd["rng_state"] = _rng_object(_rng_state())
     extra = {"train_state": {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
                              "layout": layout_of(groups), "config": config, "data": data_identity,
-                             "optimizer_sharding": OPTIMIZER_SHARDING}}
+                             "optimizer_sharding": sharding}}
     src_tok = None
     if source_checkpoint:
         meta = read_meta(source_checkpoint)
@@ -291,28 +319,34 @@ def load_checkpoint(
     full = ts is not None and not finetune
     if full:
         saved, now = ts["layout"], layout_of(groups)
-        # TP and PP may change: parameters and optimizer state are saved under global (layer-
-        # offset, unsharded-shape) keys that dist_checkpointing reshards (tests/e2e/test_train.py).
-        # EP may not: Megatron-Core 0.16.1 cannot re-shard the MoE optimizer state across EP sizes
-        # (its expert / dense optimizer split changes), so an EP change is refused like a DP one.
-        if any(saved.get(k, 1) != now[k] for k in ("cp", "dp", "ep", "world")) and own_checkpoint:
-            run = d.parent
-            raise CheckpointError(
-                f"{d}: checkpoint.save={run} holds a run saved with layout {saved} but this run is {now}; its "
-                f"optimizer state resumes only with the same cp/dp/ep and world size (tp and pp may change). Resume "
-                f"in that layout, or start a new run directory from its weights: checkpoint.save=NEW_DIR "
-                f"checkpoint.load={run} checkpoint.finetune=true (or delete {run} to start over)")
-        if any(saved.get(k, 1) != now[k] for k in ("cp", "dp", "ep", "world")):
-            raise CheckpointError(
-                f"{d}: optimizer state was saved with layout {saved} but this run is {now}; resume with the "
-                f"same cp/dp/ep and world size (tp and pp may change), or set checkpoint.finetune=true to load the "
-                "weights only into the new layout"
-            )
         sharding = saved_optimizer_sharding(ts, str(d))
+        if sharding == PER_PARAMETER and is_distributed_optimizer(optimizer):
+            raise CheckpointError(
+                f"{d}: its optimizer state was saved by the plain optimizer; resume it with "
+                "optim.use_distributed_optimizer=false, or set checkpoint.finetune=true to load the weights only")
+        # TP and PP (and EP with the per-parameter format) may change: parameters and optimizer
+        # state are saved under global (layer-offset, expert-index, unsharded-shape) keys that
+        # dist_checkpointing reshards (tests/e2e/test_train_pipeline.py, test_train_moe.py).
+        fixed = FIXED_LAYOUT if sharding == PER_PARAMETER else FIXED_LAYOUT_MEGATRON_FORMAT
+        changed = [k for k in fixed if saved.get(k, 1) != now[k]]
+        if changed:
+            why = ("its optimizer state resumes only with the same cp/dp and world size (tp, pp and ep may change)"
+                   if sharding == PER_PARAMETER else
+                   f"its optimizer state (Megatron's own '{sharding}' format: the distributed optimizer's, or the "
+                   "plain optimizer's before per-parameter state) resumes only with the same cp/dp/ep and world "
+                   "size (tp and pp may change)")
+            if own_checkpoint:
+                run = d.parent
+                raise CheckpointError(
+                    f"{d}: checkpoint.save={run} holds a run saved with layout {saved} but this run is {now}; {why}. "
+                    f"Resume in that layout, or start a new run directory from its weights: checkpoint.save=NEW_DIR "
+                    f"checkpoint.load={run} checkpoint.finetune=true (or delete {run} to start over)")
+            raise CheckpointError(
+                f"{d}: optimizer state was saved with layout {saved} but this run is {now}; {why}. Resume in that "
+                "layout, or set checkpoint.finetune=true to load the weights only into the new layout")
     sd = {"model": model_sharded_state_dict(model)}
     if full:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=True,
-                                                       metadata=optimizer_sharding_metadata(sharding))
+        sd["optimizer"] = _optimizer_entry(optimizer, sd["model"], sharding, is_loading=True)
         sd["rng_state"] = _rng_object(None)
     # Module _extra_state may be absent either way (local-spec checkpoint into a TE model and back).
     loaded, absent = load_sharded(sd, d, verify=verify)
@@ -327,7 +361,10 @@ def load_checkpoint(
         raise CheckpointError(f"{d} did not provide {missing[:4]} for this model")
     if not full:
         return TrainState()
-    optimizer.load_state_dict(loaded["optimizer"])
+    if sharding == PER_PARAMETER:
+        load_optimizer_state(optimizer, loaded["optimizer"])
+    else:
+        optimizer.load_state_dict(loaded["optimizer"])
     if "scheduler" in loaded:
         restore_scheduler(scheduler, loaded["scheduler"], scheduler_on_resume, str(d))
     _set_rng_state(loaded["rng_state"])

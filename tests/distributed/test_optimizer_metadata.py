@@ -1,10 +1,14 @@
-"""The optimizer checkpoint format is chosen explicitly (dp_reshardable), recorded and checked.
+"""The optimizer checkpoint format is chosen explicitly, recorded and checked.
 
-Megatron-Core's distributed optimizer falls back to the deprecated 'fully_sharded_model_space'
-when ``sharded_state_dict`` gets no metadata. The plain optimizer that runs on CPU ignores the
-metadata, so these tests check what the project controls: the metadata passed at save and at
-load, the type recorded in longpo_meta.json, and the refusal of a type this code cannot load
-(the distributed optimizer itself runs in tests/gpu and the GPU check's checkpoint section).
+The plain optimizer (CPU) saves its state per parameter (training/optimizer_state.py, recorded
+as 'per_parameter'); the distributed optimizer uses Megatron's own format, 'dp_reshardable'
+(without metadata Megatron-Core falls back to the deprecated 'fully_sharded_model_space'). The
+distributed optimizer does not run on CPU, so Megatron's format is exercised here with the plain
+optimizer, which ignores the metadata: these tests check what the project controls: the format
+recorded in longpo_meta.json, the metadata passed at save and at load, that checkpoints in
+Megatron's format (older plain-optimizer ones) still load, and the refusal of a type this code
+cannot load (the distributed optimizer itself runs in tests/gpu and the GPU check's checkpoint
+section).
 """
 
 import json
@@ -50,14 +54,21 @@ def _build():
     return mcfg, g, model, opt, sched
 
 
-def _save_and_load(run_dir, meta_edit):
+def _save_and_load(run_dir, meta_edit, megatron_format=True):
     from megatron_longpo.checkpoint import CheckpointError
+    from megatron_longpo.training import checkpointing
     from megatron_longpo.training.checkpointing import TrainState, load_checkpoint, save_training_checkpoint
 
     mcfg, g, model, opt, sched = _build()
     calls: list = []
     _spy(opt, calls)
-    final = save_training_checkpoint(run_dir, TrainState(1, 2), model, opt, sched, {}, g, model_cfg=mcfg)
+    chosen = checkpointing.optimizer_sharding_of
+    if megatron_format:  # as the distributed optimizer (and this project before 'per_parameter') saves
+        checkpointing.optimizer_sharding_of = lambda o: checkpointing.OPTIMIZER_SHARDING
+    try:
+        final = save_training_checkpoint(run_dir, TrainState(1, 2), model, opt, sched, {}, g, model_cfg=mcfg)
+    finally:
+        checkpointing.optimizer_sharding_of = chosen
     meta_path = final / "longpo_meta.json"
     meta = json.loads(meta_path.read_text())
     recorded = meta["train_state"].get("optimizer_sharding")
@@ -81,6 +92,9 @@ def _unknown(ts):
 
 
 def test_metadata_passed_recorded_and_checked(tmp_path):
+    # The plain optimizer's own format: Megatron's sharded_state_dict is not used.
+    recorded, calls, error = run_distributed(_save_and_load, 1, args=(str(tmp_path / "p"), None, False))[0]
+    assert recorded == "per_parameter" and calls == [] and error is None
     recorded, calls, error = run_distributed(_save_and_load, 1, args=(str(tmp_path / "a"), None))[0]
     assert recorded == "dp_reshardable" and error is None
     assert calls == [(False, {"distrib_optim_sharding_type": "dp_reshardable"}),

@@ -1,9 +1,11 @@
 """pretrain_longpo.py on a mixture-of-experts model (tiny Mixtral: 4 experts, top-2, aux loss on)
-with expert parallelism EP=2 under torchrun, then its checkpoint continued at EP=1 (weights into
-the new layout; a full resume across EP sizes is refused with a clear error, because Megatron-Core
-0.16.1 cannot re-shard the MoE optimizer state). moe/aux_loss is logged every step.
+with expert parallelism EP=2 under torchrun, then its step-2 checkpoint resumed in full (model,
+optimizer, scheduler, data position) at EP=1: steps 3-4 equal the uninterrupted EP=2 run's.
+moe/aux_loss is logged every step. (EP=1 -> EP=2 and the optimizer moments tensor by tensor:
+tests/distributed/test_checkpointing.py.)
 """
 
+import json
 import shutil
 
 import pytest
@@ -17,9 +19,10 @@ pytestmark = pytest.mark.slow
 MOE = {"model.arch": "mixtral", "model.ffn_hidden_size": 80, "model.num_attention_heads": 8, "model.num_experts": 4,
        "model.moe_router_topk": 2, "model.moe_aux_loss_coeff": 0.01, "model.rope_theta": 1e6,
        "parallel.tensor_model_parallel_size": 1}
+KEYS = ("loss", "nll_loss", "pref_loss", "rewards/margins", "lr", "grad_norm", "moe/aux_loss")
 
 
-def test_moe_trains_with_ep2_and_continues_at_ep1(tmp_path):
+def test_moe_trains_with_ep2_and_resumes_at_ep1(tmp_path):
     d = tmp_path
     run_cli([PY, "tools/preprocess_data.py", "--input", "examples/data/sample_longpo.jsonl", "--tokenizer",
              "examples/data/tokenizer.model", "--output-prefix", d / "data/train", "--max-seq-length", "2048",
@@ -37,13 +40,16 @@ def test_moe_trains_with_ep2_and_continues_at_ep1(tmp_path):
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     assert all(m["moe/aux_loss"] > 0 and torch.isfinite(torch.tensor(m["loss"])) for m in steps)
 
-    # A full resume at EP=1 is refused before any work, naming the layouts.
-    over = train_overrides(d, "ep2", **MOE, **{"training.train_iters": 6})
-    p = run_cli(torchrun(2, "pretrain_longpo.py", *cfg, *over), check=False)
-    assert p.returncode != 0 and "same cp/dp/ep" in p.stdout + p.stderr
-    # Weights saved at EP=2 continue at EP=1 (one process holds all 4 experts).
-    run_cli(torchrun(1, "pretrain_longpo.py", *cfg, *train_overrides(
-        d, "ep1", **MOE, **{"checkpoint.load": d / "ep2" / "ckpt", "checkpoint.finetune": "true",
-                             "training.train_iters": 2})))
-    after = [m for m in read_metrics(d, "ep1") if m["split"] == "train"]
-    assert len(after) == 2 and after[0]["loss"] < steps[0]["loss"]  # starts from the trained weights
+    # The full state of step 2 (saved at EP=2) continues at EP=1 exactly like the EP=2 run.
+    p = run_cli(torchrun(2, "pretrain_longpo.py", *cfg, *train_overrides(
+        d, "ep1", **MOE, **{"checkpoint.load": d / "ep2" / "ckpt" / "iter_0000002", "checkpoint.finetune": "false",
+                             "training.train_iters": 4})))
+    assert "(full state)" in p.stdout
+    layout = [json.loads((d / run / "ckpt/iter_0000004/longpo_meta.json").read_text())["train_state"]["layout"]
+              for run in ("ep2", "ep1")]
+    assert [x["ep"] for x in layout] == [2, 1] and layout[0]["dp"] == layout[1]["dp"] == 2
+    resumed = [m for m in read_metrics(d, "ep1") if m["split"] == "train"]
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b in zip(steps[2:], resumed):
+        for k in KEYS:
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
