@@ -91,7 +91,8 @@ def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
 
 
 def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: int, nll_target: str,
-             lr: float = 0.0, arch: str = ARCH, cp: int = 1, ep: int = 1, model_kw: dict | None = None):
+             lr: float = 0.0, arch: str = ARCH, cp: int = 1, ep: int = 1, model_kw: dict | None = None,
+             etp: int | None = None):
     """This rank's share of the global batch through forward_backward (or train_step with lr > 0)."""
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.models.sharding import ExpertShards, gather_full_state_dict, load_full_state_dict
@@ -100,9 +101,10 @@ def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: in
 
     cfg = LossConfig(**loss_kw)
     mcfg = tiny_model_config(arch, **(model_kw or {}))
-    pcfg = parallel_config(tp=tp, cp=cp, ep=ep, sequence_parallel=sp)
+    pcfg = parallel_config(tp=tp, cp=cp, ep=ep, sequence_parallel=sp, expert_tensor_parallel_size=etp)
     g = init_model_parallel(pcfg)
     experts = ExpertShards.of(g)
+    assert (experts.ep_size, experts.etp_size) == (ep, etp or tp), "the expert layout asked for is not the one built"
     set_seed(seed + 100)  # different init: the loaded weights must be what matters
     model = build_model(mcfg, pcfg)
     load_full_state_dict(model, full_sd, g.tp_rank, g.tp_size, experts)
@@ -162,9 +164,11 @@ LONGPO = dict(mode="longpo", beta=0.1, lam=1.0, nll_weight=1.0, nll_reduction="s
         (1, 1, 2, False, 1, ARCH),  # global batch 4 = dp 2 x 2 micro-batches of 1
         (2, 1, 2, True, 1, ARCH),
         (2, 1, 2, False, 1, "qwen2"),  # output layer tied to the embedding, QKV bias
+        (2, 1, 1, False, 2, "qwen3"),  # QK-norm with the heads split over TP
         (1, 2, 1, False, 2, ARCH),  # context parallel (project CP attention): x cp loss scaling
         (1, 2, 2, False, 1, ARCH),  # CP x DP: DDP averages over dp*cp
         (2, 2, 1, True, 1, "qwen2"),  # TP x CP x SP
+        (1, 2, 1, False, 2, "qwen3"),  # QK-norm under the project CP attention
     ],
 )
 def test_parallel_step_matches_serial(tp, cp, dp, sp, mbs, arch):
@@ -177,23 +181,27 @@ def test_parallel_step_matches_serial(tp, cp, dp, sp, mbs, arch):
 
 
 @pytest.mark.parametrize(
-    "tp,cp,dp,ep,sp,mbs,arch,dispatcher",
+    "tp,cp,dp,ep,etp,sp,mbs,arch,dispatcher",
     [
-        (1, 1, 2, 2, False, 1, "qwen3_moe", "alltoall"),  # EP=2: 2 experts per rank, tokens sent over ranks
-        (1, 1, 2, 2, False, 1, "mixtral", "allgather"),
-        (2, 1, 2, 2, True, 1, "mixtral", "allgather"),  # EP=2 x TP=2 (4 ranks; MoE + TP needs SP)
-        (1, 2, 1, 1, False, 2, "qwen3_moe", "allgather"),  # CP=2 with MoE
+        (1, 1, 2, 2, None, False, 1, "qwen3_moe", "alltoall"),  # EP=2: 2 experts per rank, tokens sent over ranks
+        (1, 1, 2, 2, None, False, 1, "mixtral", "allgather"),
+        (2, 1, 2, 2, None, True, 1, "mixtral", "allgather"),  # EP=2 x TP=2 (4 ranks; MoE + TP needs SP)
+        (2, 1, 1, 2, 1, True, 2, "mixtral", "alltoall"),  # ETP=1 under TP=2: EP=2 spans the TP ranks
+        (1, 2, 1, 1, None, False, 2, "qwen3_moe", "allgather"),  # CP=2 with MoE
+        (1, 2, 1, 2, None, False, 2, "qwen3_moe", "alltoall"),  # EP=2 spans CP=2 (qwen3_30b_a3b_128k's layout)
+        (2, 1, 1, 1, None, True, 2, "qwen3_moe", "allgather"),  # TP=2 + SP: experts split over TP
     ],
 )
-def test_moe_parallel_step_matches_serial(tp, cp, dp, ep, sp, mbs, arch, dispatcher):
+def test_moe_parallel_step_matches_serial(tp, cp, dp, ep, etp, sp, mbs, arch, dispatcher):
     """LongPO loss and every gradient (router and each expert included) of a MoE model under EP /
-    EP x TP / CP equal the serial float64 brute force (dropless routing, so nothing is dropped)."""
+    EP x TP / ETP=1 / EP x CP / CP equal the serial float64 brute force (dropless routing, so nothing
+    is dropped). ETP=1 with EP over TP and CP is the layout of examples/configs/qwen3_30b_a3b_128k.yaml."""
     seed = 23
     ref = _reference(LONGPO, seed, "sequence", arch)
     assert any(".router." in n for n in ref["grads"]) and sum("local_experts" in n for n in ref["grads"]) == 2 * 4 * 2
     outs = run_distributed(parallel, tp * cp * dp,
                            args=(tp, sp, mbs, ref["params"], LONGPO, seed, "sequence", 0.0, arch, cp, ep,
-                                 dict(moe_token_dispatcher=dispatcher)))
+                                 dict(moe_token_dispatcher=dispatcher), etp))
     _compare(outs, ref)
 
 
@@ -223,11 +231,20 @@ def test_loss_scaling_over_microbatches_and_dp(loss_kw, nll_target):
             assert math.isclose(out["eval_metrics"][k], v, rel_tol=1e-9, abs_tol=1e-12), k
 
 
-def test_train_step_applies_the_global_batch_gradient():
-    """SGD step of train_step (tp 2 x dp 2): new weights = old - lr * reference gradient."""
-    seed, lr = 21, 0.5
-    ref = _reference(LONGPO, seed, "sequence")
-    outs = run_distributed(parallel, 4, args=(2, False, 1, ref["params"], LONGPO, seed, "sequence", lr))
+@pytest.mark.parametrize(
+    "tp,dp,ep,arch,seed,model_kw",
+    [
+        (2, 2, 1, ARCH, 21, {}),
+        # EP=2 x DP=2: the global norm sums each expert once, the update reaches every expert shard
+        (1, 2, 2, "mixtral", 23, dict(moe_token_dispatcher="alltoall")),
+    ],
+)
+def test_train_step_applies_the_global_batch_gradient(tp, dp, ep, arch, seed, model_kw):
+    """SGD step of train_step: grad_norm = the serial gradient's norm, new weights = old - lr * reference gradient."""
+    lr = 0.5
+    ref = _reference(LONGPO, seed, "sequence", arch)
+    outs = run_distributed(parallel, tp * dp, args=(tp, False, 1, ref["params"], LONGPO, seed, "sequence", lr, arch,
+                                                    1, ep, model_kw))
     _compare(outs, ref)
     ref_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in ref["grads"].values()))
     for out in outs:
