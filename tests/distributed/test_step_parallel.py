@@ -237,6 +237,9 @@ def test_loss_scaling_over_microbatches_and_dp(loss_kw, nll_target):
         (2, 2, 1, ARCH, 21, {}),
         # EP=2 x DP=2: the global norm sums each expert once, the update reaches every expert shard
         (1, 2, 2, "mixtral", 23, dict(moe_token_dispatcher="alltoall")),
+        # EP=2 x DP=4: two data-parallel copies of each expert shard (expert-DP group of 2, not the DP group
+        # of 4): their gradients averaged over that group only, and counted once in the norm
+        (1, 4, 2, "mixtral", 23, dict(moe_token_dispatcher="alltoall")),
     ],
 )
 def test_train_step_applies_the_global_batch_gradient(tp, dp, ep, arch, seed, model_kw):
