@@ -92,8 +92,9 @@ def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
 
 def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: int, nll_target: str,
              lr: float = 0.0, arch: str = ARCH, cp: int = 1, ep: int = 1, model_kw: dict | None = None,
-             etp: int | None = None):
-    """This rank's share of the global batch through forward_backward (or train_step with lr > 0)."""
+             etp: int | None = None, optimizer: str = "sgd"):
+    """This rank's share of the global batch through forward_backward (or train_step with lr > 0:
+    plain SGD, or the project's rmsprop with clip_grad=CLIP)."""
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.models.sharding import ExpertShards, gather_full_state_dict, load_full_state_dict
     from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
@@ -117,9 +118,18 @@ def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: in
     if lr > 0:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        opt = get_megatron_optimizer(
-            OptimizerConfig(optimizer="sgd", lr=lr, sgd_momentum=0.0, weight_decay=0.0, clip_grad=1e6), [ddp]
-        )
+        from megatron_longpo.config import OptimConfig
+        from megatron_longpo.training.optimizer import build_optimizer
+
+        if optimizer == "sgd":
+            opt = get_megatron_optimizer(
+                OptimizerConfig(optimizer="sgd", lr=lr, sgd_momentum=0.0, weight_decay=0.0, clip_grad=1e6), [ddp]
+            )
+        else:
+            opt, _ = build_optimizer([ddp], OptimConfig(optimizer=optimizer, lr=lr, lr_warmup_fraction=0.0,
+                                                        lr_decay_style="constant", weight_decay=0.0, clip_grad=CLIP,
+                                                        use_distributed_optimizer=False), mcfg, 1)
+        out["inner"] = [type(w.optimizer).__name__ for w in getattr(opt, "chained_optimizers", [opt])]
         res = train_step(ddp, opt, micro, g, cfg, mcfg.vocab_size, sp)
         out.update(metrics=res.metrics, update_successful=res.update_successful, grad_norm=res.grad_norm,
                    params=gather_full_state_dict(model, g.tp_group, mcfg.vocab_size, experts=experts))
@@ -244,19 +254,50 @@ def test_loss_scaling_over_microbatches_and_dp(loss_kw, nll_target):
 )
 def test_train_step_applies_the_global_batch_gradient(tp, dp, ep, arch, seed, model_kw):
     """SGD step of train_step: grad_norm = the serial gradient's norm, new weights = old - lr * reference gradient."""
-    lr = 0.5
+    _check_step(tp, dp, ep, arch, seed, model_kw, "sgd", 0.5, lambda g: g, 1.0, 1e-6)
+
+
+def test_rmsprop_step_with_expert_parallelism():
+    """One rmsprop step (the 30B config's optimizer, clip_grad=1) at EP=2 x DP=2: both the dense and the
+    expert optimizer of Megatron's chain are RMSprop, and every weight moves by torch.optim.RMSprop's
+    first step on the serial gradient clipped by the serial norm: lr * g / (sqrt((1 - alpha) g^2) + eps)."""
+    seed, ref = 23, _reference(LONGPO, 23, "sequence", "mixtral")
+    coeff = min(1.0, CLIP / (_norm(ref["grads"]) + 1e-6))  # Megatron's clip_grad_norm
+    assert coeff < 1  # the clip is exercised
+
+    def rmsprop(g):
+        g = g.double() * coeff
+        return (g / (((1 - 0.99) * g * g).sqrt() + 1e-8)).float()
+
+    outs = _check_step(1, 2, 2, "mixtral", seed, dict(moe_token_dispatcher="alltoall"), "rmsprop", 1e-3, rmsprop, coeff,
+                       1e-5)  # 1e-3 of the step lr / sqrt(1 - alpha): where |g| ~ eps float32 noise counts
+    assert all(o["inner"] == ["RMSprop", "RMSprop"] for o in outs)  # dense chain + expert chain
+
+
+CLIP = 1.0
+
+
+def _norm(grads: dict) -> float:
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+
+
+def _check_step(tp, dp, ep, arch, seed, model_kw, optimizer, lr, direction, clip_coeff, atol):
+    """train_step at tp x dp (x ep) from the serial reference's weights: its grad_norm is the serial one,
+    its gradients the serial ones (times clip_coeff: clipping scales them in place) and each weight
+    becomes old - lr * direction(serial gradient)."""
     ref = _reference(LONGPO, seed, "sequence", arch)
     outs = run_distributed(parallel, tp * dp, args=(tp, False, 1, ref["params"], LONGPO, seed, "sequence", lr, arch,
-                                                    1, ep, model_kw))
-    _compare(outs, ref)
-    ref_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in ref["grads"].values()))
+                                                    1, ep, model_kw, None, optimizer))
+    _compare(outs, dict(ref, grads={n: g * clip_coeff for n, g in ref["grads"].items()}))
+    ref_norm = _norm(ref["grads"])
     for out in outs:
         assert out["update_successful"]
         assert math.isclose(out["grad_norm"], ref_norm, rel_tol=1e-4), (out["grad_norm"], ref_norm)
         assert out["metrics"]["grad_norm"] == out["grad_norm"]
         for name, p in ref["params"].items():
-            torch.testing.assert_close(out["params"][name], p - lr * ref["grads"][name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(out["params"][name], p - lr * direction(ref["grads"][name]), rtol=1e-4,
+                                       atol=atol, msg=lambda m: f"{name}: {m}")
+    return outs
 
 
 def test_bad_batches_are_rejected_before_the_model_runs():
