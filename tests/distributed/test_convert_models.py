@@ -144,10 +144,11 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(name, tmp_path_factory):
     assert AutoTokenizer.from_pretrained(str(work / "megatron" / "tokenizer"))(CORPUS[0])["input_ids"] == tok_a(CORPUS[0])["input_ids"]
 
 
-def test_bf16_round_trip_and_verify(tmp_path):
+@pytest.mark.parametrize("name", ["mistral", "mixtral"])
+def test_bf16_round_trip_and_verify(name, tmp_path):
     from megatron_longpo.checkpoint import read_meta
 
-    build_tiny_hf(tmp_path / "hf", "mistral", dtype=torch.bfloat16)
+    build_tiny_hf(tmp_path / "hf", name, dtype=torch.bfloat16)
     (res,) = run_distributed(_convert, 1, args=(str(tmp_path / "hf"), str(tmp_path), "bf16", True))
     for v in (res["verify"], res["verify_back"]):  # both directions, bf16 weights run in fp32
         assert v.ok and v.max_abs_diff < 1e-4 and v.max_abs_logit > 1.0, v
