@@ -352,29 +352,41 @@ def aux_probe(full_sd: dict, seed: int, arch: str):
     g = init_model_parallel(pcfg)
     model = build_model(mcfg, pcfg)
     load_full_state_dict(model, full_sd, 0, 1)
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     for name, mod in model.named_modules():
         if name.endswith("mlp.router"):
-            mod.register_forward_hook(lambda m, args, out: seen.append((args[0].detach().double(), m.weight.detach().double())))
+            mod.register_forward_hook(lambda m, args, out, name=name: seen.append(
+                (name, args[0].detach().double(), m.weight.detach().double())))
     ddp = _ddp(model)
     batch = make_pair_batch(seed, mcfg.vocab_size, "sequence")
     micro = [select_pairs(batch, [i]) for i in range(PAIRS)]
     metrics = forward_backward(ddp, micro, g, LossConfig(**LONGPO), mcfg.vocab_size, False)
     E, k = mcfg.num_experts, mcfg.moe_router_topk
-    total = 0.0
-    for x, w in seen:  # one entry per (micro-batch, layer)
+    last = f"decoder.layers.{mcfg.num_layers - 1}.mlp.router"
+    w_last = dict(model.named_parameters())[f"{last}.weight"].detach().double().requires_grad_(True)
+    total, last_total = 0.0, torch.zeros((), dtype=torch.float64)
+    for name, x, w in seen:  # one entry per (micro-batch, layer)
+        if name == last:  # the last router's input does not depend on its own weight
+            w = w_last
         probs = torch.softmax(x.reshape(-1, x.shape[-1]) @ w.T, -1)  # [T, E]
         counts = torch.zeros(E, dtype=torch.float64).index_add_(
             0, probs.topk(k, -1).indices.reshape(-1), torch.ones(probs.shape[0] * k, dtype=torch.float64))
         T = probs.shape[0]
-        total += E / (k * T * T) * float((probs.sum(0) * counts).sum())
+        switch = E / (k * T * T) * (probs.sum(0) * counts).sum()
+        total += float(switch)
+        if w is w_last:
+            last_total = last_total + switch
     assert len(seen) == PAIRS * mcfg.num_layers
-    return dict(metric=metrics["moe/aux_loss"], independent=AUX["moe_aux_loss_coeff"] * total / PAIRS)
+    # Megatron scales each micro-batch's aux loss by 1 / num_microbatches, like the main loss
+    (last_grad,) = torch.autograd.grad(AUX["moe_aux_loss_coeff"] * last_total / PAIRS, w_last)
+    return dict(metric=metrics["moe/aux_loss"], independent=AUX["moe_aux_loss_coeff"] * total / PAIRS,
+                last_router=last + ".weight", last_grad=last_grad.float())
 
 
 def test_moe_aux_loss_value_gradient_and_ep2():
     """moe/aux_loss equals the Switch loss recomputed in float64 from the routers' inputs; with it
-    on, the router gradients change (the term reaches them) and EP=2 still equals the serial run."""
+    on, every router gradient changes (the term reaches them), the last router's by exactly the
+    float64 autograd of its Switch loss, and EP=2 still equals the serial run."""
     seed, arch = 23, "qwen3_moe"
     ref = _reference(LONGPO, seed, "sequence", arch)
     (probe,) = run_distributed(aux_probe, 1, args=(ref["params"], seed, arch))
@@ -385,6 +397,12 @@ def test_moe_aux_loss_value_gradient_and_ep2():
     routers = [n for n in ref["grads"] if n.endswith("mlp.router.weight")]
     for n in routers:
         assert (serial["grads"][n] - ref["grads"][n]).abs().max() > 1e-6, f"aux loss gradient does not reach {n}"
+    # Its size: the last router's gradient grows by the float64 autograd of its Switch loss
+    # (the forward is unchanged by the aux loss, so the rest of the gradient is the reference's).
+    n = probe["last_router"]
+    added = serial["grads"][n] - ref["grads"][n]
+    assert probe["last_grad"].abs().max() > 1e-3  # (about 6x the LongPO gradient of that weight)
+    torch.testing.assert_close(added, probe["last_grad"], rtol=1e-4, atol=1e-8)
     assert math.isclose(serial["metrics"]["moe/aux_loss"], probe["metric"], rel_tol=1e-6)
     outs = run_distributed(parallel, 2, args=(1, False, 1, ref["params"], LONGPO, seed, "sequence", 0.0, arch,
                                               1, 2, AUX))
