@@ -54,7 +54,8 @@ def _ddp(model):
 
 
 def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
-    """Serial float64 brute force on the whole global batch (TP=1, no DDP)."""
+    """Serial brute force on the whole global batch (TP=1, no DDP; the model in fp32, log_softmax, sums
+    and objective in float64)."""
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.models.sharding import gather_full_state_dict
     from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
