@@ -729,6 +729,29 @@ def _moe_errors(model: ModelConfig, parallel: ParallelConfig) -> list[str]:
     return errs
 
 
+def expert_option_errors(model: ModelConfig, parallel: ParallelConfig, world_size: int, where: str) -> list[str]:
+    """The expert layout of a forward-only tool (reference precompute, evaluation) against the
+    model of checkpoint ``where`` and the world size, worded in the tools' options (--ep, --etp);
+    checked before any process group. validate_model then applies the remaining MoE rules."""
+    ep, etp, pp = (parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size,
+                   parallel.pipeline_model_parallel_size)
+    if ep < 1 or (etp is not None and etp < 1):
+        return [f"--ep and --etp must be >= 1 (got {ep}, {etp})"]
+    if model.num_experts is None:
+        return [f"--{name} {n} needs a mixture-of-experts model but {where} is dense (model.arch={model.arch}); "
+                f"drop --{name}" for name, n in (("ep", ep), ("etp", etp)) if n is not None and n > 1]
+    errs = []
+    if model.num_experts % ep:
+        fits = [d for d in range(1, model.num_experts + 1) if model.num_experts % d == 0]
+        errs.append(f"--ep {ep} must divide the {model.num_experts} experts of {where}; use one of {fits}")
+    expert_tp = etp or parallel.tensor_model_parallel_size
+    if world_size % (ep * expert_tp * pp):
+        errs.append(f"the world size {world_size} (torchrun --nproc-per-node x nodes) must be a multiple of --ep x "
+                    f"--etp (default --tp) x --pp = {ep}x{expert_tp}x{pp}; launch a multiple of {ep * expert_tp * pp} "
+                    "processes or lower --ep")
+    return errs
+
+
 def validate(cfg: LongPOConfig, world_size: Optional[int] = None) -> None:
     """Check every rule of a training config; raise ConfigError naming each violated one."""
     validate_model(cfg.model, cfg.parallel)

@@ -1,7 +1,7 @@
 """tools/evaluate.py: synthetic long-context scores of Megatron checkpoints under TP / CP / DP.
 
     torchrun --nproc-per-node N tools/evaluate.py --load CKPT [CKPT ...] \
-        --tasks niah_single,variable_tracking --lengths 4096,131072 [--samples 8] [--tp K] [--cp K] [--pp K] \
+        --tasks niah_single,variable_tracking --lengths 4096,131072 [--samples 8] [--tp K] [--cp K] [--pp K] [--ep K] \
         --output results.json [--plot results.png]
 
 Every check that can fail (options, checkpoints, tokenizer, task lengths) runs before a model is
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from megatron_longpo.checkpoint import load_model_checkpoint
 from megatron_longpo.checkpoint.format import CheckpointMeta, read_meta, resolve_checkpoint_dir, tokenizer_dir
-from megatron_longpo.config import ConfigError, ParallelConfig, validate_model
+from megatron_longpo.config import ConfigError, ParallelConfig, expert_option_errors, validate_model
 from megatron_longpo.data.schema import DataError
 from megatron_longpo.evaluation.args import build_arg_parser, csv_list
 from megatron_longpo.evaluation.report import plot_accuracy, require_matplotlib, results_document, write_results
@@ -92,6 +92,7 @@ def evaluate(a: argparse.Namespace, log=print) -> dict:
     t0 = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     parallel = ParallelConfig(tensor_model_parallel_size=a.tp, context_parallel_size=a.cp, pipeline_model_parallel_size=a.pp,
+                              expert_model_parallel_size=a.ep, expert_tensor_parallel_size=a.etp,
                               sequence_parallel=a.sequence_parallel, attention_backend=a.attention_backend)
     if world % (a.tp * a.cp * a.pp):
         raise ConfigError(f"world size {world} must be divisible by --tp * --cp * --pp = {a.tp * a.cp * a.pp}")
@@ -101,6 +102,9 @@ def evaluate(a: argparse.Namespace, log=print) -> dict:
         require_matplotlib()
     ckpts = _checkpoints(a)
     for c in ckpts:
+        errs = expert_option_errors(c.meta.model, parallel, world, f"--load {c.path}")
+        if errs:
+            raise ConfigError("; ".join(errs))
         try:
             validate_model(_model_config(c, a), parallel)
         except ConfigError as e:
@@ -117,7 +121,8 @@ def evaluate(a: argparse.Namespace, log=print) -> dict:
     rank0 = dist.get_rank() == 0
     say = log if rank0 else (lambda _m: None)
     say(f"[evaluate] {len(evaluator.samples)} samples ({len(a.tasks)} tasks x {len(a.lengths)} lengths x {a.samples}), "
-        f"{evaluator.total_tokens:,} tokens per checkpoint; tp={groups.tp_size} cp={groups.cp_size} pp={groups.pp_size} dp={groups.dp_size}; "
+        f"{evaluator.total_tokens:,} tokens per checkpoint; tp={groups.tp_size} cp={groups.cp_size} pp={groups.pp_size} "
+        f"ep={groups.ep_size} dp={groups.dp_size}; "
         f"tokenizer {tok_path} template {template.name}")
     entries = []
     for c in ckpts:
@@ -139,7 +144,8 @@ def evaluate(a: argparse.Namespace, log=print) -> dict:
     doc = results_document(
         suite={"tasks": list(a.tasks), "lengths": list(a.lengths), "samples": a.samples, "seed": a.seed,
                "tokenizer": str(tok_path), "chat_template": template.name, "haystack": list(a.haystack) or "built-in filler"},
-        parallel={"tp": groups.tp_size, "cp": groups.cp_size, "dp": groups.dp_size, "world_size": world,
+        parallel={"tp": groups.tp_size, "cp": groups.cp_size, "pp": groups.pp_size, "ep": groups.ep_size,
+                  "dp": groups.dp_size, "world_size": world,
                   "sequence_parallel": a.sequence_parallel},
         checkpoints=entries,
     )

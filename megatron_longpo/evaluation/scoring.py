@@ -10,7 +10,8 @@ forward: zigzag CP slice, hidden states, chunked vocab-parallel log-probs, never
 Batching: samples sorted by length (longest first) are cut into batches of at most
 ``tokens_per_batch`` padded tokens, one independent right-padded causal row per sample (exact
 with every attention backend; see reference/compute.py). Batches are dealt round-robin over the
-DP ranks and the results summed over the DP group, so every rank returns every score.
+DP ranks (padded with filler forwards under expert parallelism, runtime/distributed.dp_share) and
+the results summed over the DP group, so every rank returns every score.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from megatron_longpo.data.layout import build_reference_batch
 from megatron_longpo.evaluation.args import DEFAULT_TOKENS_PER_BATCH
 from megatron_longpo.loss.forward import rank_segment_logprobs
 from megatron_longpo.runtime.capabilities import collective_device
-from megatron_longpo.runtime.distributed import ParallelGroups
+from megatron_longpo.runtime.distributed import ParallelGroups, dp_share
 
 
 
@@ -81,13 +82,16 @@ def score_sequences(
             raise ValueError(f"evaluation sequence {i} needs >= 2 tokens and answer tokens after the first")
     plan = plan_batches([len(t) for t, _ in sequences], tokens_per_batch, pad_multiple)
     out = np.zeros((len(sequences), 3), dtype=np.float64)  # loglik, num_tokens, matches
-    for rows in plan[groups.dp_rank:: groups.dp_size]:
+    for k in dp_share(len(plan), groups):
+        rows = plan[k] if k is not None else plan[-1][:1]  # None: a filler forward (EP lockstep), discarded
         batch = build_reference_batch([sequences[r] for r in rows], pad_multiple, pad_id)
         local = batch.for_cp_rank(groups.cp_rank, groups.cp_size)
         (res,) = rank_segment_logprobs(
             model, local.tokens, local.position_ids, None, local.target_ids, [local.response_segment], [len(rows)],
             groups, vocab_size=vocab_size, sequence_parallel=sequence_parallel, chunk_size=chunk_size, argmax=True,
         )
+        if k is None:
+            continue
         out[rows, 0] = res.sums.cpu().numpy()
         out[rows, 1] = res.counts.cpu().numpy()
         out[rows, 2] = res.argmax_matches.cpu().numpy()

@@ -34,7 +34,7 @@ from megatron_longpo.reference.precompute_args import (  # noqa: F401  (defined 
     DEFAULT_TOKENS_PER_BATCH,
     MODES,
 )
-from megatron_longpo.runtime.distributed import ParallelGroups
+from megatron_longpo.runtime.distributed import ParallelGroups, group_max
 
 
 def num_turn_slots(dataset, mode: str) -> int:
@@ -171,14 +171,25 @@ def compute_items(
     sequence_parallel: bool = False,
     chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(values [n] float64, counts [n] int64) of ``items``, batched by :func:`plan_batches`."""
+    """(values [n] float64, counts [n] int64) of ``items``, batched by :func:`plan_batches`.
+
+    Collective over the TP and CP groups and, with expert parallelism, the EP group: its ranks
+    (other DP ranks, other items) meet in every MoE layer, so each runs as many forwards as the
+    one with the most batches (filler forwards of one short item, discarded)."""
     seqs = item_sequences(dataset, items, mode, turns)
     lengths = np.array([len(t) for t, _ in seqs], dtype=np.int64)
     sums = np.empty(len(seqs), dtype=np.float64)
     counts = np.empty(len(seqs), dtype=np.int64)
-    for rows in plan_batches(np.arange(len(seqs), dtype=np.int64), lengths, tokens_per_batch, pad_to_multiple):
-        sums[rows], counts[rows] = sequence_logprob_sums(
-            model, [seqs[r] for r in rows], groups, vocab_size=vocab_size, pad_id=dataset.pad_id,
-            pad_to_multiple=pad_to_multiple, sequence_parallel=sequence_parallel, chunk_size=chunk_size,
+    plan: list = plan_batches(np.arange(len(seqs), dtype=np.int64), lengths, tokens_per_batch, pad_to_multiple)
+    if groups.ep_size > 1:
+        plan += [None] * (group_max(len(plan), groups.ep_group) - len(plan))
+    filler = [int(np.argmin(lengths))] if len(seqs) else []
+    for rows in plan:
+        s, c = sequence_logprob_sums(
+            model, [seqs[r] for r in (rows if rows is not None else filler)], groups, vocab_size=vocab_size,
+            pad_id=dataset.pad_id, pad_to_multiple=pad_to_multiple, sequence_parallel=sequence_parallel,
+            chunk_size=chunk_size,
         )
+        if rows is not None:
+            sums[rows], counts[rows] = s, c
     return sums, counts

@@ -2,11 +2,13 @@
 
 Order of work (everything that can fail cheaply fails first, on every rank, before any model):
   1. options, output path, dataset sidecar, mode support, reference checkpoint + its own config,
-     vocabulary, world size % tp
-  2. process groups (TP = --tp, PP = --pp, DP = world / (tp * pp)), dataset, work plan (compute.plan_batches)
+     vocabulary, world size % tp (and the expert layout: --ep / --etp)
+  2. process groups (TP = --tp, PP = --pp, DP = world / (tp * pp), a MoE model's experts over --ep
+     of the DP ranks), dataset, work plan (compute.plan_batches)
   3. rank 0 prepares or resumes ``CACHE.partial/`` and shares the set of finished batches
   4. the reference model (its own config) is built and loaded at TP = --tp
-  5. each DP rank computes its share of the unfinished batches; its TP-rank-0 process appends one
+  5. each DP rank computes its share of the unfinished batches (under --ep, filler forwards keep
+     the DP ranks in step: runtime/distributed.dp_share); its TP-rank-0 process appends one
      JSON line per batch to its own part file (flushed per batch, fsynced when 5 s have passed
      since the last fsync, and at the end), so a killed run loses at most the batch in flight
   6. rank 0 assembles the part files into the cache (temp dir + rename) and removes the partial dir
@@ -14,8 +16,9 @@ Order of work (everything that can fail cheaply fails first, on every rank, befo
 Resume: ``CACHE.partial/state.json`` records everything the values depend on (dataset, checkpoint,
 model config, mode, TP, batching, plan hash). A re-run with the same options skips the finished
 batches; the plan does not depend on the number of ranks, so a resumed run may use another world
-size, and since every batch is computed exactly as in an uninterrupted run, the final arrays are
-bit-identical to it (given the same TP and hardware).
+size (or --ep: expert parallelism moves tokens, not arithmetic), and since every batch is computed
+exactly as in an uninterrupted run, the final arrays are bit-identical to it (given the same TP and
+hardware).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from megatron_longpo.config import (
     DEFAULT_LOGPROB_CHUNK_SIZE,
     ConfigError,
     ParallelConfig,
+    expert_option_errors,
     seq_length_multiple,
     validate_model,
 )
@@ -72,7 +76,7 @@ from megatron_longpo.reference.fingerprint import dataset_identity
 from megatron_longpo.reference.model import effective_model_config, load_reference_model, read_reference_checkpoint
 from megatron_longpo.reference.precompute_args import build_arg_parser
 from megatron_longpo.runtime.capabilities import collective_device
-from megatron_longpo.runtime.distributed import destroy, init_distributed, init_model_parallel, set_seed
+from megatron_longpo.runtime.distributed import destroy, dp_share, init_distributed, init_model_parallel, set_seed
 from megatron_longpo.runtime.signals import StopFlag, write_run_status
 
 PARTIAL_SUFFIX = ".partial"
@@ -91,6 +95,8 @@ class PrecomputeOptions:
     mode: str = "longpo"  # longpo: short contexts per turn; dpo: long sequences S_w / S_l
     tp: int = 1
     pp: int = 1  # pipeline stages of the reference model (forward-only schedule)
+    ep: int = 1  # expert parallelism of a mixture-of-experts reference model
+    etp: Optional[int] = None  # tensor parallelism inside each expert (None: --tp)
     tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH
     pad_to_multiple: int = DEFAULT_PAD_MULTIPLE
     rope_theta: Optional[float] = None  # override the checkpoint's RoPE base (rare)
@@ -177,13 +183,18 @@ def _inputs(o: PrecomputeOptions, world: int):
     model_cfg = effective_model_config(ckpt, rope_theta=o.rope_theta, params_dtype=o.params_dtype)
     # A mixture-of-experts model at TP > 1 runs with sequence parallelism (Megatron-Core's MoE rule).
     parallel = ParallelConfig(tensor_model_parallel_size=o.tp, pipeline_model_parallel_size=o.pp,
+                              expert_model_parallel_size=o.ep, expert_tensor_parallel_size=o.etp,
                               attention_backend=o.attention_backend,  # type: ignore[arg-type]
                               sequence_parallel=model_cfg.num_experts is not None and o.tp > 1,
                               fp8=o.fp8, fp8_recipe=o.fp8_recipe)  # type: ignore[arg-type]
+    errs = expert_option_errors(model_cfg, parallel, world, f"the reference model of --load {o.load}")
+    if errs:
+        raise PrecomputeError("; ".join(errs))
     try:
         validate_model(model_cfg, parallel)
     except ConfigError as e:
-        raise PrecomputeError(f"the reference model of --load {o.load} cannot run with --tp {o.tp} --pp {o.pp}: {e}") from e
+        raise PrecomputeError(f"the reference model of --load {o.load} cannot run with --tp {o.tp} --pp {o.pp} "
+                              f"--ep {o.ep}: {e}") from e
     errs = fp8_reference_errors(model_cfg, parallel)
     if errs:
         raise PrecomputeError(f"--fp8 {o.fp8} with the reference model of --load {o.load}: {'; '.join(errs)}")
@@ -368,7 +379,9 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
 
     finished = set(_on_rank0(resume))
     remaining = [k for k in range(len(plan)) if k not in finished]
-    mine = remaining[groups.dp_rank :: groups.dp_size]
+    # None: a filler forward that keeps this rank in step with its expert-parallel peers.
+    share = [None if j is None else remaining[j] for j in dp_share(len(remaining), groups)]
+    mine = [k for k in share if k is not None]
     if finished:
         say(f"resuming {pdir}: {len(finished)} of {len(plan)} batches already done")
 
@@ -385,27 +398,30 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
     tokens_done = batches_done = 0
     t_loop = time.time()
     try:
-        for j, k in enumerate(mine):
-            items = plan[k]
+        for j, k in enumerate(share):
+            items = plan[k] if k is not None else plan[-1][:1]  # filler: the shortest item
             seqs = item_sequences(dataset, items, o.mode, turns)
             sums, counts = sequence_logprob_sums(
                 model, seqs, groups, vocab_size=model_cfg.vocab_size, pad_id=dataset.pad_id,
                 pad_to_multiple=pad_multiple, chunk_size=o.logprob_chunk_size,
                 sequence_parallel=parallel.sequence_parallel,
             )
-            if writer is not None:
-                writer.write(k, sums, counts)
-            batch_tokens = sum(len(s[0]) for s in seqs)
-            tokens_done += batch_tokens
-            batches_done += 1
-            if pbar is not None:
-                pbar.update(batch_tokens)
-                rate = tokens_done / max(time.time() - t_loop, 1e-9)
-                pbar.set_postfix(batches=f"{j + 1}/{len(mine)}", all_ranks=f"~{rate * groups.dp_size:,.0f} tok/s", refresh=False)
+            if k is not None:
+                if writer is not None:
+                    writer.write(k, sums, counts)
+                batch_tokens = sum(len(s[0]) for s in seqs)
+                tokens_done += batch_tokens
+                batches_done += 1
+                if pbar is not None:
+                    pbar.update(batch_tokens)
+                    rate = tokens_done / max(time.time() - t_loop, 1e-9)
+                    pbar.set_postfix(batches=f"{j + 1}/{len(mine)}", all_ranks=f"~{rate * groups.dp_size:,.0f} tok/s",
+                                     refresh=False)
             if o.stop_after_batches is not None and j + 1 >= o.stop_after_batches:
                 stopped = True
                 break
-            if stop.requested():  # local check: the part file has every finished batch
+            # Local check (the part file has every finished batch), but ranks in lockstep (EP) stop together.
+            if _any_rank(stop.requested()) if groups.ep_size > 1 else stop.requested():
                 stopped = signalled = True
                 break
     finally:
@@ -445,7 +461,7 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
             "rope_theta_override": o.rope_theta,
             "compute": {
                 "params_dtype": model_cfg.params_dtype, "logprob_dtype": "float32",
-                "values_dtype": "float64", "tp": o.tp, "world_size": world,
+                "values_dtype": "float64", "tp": o.tp, "ep": o.ep, "etp": o.etp, "world_size": world,
                 "tokens_per_batch": o.tokens_per_batch, "pad_to_multiple": pad_multiple,
                 "logprob_chunk_size": o.logprob_chunk_size, "attention_backend": o.attention_backend,
                 "fp8": o.fp8, "fp8_recipe": o.fp8_recipe if o.fp8 else None,
@@ -480,7 +496,8 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_arg_parser().parse_args(argv)
     opts = PrecomputeOptions(
-        load=a.load, data=a.data, output=a.output, mode=a.mode, tp=a.tp, pp=a.pp, tokens_per_batch=a.tokens_per_batch,
+        load=a.load, data=a.data, output=a.output, mode=a.mode, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp,
+        tokens_per_batch=a.tokens_per_batch,
         pad_to_multiple=a.pad_to_multiple, rope_theta=a.rope_theta, params_dtype=a.params_dtype,
         attention_backend=a.attention_backend, logprob_chunk_size=a.logprob_chunk_size, fp8=a.fp8,
         fp8_recipe=a.fp8_recipe, overwrite=a.overwrite,

@@ -17,7 +17,8 @@ Both sources return, per pair, the reference sums over turns as float64 [B] CPU 
   training's TP/CP groups computes the same values with the same code as the precompute
   (compute.compute_items), every call. ``logps`` / ``attach`` are then collective over the TP and
   CP groups: every rank of them must call it with the same samples (they hold the same
-  micro-batch anyway).
+  micro-batch anyway); with expert parallelism also over the EP group, whose ranks call it at the
+  same step with their own samples.
 """
 
 from __future__ import annotations

@@ -54,6 +54,27 @@ class ParallelGroups:
         return self.pp_rank == self.pp_size - 1
 
 
+def dp_share(num: int, groups: ParallelGroups) -> list[Optional[int]]:
+    """This data-parallel rank's share of ``num`` independent forwards (batches 0..num-1 dealt
+    round-robin: dp_rank, dp_rank + dp, ...).
+
+    Under expert parallelism the DP ranks of an expert group meet in every MoE layer (the token
+    exchange), so each must run as many forwards as the others: the share is padded with None up
+    to ceil(num / dp), where the caller runs a small filler forward and discards its result.
+    """
+    mine: list[Optional[int]] = list(range(groups.dp_rank, num, groups.dp_size))
+    if groups.ep_size > 1:
+        mine += [None] * (-(-num // groups.dp_size) - len(mine))
+    return mine
+
+
+def group_max(value: int, group: Optional[dist.ProcessGroup]) -> int:
+    """The largest ``value`` over ``group`` (collective)."""
+    t = torch.tensor([value], dtype=torch.int64, device=capabilities.collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
 def rank() -> int:
     """This process's rank in the default group (0 before / without torch.distributed)."""
     return dist.get_rank() if dist.is_initialized() else 0

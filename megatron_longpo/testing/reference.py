@@ -110,6 +110,23 @@ def hf_float64_sums(hf_dir: str | Path, sequences: Sequence[tuple[np.ndarray, np
     return np.array(out, dtype=np.float64)
 
 
+@torch.no_grad()
+def hf_expert_counts(hf_dir: str | Path, sequences: Sequence[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
+    """[layers, experts] tokens HF's own router sends to each expert over ``sequences`` (each
+    alone): shows that a mixture-of-experts test's records exercise every expert."""
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager",
+                                                 experts_implementation="eager").eval()
+    k = model.config.num_experts_per_tok
+    total = None
+    for tokens, _ in sequences:
+        t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
+        out = model(input_ids=t, use_cache=False, output_router_logits=True)
+        counts = torch.stack([torch.bincount(r.topk(k, -1).indices.reshape(-1), minlength=r.shape[-1])
+                              for r in out.router_logits])
+        total = counts if total is None else total + counts
+    return total
+
+
 def reference_items(prefix: str):
     """(dataset, index into turns.reshape(-1), [(tokens, mask)]) over every present (sample, turn,
     side) of a preprocessed dataset: what a reference cache holds, in its order (arrays copied)."""

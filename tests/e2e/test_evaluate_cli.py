@@ -103,6 +103,11 @@ def test_evaluate_errors(base):
     assert r.returncode == 2 and "unknown task(s) ['niah_singel']" in r.stderr, r.stderr[-2000:]
     r = _run([PY, "tools/evaluate.py", "--load", d / "nope", "--lengths", "512", "--output", d / "x.json"], check=False)
     assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr[-2000:]
+    # expert parallelism on a dense checkpoint: refused before any process group, naming both options
+    r = _run([PY, "tools/evaluate.py", "--load", d / "base", "--lengths", "512", "--ep", "2", "--etp", "2",
+              "--output", d / "x.json"], check=False)
+    assert r.returncode == 2 and f"--ep 2 needs a mixture-of-experts model but --load {d / 'base'} is dense" in r.stderr \
+        and "; --etp 2 needs a mixture-of-experts model" in r.stderr and "drop --etp" in r.stderr, r.stderr[-2000:]
     assert not (d / "x.json").exists()
 
 

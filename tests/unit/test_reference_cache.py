@@ -350,7 +350,18 @@ def test_precompute_rejects_bad_inputs_early(world, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(PrecomputeError, match="cannot run with --tp 4"):  # 2 query groups
         precompute(PrecomputeOptions(**dict(opts, tp=4)))
+    # Expert parallelism (--ep): a dense model, experts not divisible, a world size that does not fit.
+    with pytest.raises(PrecomputeError, match=r"--ep 2 needs a mixture-of-experts model but the reference model of "
+                                              r"--load .* is dense \(model.arch=mistral\); drop --ep"):
+        precompute(PrecomputeOptions(**dict(opts, ep=2)))
+    moe = fake_checkpoint(tmp_path / "moe", model=dataclasses.replace(REF_MODEL, arch="mixtral", num_experts=4))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(PrecomputeError, match=r"--ep 3 must divide the 4 experts of .*; use one of \[1, 2, 4\]"):
+        precompute(PrecomputeOptions(**dict(opts, load=str(moe), ep=3)))
     monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(PrecomputeError, match=r"world size 1 .* must be a multiple of --ep x --etp \(default --tp\) "
+                                              r"x --pp = 2x1x1; launch a multiple of 2 processes or lower --ep"):
+        precompute(PrecomputeOptions(**dict(opts, load=str(moe), ep=2)))
     with pytest.raises(Exception, match="--load=.* does not exist"):
         precompute(PrecomputeOptions(**dict(opts, load=str(tmp_path / "none"))))
     small = fake_checkpoint(tmp_path / "small", model=dataclasses.replace(REF_MODEL, vocab_size=300))
