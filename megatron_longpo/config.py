@@ -126,7 +126,10 @@ class ParallelConfig:
     cp_kv_gather_chunks: int = _f(
         1, "Project CP attention: all-gather K/V in this many KV-head chunks, each gather overlapping the previous "
            "chunk's attention (1: one blocking gather). Must divide num_query_groups/tp; pays off at cp >= 4.")
-    expert_model_parallel_size: int = _f(1, "Expert parallelism (EP): MoE experts split over ranks of the data-parallel dimension.")
+    expert_model_parallel_size: int = _f(
+        1, "Expert parallelism (EP): MoE experts split over EP ranks. Megatron-Core lays the expert groups "
+        "(ETP x EP x expert-DP, ETP innermost) over the same TP x CP x DP ranks as the dense layers, so EP may "
+        "span TP and CP ranks (ETP=1, EP=TP*CP on one node: every expert once); ETP x EP must divide TP x CP x DP.")
     expert_tensor_parallel_size: Optional[int] = _f(
         None, "Tensor parallelism inside each expert; null = tensor_model_parallel_size.")
     distributed_backend: Literal["auto", "nccl", "gloo"] = _f(

@@ -6,7 +6,8 @@
 - a bf16 conversion round-trips bit-exactly and --verify passes;
 - the checkpoint loads at CP=2 with the same weights as at TP=1.
 Variants cover GQA ratios 1 / 4 / 7, tied and untied embeddings, Qwen2 QKV bias, llama3 rope
-scaling, both config.json layouts, single-file and sharded safetensors.
+scaling, both config.json layouts, single-file and sharded safetensors, Qwen3-MoE routers with
+norm_topk_prob false and true (Qwen3-30B-A3B), Mixtral.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ VARIANTS = {
     "qwen3": dict(),  # q/k norm, head_dim 24 != hidden / heads, tied
     "qwen3_untied": dict(family="qwen3", tie_word_embeddings=False),
     "qwen3_moe": dict(),  # 4 experts top-2, norm_topk_prob false, q/k norm
+    "qwen3_moe_norm_topk": dict(family="qwen3_moe", norm_topk_prob=True),  # Qwen3-30B-A3B's router
     "mixtral": dict(max_shard_size="60KB"),  # 4 experts top-2 renormalised, GQA 4, sharded safetensors
 }
 
@@ -91,7 +93,7 @@ def test_megatron_logits_match_transformers_tp1_tp2(name, tmp_path_factory):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=3e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_moe_norm_topk", "mixtral"])
 def test_moe_logits_match_transformers_at_ep2(name, tmp_path_factory):
     """The converted MoE checkpoint loaded with experts split over 2 ranks (EP=2: tokens leave
     their rank for the expert's) gives HF's logits; every expert of every layer receives tokens."""
@@ -142,10 +144,11 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(name, tmp_path_factory):
     assert AutoTokenizer.from_pretrained(str(work / "megatron" / "tokenizer"))(CORPUS[0])["input_ids"] == tok_a(CORPUS[0])["input_ids"]
 
 
-def test_bf16_round_trip_and_verify(tmp_path):
+@pytest.mark.parametrize("name", ["mistral", "mixtral"])
+def test_bf16_round_trip_and_verify(name, tmp_path):
     from megatron_longpo.checkpoint import read_meta
 
-    build_tiny_hf(tmp_path / "hf", "mistral", dtype=torch.bfloat16)
+    build_tiny_hf(tmp_path / "hf", name, dtype=torch.bfloat16)
     (res,) = run_distributed(_convert, 1, args=(str(tmp_path / "hf"), str(tmp_path), "bf16", True))
     for v in (res["verify"], res["verify_back"]):  # both directions, bf16 weights run in fp32
         assert v.ok and v.max_abs_diff < 1e-4 and v.max_abs_logit > 1.0, v

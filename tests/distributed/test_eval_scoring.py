@@ -9,7 +9,8 @@ True) and the same with its last answer token replaced (exactly one position mus
 reference: float64 log_softmax / argmax of the full logits of each sequence alone; it shares no
 code with loss/ or the Megatron model.
 
-Layouts: TP=2, TP=2 with sequence parallelism, CP=2 and DP=2 (2 gloo ranks each).
+Layouts: TP=2, TP=2 with sequence parallelism, CP=2 and DP=2 (2 gloo ranks each). The serial
+comparison with HF also runs on tiny Qwen3, Qwen3-MoE and Mixtral checkpoints (same tokenizer).
 
 Tolerances: log-likelihood |diff| <= 1e-4 + 1e-6 |value| (fp32 Megatron vs fp64 HF); argmax
 match counts and exact-match flags identical. TP / CP / DP vs serial: log-likelihood <= 1e-4,
@@ -27,10 +28,12 @@ pytestmark = pytest.mark.distributed
 GREEDY = 5  # tokens of the model's own greedy continuation used as an answer
 
 
-def _convert(root: str):
+def _convert(root: str, family: str):
     from megatron_longpo.testing.reference import make_reference_checkpoint
 
-    hf, ckpt = make_reference_checkpoint(root, seed=3)
+    # room for the 512-token prompts plus the greedy answer
+    kw = {} if family == "mistral" else dict(max_position_embeddings=1024)
+    hf, ckpt = make_reference_checkpoint(root, seed=3, family=family, **kw)
     return str(hf), str(ckpt)
 
 
@@ -51,12 +54,18 @@ def _task_sequences():
     return out, tok.pad_id
 
 
+def _hf_float64(hf_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    # eager experts: transformers' default grouped-GEMM MoE path has no float64 kernel
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, attn_implementation="eager",
+                                                experts_implementation="eager").eval()
+
+
 @torch.no_grad()
 def _hf_reference(hf_dir: str, sequences):
     """(loglik [n], matches [n], answer tokens [n]) in float64, one sequence at a time."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, attn_implementation="eager").eval()
+    model = _hf_float64(hf_dir)
     ll, hits, n = [], [], []
     for tokens, mask in sequences:
         t = torch.as_tensor(tokens, dtype=torch.int64)[None]
@@ -74,9 +83,7 @@ def _hf_reference(hf_dir: str, sequences):
 def _greedy_sequences(hf_dir: str, prompts):
     """Prompts followed by GREEDY tokens of the float64 HF model's argmax (answer = those tokens),
     and the same with the last answer token changed."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, attn_implementation="eager").eval()
+    model = _hf_float64(hf_dir)
     out = []
     for tokens, mask in prompts:
         prompt = torch.as_tensor(tokens[: int(np.argmax(mask))], dtype=torch.int64)  # up to the answer
@@ -109,17 +116,30 @@ def _score(ckpt: str, tp: int, cp: int, sequences, pad_id: int, tokens_per_batch
     return [(s.loglik, s.num_tokens, s.matches, s.exact) for s in scores]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval_scoring")
-    hf, ckpt = run_distributed(_convert, 1, args=(str(root),))[0]
+def _make_env(root: str, family: str) -> dict:
+    hf, ckpt = run_distributed(_convert, 1, args=(root, family))[0]
     tasks, pad_id = _task_sequences()
     seqs = tasks + _greedy_sequences(hf, tasks[:2])
     serial = run_distributed(_score, 1, args=(ckpt, 1, 1, seqs, pad_id, 1024))[0]
     return dict(hf=hf, ckpt=ckpt, seqs=seqs, pad_id=pad_id, serial=serial)
 
 
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return _make_env(str(tmp_path_factory.mktemp("eval_scoring")), "mistral")
+
+
 def test_scores_equal_hf_float64(env):
+    _check_against_hf(env)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "mixtral"])
+def test_families_score_equal_hf_float64(family, tmp_path):
+    """The same comparison on a Qwen3 (q/k norm), Qwen3-MoE and Mixtral (routed experts) checkpoint."""
+    _check_against_hf(_make_env(str(tmp_path), family))
+
+
+def _check_against_hf(env: dict) -> None:
     ll, hits, n = _hf_reference(env["hf"], env["seqs"])
     got = env["serial"]
     got_ll = np.array([g[0] for g in got])

@@ -54,7 +54,8 @@ def _ddp(model):
 
 
 def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
-    """Serial float64 brute force on the whole global batch (TP=1, no DDP)."""
+    """Serial brute force on the whole global batch (TP=1, no DDP; the model in fp32, log_softmax, sums
+    and objective in float64)."""
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.models.sharding import gather_full_state_dict
     from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
@@ -91,8 +92,10 @@ def reference(loss_kw: dict, seed: int, nll_target: str, arch: str = ARCH):
 
 
 def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: int, nll_target: str,
-             lr: float = 0.0, arch: str = ARCH, cp: int = 1, ep: int = 1, model_kw: dict | None = None):
-    """This rank's share of the global batch through forward_backward (or train_step with lr > 0)."""
+             lr: float = 0.0, arch: str = ARCH, cp: int = 1, ep: int = 1, model_kw: dict | None = None,
+             etp: int | None = None, optimizer: str = "sgd"):
+    """This rank's share of the global batch through forward_backward (or train_step with lr > 0:
+    plain SGD, or the project's rmsprop with clip_grad=CLIP)."""
     from megatron_longpo.models.provider import build_model
     from megatron_longpo.models.sharding import ExpertShards, gather_full_state_dict, load_full_state_dict
     from megatron_longpo.runtime.distributed import init_model_parallel, set_seed
@@ -100,9 +103,10 @@ def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: in
 
     cfg = LossConfig(**loss_kw)
     mcfg = tiny_model_config(arch, **(model_kw or {}))
-    pcfg = parallel_config(tp=tp, cp=cp, ep=ep, sequence_parallel=sp)
+    pcfg = parallel_config(tp=tp, cp=cp, ep=ep, sequence_parallel=sp, expert_tensor_parallel_size=etp)
     g = init_model_parallel(pcfg)
     experts = ExpertShards.of(g)
+    assert (experts.ep_size, experts.etp_size) == (ep, etp or tp), "the expert layout asked for is not the one built"
     set_seed(seed + 100)  # different init: the loaded weights must be what matters
     model = build_model(mcfg, pcfg)
     load_full_state_dict(model, full_sd, g.tp_rank, g.tp_size, experts)
@@ -115,9 +119,18 @@ def parallel(tp: int, sp: bool, mbs: int, full_sd: dict, loss_kw: dict, seed: in
     if lr > 0:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        opt = get_megatron_optimizer(
-            OptimizerConfig(optimizer="sgd", lr=lr, sgd_momentum=0.0, weight_decay=0.0, clip_grad=1e6), [ddp]
-        )
+        from megatron_longpo.config import OptimConfig
+        from megatron_longpo.training.optimizer import build_optimizer
+
+        if optimizer == "sgd":
+            opt = get_megatron_optimizer(
+                OptimizerConfig(optimizer="sgd", lr=lr, sgd_momentum=0.0, weight_decay=0.0, clip_grad=1e6), [ddp]
+            )
+        else:
+            opt, _ = build_optimizer([ddp], OptimConfig(optimizer=optimizer, lr=lr, lr_warmup_fraction=0.0,
+                                                        lr_decay_style="constant", weight_decay=0.0, clip_grad=CLIP,
+                                                        use_distributed_optimizer=False), mcfg, 1)
+        out["inner"] = [type(w.optimizer).__name__ for w in getattr(opt, "chained_optimizers", [opt])]
         res = train_step(ddp, opt, micro, g, cfg, mcfg.vocab_size, sp)
         out.update(metrics=res.metrics, update_successful=res.update_successful, grad_norm=res.grad_norm,
                    params=gather_full_state_dict(model, g.tp_group, mcfg.vocab_size, experts=experts))
@@ -162,9 +175,11 @@ LONGPO = dict(mode="longpo", beta=0.1, lam=1.0, nll_weight=1.0, nll_reduction="s
         (1, 1, 2, False, 1, ARCH),  # global batch 4 = dp 2 x 2 micro-batches of 1
         (2, 1, 2, True, 1, ARCH),
         (2, 1, 2, False, 1, "qwen2"),  # output layer tied to the embedding, QKV bias
+        (2, 1, 1, False, 2, "qwen3"),  # QK-norm with the heads split over TP
         (1, 2, 1, False, 2, ARCH),  # context parallel (project CP attention): x cp loss scaling
         (1, 2, 2, False, 1, ARCH),  # CP x DP: DDP averages over dp*cp
         (2, 2, 1, True, 1, "qwen2"),  # TP x CP x SP
+        (1, 2, 1, False, 2, "qwen3"),  # QK-norm under the project CP attention
     ],
 )
 def test_parallel_step_matches_serial(tp, cp, dp, sp, mbs, arch):
@@ -177,23 +192,27 @@ def test_parallel_step_matches_serial(tp, cp, dp, sp, mbs, arch):
 
 
 @pytest.mark.parametrize(
-    "tp,cp,dp,ep,sp,mbs,arch,dispatcher",
+    "tp,cp,dp,ep,etp,sp,mbs,arch,dispatcher",
     [
-        (1, 1, 2, 2, False, 1, "qwen3_moe", "alltoall"),  # EP=2: 2 experts per rank, tokens sent over ranks
-        (1, 1, 2, 2, False, 1, "mixtral", "allgather"),
-        (2, 1, 2, 2, True, 1, "mixtral", "allgather"),  # EP=2 x TP=2 (4 ranks; MoE + TP needs SP)
-        (1, 2, 1, 1, False, 2, "qwen3_moe", "allgather"),  # CP=2 with MoE
+        (1, 1, 2, 2, None, False, 1, "qwen3_moe", "alltoall"),  # EP=2: 2 experts per rank, tokens sent over ranks
+        (1, 1, 2, 2, None, False, 1, "mixtral", "allgather"),
+        (2, 1, 2, 2, None, True, 1, "mixtral", "allgather"),  # EP=2 x TP=2 (4 ranks; MoE + TP needs SP)
+        (2, 1, 1, 2, 1, True, 2, "mixtral", "alltoall"),  # ETP=1 under TP=2: EP=2 spans the TP ranks
+        (1, 2, 1, 1, None, False, 2, "qwen3_moe", "allgather"),  # CP=2 with MoE
+        (1, 2, 1, 2, None, False, 2, "qwen3_moe", "alltoall"),  # EP=2 spans CP=2 (qwen3_30b_a3b_128k's layout)
+        (2, 1, 1, 1, None, True, 2, "qwen3_moe", "allgather"),  # TP=2 + SP: experts split over TP
     ],
 )
-def test_moe_parallel_step_matches_serial(tp, cp, dp, ep, sp, mbs, arch, dispatcher):
+def test_moe_parallel_step_matches_serial(tp, cp, dp, ep, etp, sp, mbs, arch, dispatcher):
     """LongPO loss and every gradient (router and each expert included) of a MoE model under EP /
-    EP x TP / CP equal the serial float64 brute force (dropless routing, so nothing is dropped)."""
+    EP x TP / ETP=1 / EP x CP / CP equal the serial float64 brute force (dropless routing, so nothing
+    is dropped). ETP=1 with EP over TP and CP is the layout of examples/configs/qwen3_30b_a3b_128k.yaml."""
     seed = 23
     ref = _reference(LONGPO, seed, "sequence", arch)
     assert any(".router." in n for n in ref["grads"]) and sum("local_experts" in n for n in ref["grads"]) == 2 * 4 * 2
     outs = run_distributed(parallel, tp * cp * dp,
                            args=(tp, sp, mbs, ref["params"], LONGPO, seed, "sequence", 0.0, arch, cp, ep,
-                                 dict(moe_token_dispatcher=dispatcher)))
+                                 dict(moe_token_dispatcher=dispatcher), etp))
     _compare(outs, ref)
 
 
@@ -223,20 +242,63 @@ def test_loss_scaling_over_microbatches_and_dp(loss_kw, nll_target):
             assert math.isclose(out["eval_metrics"][k], v, rel_tol=1e-9, abs_tol=1e-12), k
 
 
-def test_train_step_applies_the_global_batch_gradient():
-    """SGD step of train_step (tp 2 x dp 2): new weights = old - lr * reference gradient."""
-    seed, lr = 21, 0.5
-    ref = _reference(LONGPO, seed, "sequence")
-    outs = run_distributed(parallel, 4, args=(2, False, 1, ref["params"], LONGPO, seed, "sequence", lr))
-    _compare(outs, ref)
-    ref_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in ref["grads"].values()))
+@pytest.mark.parametrize(
+    "tp,dp,ep,arch,seed,model_kw",
+    [
+        (2, 2, 1, ARCH, 21, {}),
+        # EP=2 x DP=2: the global norm sums each expert once, the update reaches every expert shard
+        (1, 2, 2, "mixtral", 23, dict(moe_token_dispatcher="alltoall")),
+        # EP=2 x DP=4: two data-parallel copies of each expert shard (expert-DP group of 2, not the DP group
+        # of 4): their gradients averaged over that group only, and counted once in the norm
+        (1, 4, 2, "mixtral", 23, dict(moe_token_dispatcher="alltoall")),
+    ],
+)
+def test_train_step_applies_the_global_batch_gradient(tp, dp, ep, arch, seed, model_kw):
+    """SGD step of train_step: grad_norm = the serial gradient's norm, new weights = old - lr * reference gradient."""
+    _check_step(tp, dp, ep, arch, seed, model_kw, "sgd", 0.5, lambda g: g, 1.0, 1e-6)
+
+
+def test_rmsprop_step_with_expert_parallelism():
+    """One rmsprop step (the 30B config's optimizer, clip_grad=1) at EP=2 x DP=2: both the dense and the
+    expert optimizer of Megatron's chain are RMSprop, and every weight moves by torch.optim.RMSprop's
+    first step on the serial gradient clipped by the serial norm: lr * g / (sqrt((1 - alpha) g^2) + eps)."""
+    seed, ref = 23, _reference(LONGPO, 23, "sequence", "mixtral")
+    coeff = min(1.0, CLIP / (_norm(ref["grads"]) + 1e-6))  # Megatron's clip_grad_norm
+    assert coeff < 1  # the clip is exercised
+
+    def rmsprop(g):
+        g = g.double() * coeff
+        return (g / (((1 - 0.99) * g * g).sqrt() + 1e-8)).float()
+
+    outs = _check_step(1, 2, 2, "mixtral", seed, dict(moe_token_dispatcher="alltoall"), "rmsprop", 1e-3, rmsprop, coeff,
+                       1e-5)  # 1e-3 of the step lr / sqrt(1 - alpha): where |g| ~ eps float32 noise counts
+    assert all(o["inner"] == ["RMSprop", "RMSprop"] for o in outs)  # dense chain + expert chain
+
+
+CLIP = 1.0
+
+
+def _norm(grads: dict) -> float:
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+
+
+def _check_step(tp, dp, ep, arch, seed, model_kw, optimizer, lr, direction, clip_coeff, atol):
+    """train_step at tp x dp (x ep) from the serial reference's weights: its grad_norm is the serial one,
+    its gradients the serial ones (times clip_coeff: clipping scales them in place) and each weight
+    becomes old - lr * direction(serial gradient)."""
+    ref = _reference(LONGPO, seed, "sequence", arch)
+    outs = run_distributed(parallel, tp * dp, args=(tp, False, 1, ref["params"], LONGPO, seed, "sequence", lr, arch,
+                                                    1, ep, model_kw, None, optimizer))
+    _compare(outs, dict(ref, grads={n: g * clip_coeff for n, g in ref["grads"].items()}))
+    ref_norm = _norm(ref["grads"])
     for out in outs:
         assert out["update_successful"]
         assert math.isclose(out["grad_norm"], ref_norm, rel_tol=1e-4), (out["grad_norm"], ref_norm)
         assert out["metrics"]["grad_norm"] == out["grad_norm"]
         for name, p in ref["params"].items():
-            torch.testing.assert_close(out["params"][name], p - lr * ref["grads"][name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(out["params"][name], p - lr * direction(ref["grads"][name]), rtol=1e-4,
+                                       atol=atol, msg=lambda m: f"{name}: {m}")
+    return outs
 
 
 def test_bad_batches_are_rejected_before_the_model_runs():
@@ -291,29 +353,41 @@ def aux_probe(full_sd: dict, seed: int, arch: str):
     g = init_model_parallel(pcfg)
     model = build_model(mcfg, pcfg)
     load_full_state_dict(model, full_sd, 0, 1)
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     for name, mod in model.named_modules():
         if name.endswith("mlp.router"):
-            mod.register_forward_hook(lambda m, args, out: seen.append((args[0].detach().double(), m.weight.detach().double())))
+            mod.register_forward_hook(lambda m, args, out, name=name: seen.append(
+                (name, args[0].detach().double(), m.weight.detach().double())))
     ddp = _ddp(model)
     batch = make_pair_batch(seed, mcfg.vocab_size, "sequence")
     micro = [select_pairs(batch, [i]) for i in range(PAIRS)]
     metrics = forward_backward(ddp, micro, g, LossConfig(**LONGPO), mcfg.vocab_size, False)
     E, k = mcfg.num_experts, mcfg.moe_router_topk
-    total = 0.0
-    for x, w in seen:  # one entry per (micro-batch, layer)
+    last = f"decoder.layers.{mcfg.num_layers - 1}.mlp.router"
+    w_last = dict(model.named_parameters())[f"{last}.weight"].detach().double().requires_grad_(True)
+    total, last_total = 0.0, torch.zeros((), dtype=torch.float64)
+    for name, x, w in seen:  # one entry per (micro-batch, layer)
+        if name == last:  # the last router's input does not depend on its own weight
+            w = w_last
         probs = torch.softmax(x.reshape(-1, x.shape[-1]) @ w.T, -1)  # [T, E]
         counts = torch.zeros(E, dtype=torch.float64).index_add_(
             0, probs.topk(k, -1).indices.reshape(-1), torch.ones(probs.shape[0] * k, dtype=torch.float64))
         T = probs.shape[0]
-        total += E / (k * T * T) * float((probs.sum(0) * counts).sum())
+        switch = E / (k * T * T) * (probs.sum(0) * counts).sum()
+        total += float(switch)
+        if w is w_last:
+            last_total = last_total + switch
     assert len(seen) == PAIRS * mcfg.num_layers
-    return dict(metric=metrics["moe/aux_loss"], independent=AUX["moe_aux_loss_coeff"] * total / PAIRS)
+    # Megatron scales each micro-batch's aux loss by 1 / num_microbatches, like the main loss
+    (last_grad,) = torch.autograd.grad(AUX["moe_aux_loss_coeff"] * last_total / PAIRS, w_last)
+    return dict(metric=metrics["moe/aux_loss"], independent=AUX["moe_aux_loss_coeff"] * total / PAIRS,
+                last_router=last + ".weight", last_grad=last_grad.float())
 
 
 def test_moe_aux_loss_value_gradient_and_ep2():
     """moe/aux_loss equals the Switch loss recomputed in float64 from the routers' inputs; with it
-    on, the router gradients change (the term reaches them) and EP=2 still equals the serial run."""
+    on, every router gradient changes (the term reaches them), the last router's by exactly the
+    float64 autograd of its Switch loss, and EP=2 still equals the serial run."""
     seed, arch = 23, "qwen3_moe"
     ref = _reference(LONGPO, seed, "sequence", arch)
     (probe,) = run_distributed(aux_probe, 1, args=(ref["params"], seed, arch))
@@ -324,6 +398,12 @@ def test_moe_aux_loss_value_gradient_and_ep2():
     routers = [n for n in ref["grads"] if n.endswith("mlp.router.weight")]
     for n in routers:
         assert (serial["grads"][n] - ref["grads"][n]).abs().max() > 1e-6, f"aux loss gradient does not reach {n}"
+    # Its size: the last router's gradient grows by the float64 autograd of its Switch loss
+    # (the forward is unchanged by the aux loss, so the rest of the gradient is the reference's).
+    n = probe["last_router"]
+    added = serial["grads"][n] - ref["grads"][n]
+    assert probe["last_grad"].abs().max() > 1e-3  # (about 6x the LongPO gradient of that weight)
+    torch.testing.assert_close(added, probe["last_grad"], rtol=1e-4, atol=1e-8)
     assert math.isclose(serial["metrics"]["moe/aux_loss"], probe["metric"], rel_tol=1e-6)
     outs = run_distributed(parallel, 2, args=(1, False, 1, ref["params"], LONGPO, seed, "sequence", 0.0, arch,
                                               1, 2, AUX))

@@ -72,6 +72,22 @@ def test_hf_config_to_model_config(name, legacy):
     assert cfg.rope_scaling == (want_scaling if want_scaling["rope_type"] != "default" else None)
 
 
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("legacy", [False, True])
+def test_qwen3_moe_norm_topk_prob_is_read_and_written(norm, legacy):
+    """Qwen3-30B-A3B sets norm_topk_prob: true (the tiny model false): both values reach the model
+    config and come back in config.json, as transformers reads it."""
+    import transformers
+
+    src = _src("qwen3_moe", norm_topk_prob=norm)
+    if legacy:
+        src = _legacy(src)
+    cfg = hf_to_model_config(src, "fp32")
+    assert cfg.moe_norm_topk_prob is norm
+    out = model_config_to_hf(cfg, None, "fp32")
+    assert transformers.Qwen3MoeConfig(**out).norm_topk_prob is norm
+
+
 @pytest.mark.parametrize("name", sorted(TINY_HF))
 @pytest.mark.parametrize("legacy", [False, True])
 def test_model_config_to_hf_round_trips_and_loads_in_transformers(name, legacy):
