@@ -3,8 +3,9 @@
 
 Writes random bf16 HF safetensors shards + config.json directly (no HF model object), then runs
 each conversion CLI as a subprocess and reports its wall time and peak RSS divided by the model's
-bytes (target: at most 1.5 for HF -> Megatron). Peak RSS is the ru_maxrss that wait4 returns for
-the converter (the largest of it and the writer processes it forks).
+bytes (target: at most 1.5 both ways). Peak RSS is the ru_maxrss that wait4 returns for the
+converter (the largest of it and any process it starts). The fixed part of it, the RSS of a
+process that only imports the converter (torch + megatron-core), is printed first.
 
     python benchmarks/bench_convert.py [--layers 18 --hidden 2048 ...] [--workdir DIR] [--no-export]
     python benchmarks/bench_convert.py --arch qwen3_moe --experts 32 --topk 4 --moe-ffn 512 ...
@@ -104,11 +105,14 @@ def main() -> int:
         if not args.no_export:
             rows.append(("Megatron -> HF", [py, "tools/convert_megatron_to_hf.py", "--megatron-dir",
                                             str(work / "megatron"), "--out", str(work / "hf_back"), "--no-progress"]))
+        _, base, _ = run_measured([py, "-c", "import megatron_longpo.convert"])
+        print(f"import baseline: peak RSS {base / 2**20:.0f} MiB = {base / model_bytes:.2f} x model bytes "
+              f"({model_bytes / 2**20:.0f} MiB)")
         failed = False
         for label, cmd in rows:
             wall, peak, rc = run_measured(cmd)
             failed |= rc != 0
-            print(f"{label}: wall {wall:.1f}s, peak RSS {peak / 2**30:.2f} GiB = {peak / model_bytes:.2f} x model bytes"
+            print(f"{label}: wall {wall:.1f}s, peak RSS {peak / 2**20:.0f} MiB = {peak / model_bytes:.2f} x model bytes"
                   f"{'' if rc == 0 else f'  (FAILED, exit {rc})'}")
         return 1 if failed else 0
     finally:
