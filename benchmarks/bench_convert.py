@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -61,18 +60,26 @@ def write_synthetic_hf(out: Path, args: argparse.Namespace) -> int:
     return sum(s.nbytes for s in specs)
 
 
+# Started from this (large) process, a command's ru_maxrss would include this process's own RSS:
+# Linux carries the memory a child had before exec (fork: the parent's pages; vfork: the parent's
+# high-water mark) into the child's ru_maxrss. A small Python process starts the command instead.
+_LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, st, ru = os.wait4(p.pid, 0); "
+    "open(sys.argv[1], 'w').write(str(ru.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(st))"
+)
+
+
 def run_measured(cmd: list[str]) -> tuple[float, int, int]:
     """(wall seconds, peak RSS bytes, exit code) of ``cmd``."""
-    start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - start
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        print(output[-4000:], file=sys.stderr)
-    return wall, usage.ru_maxrss * 1024, rc
+    with tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, rss.name, *cmd], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall = time.time() - start
+        if proc.returncode != 0:
+            print(proc.stdout[-4000:], file=sys.stderr)
+        peak_kib = int(rss.read() or 0)
+    return wall, peak_kib * 1024, proc.returncode
 
 
 def main() -> int:
