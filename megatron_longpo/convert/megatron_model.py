@@ -4,6 +4,7 @@ Conversion never runs the Megatron model, it only needs its parameters as contai
 ``sharded_state_dict()`` (the dist-checkpoint keys, stacked-layer offsets and the fc1 gate/up
 factory). The model is built without random init (``perform_initialization=False``), so its
 parameters are untouched allocations that use no physical memory until data is copied in.
+Import saves through :class:`StreamingSaveStrategy`, which fills each tensor as it is written.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
-from megatron.core.dist_checkpointing.strategies.torch import (
+from megatron.core.dist_checkpointing.strategies.torch import (  # the steps of megatron's torch_dist save
     MCoreSavePlanner,
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
@@ -158,7 +159,8 @@ class StreamingSaveStrategy(SaveShardedStrategy):
 
     Single process, synchronous: torch DCP's own file writer with one thread writes the items
     one after the other (megatron's writer would need every tensor in memory before it forks
-    its writer processes). The planner is megatron's, so the metadata is the same.
+    its writer processes). The planner is megatron's, so keys, chunks and metadata are those of
+    megatron's save (less the plan cache its writer keeps for repeated saves).
     """
 
     def __init__(self, saved: list[SavedTensor], fill: Callable[[SavedTensor], None]) -> None:
