@@ -10,7 +10,6 @@ Import saves through :class:`StreamingSaveStrategy`, which fills each tensor as 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import math
 import sys
@@ -64,11 +63,10 @@ def return_freed_memory() -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        pass
+    # The symbols already loaded (no ctypes.util.find_library: it starts a subprocess).
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
 def empty_model(model_cfg: ModelConfig) -> torch.nn.Module:
