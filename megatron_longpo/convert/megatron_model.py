@@ -172,9 +172,12 @@ class StreamingSaveStrategy(SaveShardedStrategy):
     def save(self, sharded_state_dict: dict, checkpoint_dir: str | Path) -> None:
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
         planner = _FillOnWritePlanner(self.saved, self.fill)
+        # One thread and no copy-ahead: the writer then resolves an item only after writing the
+        # one before (with CUDA present, copy-ahead would resolve items early and the planner
+        # would free a tensor that is not written yet).
+        writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0)
         try:
-            dcp.save(mcore_to_pyt_state_dict(by_key, False),
-                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1), planner=planner)
+            dcp.save(mcore_to_pyt_state_dict(by_key, False), storage_writer=writer, planner=planner)
         finally:
             planner.release()
         if planner.unwritten():
