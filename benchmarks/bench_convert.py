@@ -3,8 +3,9 @@
 
 Writes random bf16 HF safetensors shards + config.json directly (no HF model object), then runs
 each conversion CLI as a subprocess and reports its wall time and peak RSS divided by the model's
-bytes (target: at most 1.5 for HF -> Megatron). Peak RSS is the ru_maxrss that wait4 returns for
-the converter (the largest of it and the writer processes it forks).
+bytes (target: at most 1.5 both ways). Peak RSS is the ru_maxrss that wait4 returns for the
+converter (the largest of it and any process it starts). The fixed part of it, the RSS of a
+process that only imports the converter (torch + megatron-core), is printed first.
 
     python benchmarks/bench_convert.py [--layers 18 --hidden 2048 ...] [--workdir DIR] [--no-export]
     python benchmarks/bench_convert.py --arch qwen3_moe --experts 32 --topk 4 --moe-ffn 512 ...
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -60,18 +60,26 @@ def write_synthetic_hf(out: Path, args: argparse.Namespace) -> int:
     return sum(s.nbytes for s in specs)
 
 
+# Started from this (large) process, a command's ru_maxrss would include this process's own RSS:
+# Linux carries the memory a child had before exec (fork: the parent's pages; vfork: the parent's
+# high-water mark) into the child's ru_maxrss. A small Python process starts the command instead.
+_LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, st, ru = os.wait4(p.pid, 0); "
+    "open(sys.argv[1], 'w').write(str(ru.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(st))"
+)
+
+
 def run_measured(cmd: list[str]) -> tuple[float, int, int]:
     """(wall seconds, peak RSS bytes, exit code) of ``cmd``."""
-    start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - start
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        print(output[-4000:], file=sys.stderr)
-    return wall, usage.ru_maxrss * 1024, rc
+    with tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, rss.name, *cmd], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall = time.time() - start
+        if proc.returncode != 0:
+            print(proc.stdout[-4000:], file=sys.stderr)
+        peak_kib = int(rss.read() or 0)
+    return wall, peak_kib * 1024, proc.returncode
 
 
 def main() -> int:
@@ -104,11 +112,14 @@ def main() -> int:
         if not args.no_export:
             rows.append(("Megatron -> HF", [py, "tools/convert_megatron_to_hf.py", "--megatron-dir",
                                             str(work / "megatron"), "--out", str(work / "hf_back"), "--no-progress"]))
+        _, base, _ = run_measured([py, "-c", "import megatron_longpo.convert"])
+        print(f"import baseline: peak RSS {base / 2**20:.0f} MiB = {base / model_bytes:.2f} x model bytes "
+              f"({model_bytes / 2**20:.0f} MiB)")
         failed = False
         for label, cmd in rows:
             wall, peak, rc = run_measured(cmd)
             failed |= rc != 0
-            print(f"{label}: wall {wall:.1f}s, peak RSS {peak / 2**30:.2f} GiB = {peak / model_bytes:.2f} x model bytes"
+            print(f"{label}: wall {wall:.1f}s, peak RSS {peak / 2**20:.0f} MiB = {peak / model_bytes:.2f} x model bytes"
                   f"{'' if rc == 0 else f'  (FAILED, exit {rc})'}")
         return 1 if failed else 0
     finally:

@@ -34,7 +34,7 @@ from megatron_longpo.runtime.distributed import world_size
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "megatron_longpo.checkpoint_manifest"
 VERIFY_LEVELS = ("full", "size", "none")
-_BLOCK = 16 << 20
+_BLOCK = 1 << 20
 
 
 class CheckpointCorruptError(CheckpointError):
@@ -53,11 +53,15 @@ class FileRecord:
 
 
 def file_record(path: Path) -> FileRecord:
+    # One reused buffer: f.read() would allocate a fresh block per call (two alive at a time),
+    # memory that a conversion still holding the whole model adds to its peak.
     crc, size = 0, 0
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            crc = zlib.crc32(block, crc)
-            size += len(block)
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
     return FileRecord(size, f"{crc:08x}")
 
 

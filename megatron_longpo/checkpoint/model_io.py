@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -69,8 +70,12 @@ def save_sharded_checkpoint(
     model_cfg: ModelConfig,
     iteration: int = 0,
     extra_meta: Optional[dict] = None,
+    sharded_strategy: Optional[SaveShardedStrategy] = None,
 ) -> Path:
-    """Atomically save ``sharded_state_dict`` as ``ckpt_dir/iter_<iteration>``; returns that dir."""
+    """Atomically save ``sharded_state_dict`` as ``ckpt_dir/iter_<iteration>``; returns that dir.
+
+    ``sharded_strategy``: a torch_dist strategy in place of megatron's default (conversion's
+    streaming one, convert/megatron_model.py); it must not need megatron's writer helper."""
     if not dist.is_initialized():
         raise RuntimeError("save_sharded_checkpoint needs torch.distributed (init_distributed) to be initialised")
     run = Path(ckpt_dir)
@@ -83,9 +88,10 @@ def save_sharded_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
         tmp.mkdir()
     _barrier()
-    start_checkpoint_helpers()  # Megatron's writer helper must outlive a preemption signal
+    if sharded_strategy is None:
+        start_checkpoint_helpers()  # Megatron's writer helper must outlive a preemption signal
     try:
-        dist_checkpointing.save(sharded_state_dict, str(tmp))  # collective; ends with a barrier
+        dist_checkpointing.save(sharded_state_dict, str(tmp), sharded_strategy=sharded_strategy)  # collective
         write_manifest(tmp)  # collective: sizes + CRC32 of every file, verified at load
     except (OSError, CheckpointException) as e:
         # ENOSPC mid-write: torch DCP gathers the writers' errors into a CheckpointException (a

@@ -1,9 +1,10 @@
 """HF safetensors checkpoint -> megatron_longpo dist checkpoint (single process, TP=1 layout).
 
-Peak memory is about one copy of the model in the target dtype: the Megatron model is built
-without init, each HF row range is read straight into its slice of a Megatron parameter (cast on
-the fly when dtypes differ), and the save path avoids megatron's clone of the fc1 halves
-(:func:`sharded_state_dict_for_save`). Every input check (config, shards, names, shapes) runs
+Streams: the Megatron model is built without init only for its sharded state dict, and the save
+(:class:`StreamingSaveStrategy`) fills each saved tensor (a layer's QKV, one expert's fc1 gate
+half, ...) right before it is written, reading each HF row range straight into its slice (cast
+on the fly when dtypes differ), and frees it right after: peak memory is one tensor above the
+process's baseline, not the model. Every input check (config, shards, names, shapes) runs
 before the first tensor is read; the output directory only appears once complete.
 """
 
@@ -13,10 +14,10 @@ import gc
 import sys
 import json
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -26,7 +27,14 @@ from megatron_longpo.config import ConfigError, ModelConfig, ParallelConfig, val
 from megatron_longpo.convert import mapping
 from megatron_longpo.convert.files import check_output_dir, copy_side_files, side_files, staged_dir, tokenizer_files
 from megatron_longpo.convert.hf_config import ConversionError, hf_architecture, hf_to_model_config, read_hf_config
-from megatron_longpo.convert.megatron_model import empty_model, sharded_state_dict_for_save, single_process_runtime
+from megatron_longpo.convert.megatron_model import (
+    SavedTensor,
+    StreamingSaveStrategy,
+    empty_model,
+    return_freed_memory,
+    save_request,
+    single_process_runtime,
+)
 from megatron_longpo.convert.safetensors_io import SafetensorsCheckpoint
 from megatron_longpo.convert.verify import VerifyResult
 from megatron_longpo.convert.verify import verify as run_verify
@@ -75,21 +83,45 @@ def check_hf_tensors(reader: SafetensorsCheckpoint, cfg: ModelConfig) -> None:
         )
 
 
-def fill_model(model: torch.nn.Module, reader: SafetensorsCheckpoint, cfg: ModelConfig, progress: bool = True) -> None:
-    """Copy every HF row range into its Megatron parameter slice; zero the vocab padding rows."""
+def check_model(model: torch.nn.Module, cfg: ModelConfig) -> None:
+    """The Megatron model has exactly the parameters and shapes of the conversion map."""
     params = dict(model.named_parameters())
     want = mapping.megatron_shapes(cfg)
     if set(params) != set(want) or any(tuple(params[n].shape) != s for n, s in want.items()):
         diff = sorted(set(params) ^ set(want)) or [n for n, s in want.items() if tuple(params[n].shape) != s]
         raise RuntimeError(f"Megatron model parameters do not match the conversion map: {diff[:5]}")
-    total = sum(reader.entries[n].end - reader.entries[n].begin for n in mapping.hf_shapes(cfg))
-    with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="HF -> Megatron", disable=not progress) as bar:
-        for name in mapping.VOCAB_PARAMS:
-            if name in params:
-                params[name][cfg.vocab_size :].zero_()
-        for p in mapping.pieces(cfg):
-            reader.read_rows(p.hf, p.src[0], p.src[1], params[p.megatron][p.dst[0] : p.dst[1]])
-            bar.update((p.src[1] - p.src[0]) * reader.entries[p.hf].row_bytes)
+
+
+def hf_filler(reader: SafetensorsCheckpoint, cfg: ModelConfig, saved: list[SavedTensor],
+              bar: Optional[tqdm] = None) -> Callable[[SavedTensor], None]:
+    """Checks that ``saved`` (a save request) tiles every parameter and that each HF row range
+    lands inside one saved tensor; returns the function that fills a saved tensor: its HF row
+    ranges read in place, vocab padding rows zeroed."""
+    want = mapping.megatron_shapes(cfg)
+    spans: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for st in saved:
+        spans[st.param].append((st.start, st.stop))
+    by_tensor: dict[tuple[str, int], list[mapping.Piece]] = defaultdict(list)
+    for p in mapping.pieces(cfg):
+        home = [a for a, b in spans[p.megatron] if a <= p.dst[0] and p.dst[1] <= b]
+        if len(home) != 1:
+            raise RuntimeError(f"{p.megatron} rows {p.dst} lie in {len(home)} saved tensors {sorted(spans[p.megatron])}")
+        by_tensor[(p.megatron, home[0])].append(p)
+    for name, rows in want.items():
+        if not mapping.tiles(spans[name], rows[0]):
+            raise RuntimeError(f"the save request does not tile {name}: {sorted(spans[name])}")
+
+    def fill(st: SavedTensor) -> None:
+        with torch.no_grad():
+            if st.param in mapping.VOCAB_PARAMS:
+                st.tensor[max(cfg.vocab_size - st.start, 0) :].zero_()
+            for p in by_tensor[(st.param, st.start)]:
+                dst = st.tensor[p.dst[0] - st.start : p.dst[1] - st.start]
+                reader.read_rows(p.hf, p.src[0], p.src[1], dst)
+                if bar is not None:
+                    bar.update((p.src[1] - p.src[0]) * reader.entries[p.hf].row_bytes)
+
+    return fill
 
 
 def convert_hf_to_megatron(
@@ -133,15 +165,20 @@ def convert_hf_to_megatron(
         check_hf_tensors(reader, cfg)
         extra = _meta_extra(hf_dir, hf_cfg, arch, reader, cfg, tok_src)
         with staged_dir(out, "--out") as tmp:
+            return_freed_memory()
             single_process_runtime()
             model = empty_model(cfg)
             num_params = sum(p.numel() for p in model.parameters())
-            fill_model(model, reader, cfg, progress)
-            reader.close()
-            sharded = sharded_state_dict_for_save(model)
+            check_model(model, cfg)
+            sharded, saved = save_request(model)
             del model
-            save_sharded_checkpoint(tmp, sharded, cfg, iteration=0, extra_meta=extra)
-            del sharded
+            total = sum(reader.entries[n].end - reader.entries[n].begin for n in mapping.hf_shapes(cfg))
+            with tqdm(total=total, unit="B", unit_scale=True, desc="HF -> Megatron", disable=not progress) as bar:
+                fill = hf_filler(reader, cfg, saved, bar)
+                save_sharded_checkpoint(tmp, sharded, cfg, iteration=0, extra_meta=extra,
+                                        sharded_strategy=StreamingSaveStrategy(saved, fill))
+            reader.close()
+            del sharded, saved, fill
             gc.collect()
             copy_side_files(hf_dir, tmp / TOKENIZER_DIR)
             if tok_src != hf_dir:

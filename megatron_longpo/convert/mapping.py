@@ -33,7 +33,7 @@ from megatron_longpo.architectures import EMBEDDING, HEAD, Param, architecture
 from megatron_longpo.config import ModelConfig, padded_vocab_size
 from megatron_longpo.models.sharding import VOCAB_PARAMS  # rows >= vocab_size are padding
 
-__all__ = ["Piece", "Unit", "VOCAB_PARAMS", "check_coverage", "hf_shapes", "megatron_shapes", "pieces", "units"]
+__all__ = ["Piece", "Unit", "VOCAB_PARAMS", "check_coverage", "hf_shapes", "megatron_shapes", "pieces", "tiles", "units"]
 
 
 @dataclass(frozen=True)
@@ -167,13 +167,13 @@ def check_coverage(cfg: ModelConfig) -> None:
         covered_hf[p.hf].append(p.src)
         covered_m[p.megatron].append(p.dst)
     for name, spans in covered_hf.items():
-        assert _tiles(spans, hs[name][0]), f"HF {name} not tiled: {sorted(spans)}"
+        assert tiles(spans, hs[name][0]), f"HF {name} not tiled: {sorted(spans)}"
     for name, spans in covered_m.items():
         rows = cfg.vocab_size if name in VOCAB_PARAMS else ms[name][0]
-        assert _tiles(spans, rows), f"Megatron {name} not tiled: {sorted(spans)}"
+        assert tiles(spans, rows), f"Megatron {name} not tiled: {sorted(spans)}"
 
 
-def _tiles(spans: list[tuple[int, int]], n: int) -> bool:
+def tiles(spans: list[tuple[int, int]], n: int) -> bool:
     pos = 0
     for a, b in sorted(spans):
         if a != pos:

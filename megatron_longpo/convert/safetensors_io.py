@@ -12,6 +12,7 @@ data_offsets}}`` and the raw tensor bytes. Reading and writing it directly (inst
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import struct
@@ -148,7 +149,9 @@ class SafetensorsCheckpoint:
         if buf.numel() * _itemsize(e.dtype) != (stop - start) * e.row_bytes:
             raise ValueError(f"{name}: destination {tuple(out.shape)} does not hold rows {start}:{stop} of {e.shape}")
         if buf.numel():
-            view = memoryview(buf.detach().reshape(-1).view(torch.uint8).numpy())
+            # A ctypes view of the bytes, not .numpy(): numpy marks the storage non-resizable, and
+            # the streaming save frees each storage (resize_(0)) once it is written.
+            view = memoryview((ctypes.c_char * buf.nbytes).from_address(buf.data_ptr())).cast("B")
             f = self._file(e.file)
             f.seek(e.begin + start * e.row_bytes)
             got = 0
