@@ -54,7 +54,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--cp", type=int, default=1, help="context-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (a forward-only pipeline schedule)")
     p.add_argument("--ep", type=int, default=1,
-                   help="expert-parallel size (mixture-of-experts checkpoints: experts split over the data-parallel ranks)")
+                   help="expert-parallel size (mixture-of-experts checkpoints: experts split over --ep ranks of the TP x CP x DP grid)")
     p.add_argument("--etp", type=int, default=None, help="tensor-parallel size inside each expert (default: --tp)")
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")

@@ -18,7 +18,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="precompute_reference.py",
         description="Compute the reference log-prob cache of a preprocessed LongPO dataset (see docs/reference_cache.md). "
         "Run with torchrun; ranks are split into TP groups of --tp, --pp pipeline stages and data-parallel over the rest "
-        "(a MoE model's experts over --ep of the data-parallel ranks).",
+        "(a MoE model's experts split over --ep ranks of the TP x DP grid).",
     )
     p.add_argument("--load", required=True, help="reference checkpoint (run or iteration directory); its own model config is used")
     p.add_argument("--data", required=True, help="dataset prefix written by tools/preprocess_data.py")
@@ -29,8 +29,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline-parallel size of the reference model (a forward-only pipeline schedule)")
     p.add_argument("--ep", type=int, default=1,
-                   help="expert-parallel size of a mixture-of-experts reference model (experts split over the "
-                        "data-parallel ranks)")
+                   help="expert-parallel size of a mixture-of-experts reference model (experts split over --ep "
+                        "ranks of the TP x DP grid; --etp x --ep must divide it)")
     p.add_argument("--etp", type=int, default=None, help="tensor-parallel size inside each expert (default: --tp)")
     p.add_argument("--tokens-per-batch", type=int, default=DEFAULT_TOKENS_PER_BATCH,
                    help="padded tokens per forward (rows x padded length); longer sequences run alone")
