@@ -259,7 +259,8 @@ class CheckpointConfig:
     keep_last: int = _f(2, "Keep the newest K checkpoints (0 keeps all).")
     finetune: bool = _f(False, "Load weights only (no optimizer, step counter reset).")
     load_iteration: Optional[int] = _f(
-        None, "Resume / load this iteration of the run directory instead of the newest (e.g. when the newest is damaged).")
+        None, "Resume / load this iteration instead of the newest (e.g. when the newest is damaged): of "
+        "checkpoint.save once it holds one, else of checkpoint.load.")
     verify: Literal["full", "size", "none"] = _f(
         "full", "Check checkpoint files against the size + CRC32 manifest written at save before loading.")
     allow_data_change: bool = _f(

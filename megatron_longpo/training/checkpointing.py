@@ -52,7 +52,8 @@ from megatron_longpo.runtime.distributed import rank, world_size
 from megatron_longpo.runtime.te_state import loading_te_extra_state
 from megatron_longpo.training.optimizer_state import load_optimizer_state, sharded_optimizer_state
 
-__all__ = ["CheckpointError", "TrainState", "estimate_save_bytes", "find_checkpoint", "load_checkpoint", "restore_scheduler", "resume_with_fallback", "save_training_checkpoint"]
+__all__ = ["CheckpointError", "TrainState", "estimate_save_bytes", "find_checkpoint", "load_checkpoint", "restore_scheduler",
+           "resume_point", "resume_with_fallback", "save_training_checkpoint"]
 
 
 @dataclass
@@ -110,6 +111,17 @@ def find_checkpoint(path: str | Path, iteration: Optional[int] = None) -> Option
     if latest_iteration(p) is None and not any(p.glob("iter_*/longpo_meta.json")):
         return None
     return resolve_checkpoint_dir(p)
+
+
+def resume_point(save: Optional[str], load_iteration: Optional[int]) -> Optional[Path]:
+    """The iteration of ``checkpoint.save`` a run resumes from, or None: nothing saved there yet,
+    so the run starts from ``checkpoint.load`` (or from scratch). ``checkpoint.load_iteration``
+    picks in ``checkpoint.save`` once that holds a complete iteration, else in ``checkpoint.load``
+    (a new run directory seeded from iteration N of another run)."""
+    if not save:
+        return None
+    own = Path(save).is_dir() and bool(complete_iterations(Path(save)))
+    return find_checkpoint(save, load_iteration if own else None)
 
 
 # Megatron-Core's distributed optimizer falls back to the deprecated 'fully_sharded_model_space'

@@ -45,6 +45,7 @@ from megatron_longpo.training.checkpointing import (
     estimate_save_bytes,
     find_checkpoint,
     load_checkpoint,
+    resume_point,
     resume_with_fallback,
     save_training_checkpoint,
 )
@@ -308,7 +309,7 @@ def _load_or_resume(cfg: LongPOConfig, model, optimizer, scheduler, groups: Para
     if c.save:
         if _is_rank0():
             remove_leftovers(c.save)
-        found = find_checkpoint(c.save, c.load_iteration)
+        found = resume_point(c.save, c.load_iteration)
         if found is not None:
             restart_data = _check_resume(cfg, found, data_id)
 

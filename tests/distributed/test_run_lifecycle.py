@@ -118,6 +118,11 @@ def test_resume_from_earlier_iteration_does_not_repeat_logged_steps(datasets, tm
 
     a, _ = datasets
     train(a, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.keep_last": 0})
+    # A new run directory seeded with the full state of iteration 2 of that run, not its newest
+    # (before: the new, empty save directory was searched for iteration 2 and the run stopped).
+    seeded = tmp_path / "seeded"
+    out = train(a, seeded, **{"checkpoint.load": tmp_path / "ckpt", "checkpoint.load_iteration": 2})
+    assert out["iteration"] == 4 and [m["step"] for m in _metrics(seeded)] == [3, 4]
     (tmp_path / "ckpt" / "iter_0000009.tmp").mkdir()  # leftover of a save killed mid-write
     train(a, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.load_iteration": 2})
     assert not (tmp_path / "ckpt" / "iter_0000009.tmp").exists()
