@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
+from megatron_longpo.checkpoint import CheckpointError
 from megatron_longpo.config import ConfigError
 from megatron_longpo.convert import ConversionError, VerificationError
 
@@ -16,7 +17,9 @@ def run_cli(convert: Callable[[], Any], describe: Callable[[Any], str]) -> int:
     except VerificationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConversionError, ConfigError) as e:
+    # CheckpointError: a checkpoint that cannot be read or written (a full disk mid-save, a source
+    # file changed while it was streamed): the path is in the message, a traceback adds nothing.
+    except (ConversionError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe(res))
