@@ -17,7 +17,8 @@
 #   REPO                    repository root (default: the submit directory)
 #   VENV / PY               virtual environment / its python (default: $REPO/.venv/bin/python)
 #   LONGPO_NPROC_PER_NODE   processes per node (default: GPUs of the node, SLURM_GPUS_ON_NODE)
-#   MASTER_PORT             rendezvous port (default: 20000 + job id % 20000)
+#   MASTER_PORT             rendezvous port (default: 20000 + job id % 12000: below Linux's
+#                           ephemeral range 32768-60999, which other sockets take at random)
 #   LONGPO_STOP_SAFETY_S    seconds the trainer keeps free before the job's end after its
 #                           estimate of one step + one save (default 60)
 #   LONGPO_STATE_DIR        where the stop and status files live (default: $REPO/logs/state;
@@ -43,7 +44,7 @@ longpo_setup() {
 
   # Rendezvous host: the first node of the allocation, as Megatron-LM's / NeMo's launchers do.
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
   NTASKS=${SLURM_NTASKS:-${SLURM_NNODES:-1}}
   LONGPO_NPROC_PER_NODE=${LONGPO_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
   # srun stopped inheriting --cpus-per-task in Slurm 22.05: pass it on, or the step may be bound to one CPU.
