@@ -75,10 +75,10 @@ from megatron_longpo.reference.compute import (
 from megatron_longpo.reference.fingerprint import dataset_identity
 from megatron_longpo.reference.model import effective_model_config, load_reference_model, read_reference_checkpoint
 from megatron_longpo.reference.precompute_args import build_arg_parser
-from megatron_longpo.runtime.capabilities import collective_device
 from megatron_longpo.runtime.distributed import (
     destroy,
     dp_share,
+    group_max,
     init_distributed,
     init_model_parallel,
     lockstep_any,
@@ -309,14 +309,6 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
     return out[0]
 
 
-def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    if dist.get_world_size() > 1:
-        t = t.to(collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
@@ -438,8 +430,8 @@ def _precompute(o: PrecomputeOptions, log: Callable[[str], None], stop: StopFlag
             pbar.close()
     loop_s = max(time.time() - t_loop, 1e-9)
     del model
-    signalled = _any_rank(signalled)
-    stopped = _any_rank(stopped)
+    signalled = group_max(int(signalled), None) > 0  # every rank reports the same outcome
+    stopped = group_max(int(stopped), None) > 0
     result = PrecomputeResult(
         complete=False, path=None, batches_total=len(plan), batches_skipped=len(finished),
         batches_here=batches_done, tokens_here=tokens_done, seconds=time.time() - t0, compute_seconds=loop_s,

@@ -7,7 +7,6 @@ tests/distributed/test_families_reference.py (EP=2 caches bit-identical to EP=1 
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 
 from megatron_longpo.testing.reference import (
-    SAMPLE_TOKENIZER,
     hf_float64_sums,
     make_dataset,
     make_hf_model,
@@ -42,7 +40,6 @@ def torchrun(nproc, *args):
 
 def test_moe_family_convert_precompute_evaluate(tmp_path):
     hf = make_hf_model(tmp_path / "hf", seed=2, family="qwen3_moe", max_position_embeddings=4096)
-    shutil.copy(SAMPLE_TOKENIZER, hf / "tokenizer.model")
     ckpt = tmp_path / "ckpt"
     r = run(["tools/convert_hf_to_megatron.py", "--hf-dir", hf, "--out", ckpt, "--dtype", "fp32", "--verify",
              "--no-progress"])

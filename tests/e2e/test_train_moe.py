@@ -6,13 +6,12 @@ tests/distributed/test_checkpointing.py.)
 """
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from megatron_longpo.testing.e2e import PY, read_metrics, run_cli, torchrun, train_overrides
-from megatron_longpo.testing.reference import SAMPLE_TOKENIZER, make_hf_model
+from megatron_longpo.testing.reference import make_hf_model
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +27,6 @@ def test_moe_trains_with_ep2_and_resumes_at_ep1(tmp_path):
              "examples/data/tokenizer.model", "--output-prefix", d / "data/train", "--max-seq-length", "2048",
              "--no-progress"])
     hf = make_hf_model(d / "hf", seed=3, family="mixtral", max_position_embeddings=4096)
-    shutil.copy(SAMPLE_TOKENIZER, hf / "tokenizer.model")
     run_cli([PY, "tools/convert_hf_to_megatron.py", "--hf-dir", hf, "--out", d / "base", "--dtype", "fp32", "--no-progress"])
     run_cli(torchrun(2, "tools/precompute_reference.py", "--load", d / "base", "--data", d / "data/train",
                      "--output", d / "ref_cache", "--no-progress"))
